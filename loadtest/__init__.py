@@ -1,0 +1,1 @@
+"""iotgw-load: locust-style swarms of simulated MQTT and CoAP devices."""

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs everything the tests need and runs the whole suite: ruff, mypy, pytest.
+# Works on a fresh machine: system packages from apt when missing, Python ones into .venv.
+# Extra arguments go to pytest (for example: scripts/test.sh -k mqtt -x).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_missing=()
+command -v redis-server >/dev/null || apt_missing+=(redis-server)
+command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  # policy-rc.d 101: install the servers without starting them as system services;
+  # the tests start their own on free loopback ports.
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+  $sudo chmod +x /usr/sbin/policy-rc.d
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${apt_missing[@]}" >/dev/null
+  $sudo rm -f /usr/sbin/policy-rc.d
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+
+echo "== ruff";   .venv/bin/ruff check .
+echo "== mypy";   .venv/bin/mypy
+echo "== pytest"; .venv/bin/pytest "$@"

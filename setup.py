@@ -1,0 +1,40 @@
+"""Builds the Cython extensions in gateway/_native/ (cythonized at build time, never committed).
+
+Set IOTGW_DEBUG=1 for a debug build: bounds checks on, line tracing and annotated HTML.
+Set IOTGW_BUILD_ONLY=mqtt (a module name) to rebuild just that extension while developing it:
+`IOTGW_BUILD_ONLY=mqtt python setup.py build_ext --inplace`.
+"""
+
+import os
+from pathlib import Path
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("IOTGW_DEBUG") == "1"
+ONLY = os.environ.get("IOTGW_BUILD_ONLY")
+
+directives = {
+    "language_level": 3,
+    "embedsignature": True,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": True,
+    "linetrace": DEBUG,
+}
+
+macros = [("CYTHON_TRACE", "1")] if DEBUG else []
+native = Path("gateway") / "_native"
+extensions = [
+    Extension(
+        f"gateway._native.{pyx.stem}",
+        [str(pyx)],
+        define_macros=macros,
+        extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
+    )
+    for pyx in sorted(native.glob("*.pyx"))
+    if ONLY is None or pyx.stem == ONLY
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=DEBUG))

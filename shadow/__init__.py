@@ -1,0 +1,1 @@
+"""Device shadows: desired / reported / delta documents with CAS and version vectors."""
