@@ -1,0 +1,146 @@
+"""One `Config` for the whole gateway, read from flags, `IOTGW_*` variables and a TOML file.
+
+Every field is all three at once: `mqtt_port` is `--mqtt-port`, `IOTGW_MQTT_PORT` and the TOML key
+`mqtt_port` (or `mqtt-port`). Precedence: flag > environment > file > default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_PREFIX = "IOTGW_"
+
+
+class ConfigError(ValueError):
+    """A setting has a value of the wrong kind, or the file is unreadable."""
+
+
+def _opt(default: Any, help_text: str) -> Any:
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class Config:
+    bind: str = _opt("127.0.0.1", "address the listeners bind to")
+    mqtt_port: int = _opt(1883, "MQTT listener port (0: off)")
+    mqtts_port: int = _opt(8883, "MQTT over TLS port, used when --tls-cert is set")
+    tls_cert: str | None = _opt(None, "server certificate (PEM)")
+    tls_key: str | None = _opt(None, "server private key (PEM)")
+    tls_client_ca: str | None = _opt(None, "CA bundle for device client certificates (PEM)")
+    coap_port: int = _opt(5683, "CoAP UDP port (0: off)")
+    http_port: int = _opt(8080, "REST, health and metrics port (0: off)")
+    data_dir: str = _opt("iotgw-data", "where sessions, registry and telemetry live")
+    allow_anonymous: bool = _opt(False, "accept MQTT clients without credentials")
+    acl: Literal["device", "open"] = _opt(
+        "device", "device: a device reaches only its own topics; open: a general broker"
+    )
+    max_packet_size: int = _opt(1 << 20, "largest MQTT packet accepted, bytes")
+    redis: str | None = _opt(None, "redis://host:port for shared shadows")
+    kafka: str | None = _opt(None, "host:port[,host:port] of Kafka")
+    api_token: str | None = _opt(None, "bootstrap admin API token")
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+
+def _field_type(f: dataclasses.Field[Any]) -> Any:
+    return typing.get_type_hints(Config)[f.name]
+
+
+def _convert(name: str, raw: Any, kind: Any) -> Any:
+    """Turn a string (flag, environment) or TOML value into the field's type."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("", "none")):
+            return None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    if typing.get_origin(kind) is Literal:
+        if raw not in args:
+            raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(map(str, args))}")
+        return raw
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: {raw!r} is not a boolean (true/false)")
+    if kind is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"{name}: {raw!r} is not an integer")
+        try:
+            return int(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: {raw!r} is not an integer") from None
+    if kind is str:
+        if not isinstance(raw, str):
+            raise ConfigError(f"{name}: {raw!r} is not a string")
+        return raw
+    raise ConfigError(f"{name}: unsupported setting type {kind!r}")  # pragma: no cover
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One `--kebab-case` flag per Config field, plus --config FILE. Unset flags stay None."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kind = _field_type(f)
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default}; env {env})"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                                help=help_text)
+
+
+def load(
+    args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        values.update(_read_file(Path(path)))
+    known = {f.name for f in fields(Config)}
+    for f in fields(Config):
+        env_value = environ.get(ENV_PREFIX + f.name.upper())
+        if env_value is not None:
+            values[f.name] = env_value
+        flag_value = getattr(args, f.name, None) if args is not None else None
+        if flag_value is not None:
+            values[f.name] = flag_value
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    converted = {f.name: _convert(f.name, values[f.name], _field_type(f))
+                 for f in fields(Config) if f.name in values}
+    return Config(**converted)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return {key.replace("-", "_"): value for key, value in data.items()}
+
+
+def parse(argv: Sequence[str] | None = None) -> Config:
+    """Convenience for tests: build a Config from flags only (plus environment and file)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return load(parser.parse_args(argv))

@@ -1,0 +1,1 @@
+"""The MQTT server: sessions, QoS state, subscription trie, retained messages."""

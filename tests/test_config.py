@@ -1,0 +1,55 @@
+"""Every setting is a flag, an IOTGW_* variable and a TOML key, with flag > env > file > default."""
+
+from pathlib import Path
+
+import pytest
+
+from gateway import config
+
+
+def test_defaults_bind_loopback_with_embedded_stores() -> None:
+    cfg = config.load(None, environ={})
+    assert (cfg.bind, cfg.mqtt_port, cfg.redis, cfg.kafka) == ("127.0.0.1", 1883, None, None)
+    assert cfg.allow_anonymous is False and cfg.acl == "device"
+
+
+def test_flag_beats_environment_beats_file(tmp_path: Path) -> None:
+    toml = tmp_path / "iotgw.toml"
+    toml.write_text('mqtt-port = 1000\ncoap_port = 1001\nhttp_port = 1002\nacl = "open"\n')
+    parser = __import__("argparse").ArgumentParser()
+    config.add_arguments(parser)
+    args = parser.parse_args(["--config", str(toml), "--mqtt-port", "3000"])
+    cfg = config.load(args, environ={"IOTGW_MQTT_PORT": "2000", "IOTGW_COAP_PORT": "2001"})
+    assert (cfg.mqtt_port, cfg.coap_port, cfg.http_port, cfg.acl) == (3000, 2001, 1002, "open")
+
+
+def test_boolean_flags_and_variables() -> None:
+    assert config.parse(["--allow-anonymous"]).allow_anonymous is True
+    assert config.load(None, environ={"IOTGW_ALLOW_ANONYMOUS": "yes"}).allow_anonymous is True
+    assert config.load(None, environ={"IOTGW_ALLOW_ANONYMOUS": "off"}).allow_anonymous is False
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"IOTGW_MQTT_PORT": "eighty"}, "mqtt_port: 'eighty' is not an integer"),
+        ({"IOTGW_ACL": "closed"}, "acl: 'closed' is not one of device, open"),
+        ({"IOTGW_ALLOW_ANONYMOUS": "maybe"}, "not a boolean"),
+    ],
+)
+def test_bad_values_are_named_in_the_error(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, environ=environ)
+
+
+def test_unknown_file_keys_and_bad_toml_are_errors(tmp_path: Path) -> None:
+    bad_key = tmp_path / "a.toml"
+    bad_key.write_text("mqtt_prot = 1\n")
+    with pytest.raises(config.ConfigError, match="unknown settings: mqtt_prot"):
+        config.load(None, environ={"IOTGW_CONFIG": str(bad_key)})
+    bad_toml = tmp_path / "b.toml"
+    bad_toml.write_text("mqtt_port = = 1\n")
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(None, environ={"IOTGW_CONFIG": str(bad_toml)})
+    with pytest.raises(config.ConfigError, match="cannot read config file"):
+        config.load(None, environ={"IOTGW_CONFIG": str(tmp_path / "missing.toml")})
