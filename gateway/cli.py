@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import base64
+import json
+import secrets
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from gateway import __version__, config
 
@@ -15,6 +21,26 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the gateway")
     config.add_arguments(run)
+
+    devices = commands.add_parser("devices", help="manage the device registry")
+    devices.add_argument("--data-dir", help="the gateway's data dir (default: as `iotgw run`)")
+    devices.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    actions = devices.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="register a device (prints a generated password)")
+    add.add_argument("device_id")
+    add.add_argument("--password", help="use this password instead of a generated one")
+    actions.add_parser("list", help="list registered devices")
+    remove = actions.add_parser("remove", help="unregister a device")
+    remove.add_argument("device_id")
+
+    telemetry = commands.add_parser("telemetry", help="read the embedded telemetry store")
+    telemetry.add_argument("--data-dir", help="the gateway's data dir (default: as `iotgw run`)")
+    telemetry.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    t_actions = telemetry.add_subparsers(dest="action", required=True)
+    tail = t_actions.add_parser("tail", help="print the newest records as JSON lines")
+    tail.add_argument("-n", "--lines", type=int, default=10, help="how many (default 10; 0: all)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+
     commands.add_parser("selfcheck", help="check that the native codecs are built and work")
     return parser
 
@@ -30,22 +56,67 @@ def _selfcheck() -> int:
     return 0
 
 
+def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
+    from gateway.auth import DeviceRegistry
+
+    registry = DeviceRegistry(cfg.data_dir)
+    if args.action == "add":
+        password = args.password or secrets.token_urlsafe(18)
+        registry.add(args.device_id, password)
+        print(f"{args.device_id}\t{password}" if not args.password else args.device_id)
+    elif args.action == "list":
+        for device in registry.list():
+            print(device.device_id)
+    else:
+        registry.remove(args.device_id)
+    return 0
+
+
+def _record_json(record: Any) -> str:
+    payload = record.payload
+    try:
+        shown: dict[str, str] = {"payload": payload.decode()}
+    except UnicodeDecodeError:
+        shown = {"payload_base64": base64.b64encode(payload).decode()}
+    fields = {k: getattr(record, k) for k in ("device", "ts_ms", "seq", "kind", "protocol")}
+    return json.dumps({**fields, "topic_or_path": record.topic_or_path, **shown})
+
+
+def _telemetry_tail(args: argparse.Namespace, cfg: config.Config) -> int:
+    from gateway.telemetry.filesink import read_records
+
+    directory = Path(cfg.data_dir) / "telemetry"
+    records = list(read_records(directory))
+    shown = records[-args.lines :] if args.lines else records
+    for record in shown:
+        print(_record_json(record), flush=True)
+    seen = len(records)
+    while args.follow:  # segments are append-only: poll and print what is new
+        time.sleep(0.5)
+        records = list(read_records(directory))
+        for record in records[seen:]:
+            print(_record_json(record), flush=True)
+        seen = len(records)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "selfcheck":
         return _selfcheck()
     try:
         cfg = config.load(args)
-    except config.ConfigError as exc:
+        if args.command == "devices":
+            return _devices(args, cfg)
+        if args.command == "telemetry":
+            return _telemetry_tail(args, cfg)
+    except ValueError as exc:  # ConfigError, RegistryError
         print(f"iotgw: {exc}", file=sys.stderr)
         return 2
-    # The MQTT, CoAP and HTTP servers are not built yet (issues 3-5); say so instead of pretending.
-    print(
-        "iotgw: this build has the native MQTT and CoAP codecs but no servers yet; "
-        f"nothing to serve on {cfg.bind}:{cfg.mqtt_port}. Try `iotgw selfcheck`.",
-        file=sys.stderr,
-    )
-    return 3
+    from gateway import app
+
+    app.run(cfg)
+    return 0
 
 
 if __name__ == "__main__":

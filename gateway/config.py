@@ -30,13 +30,13 @@ def _opt(default: Any, help_text: str) -> Any:
 @dataclass(frozen=True)
 class Config:
     bind: str = _opt("127.0.0.1", "address the listeners bind to")
-    mqtt_port: int = _opt(1883, "MQTT listener port (0: off)")
+    mqtt_port: int = _opt(1883, "MQTT listener port (0: any free port)")
     mqtts_port: int = _opt(8883, "MQTT over TLS port, used when --tls-cert is set")
     tls_cert: str | None = _opt(None, "server certificate (PEM)")
     tls_key: str | None = _opt(None, "server private key (PEM)")
     tls_client_ca: str | None = _opt(None, "CA bundle for device client certificates (PEM)")
-    coap_port: int = _opt(5683, "CoAP UDP port (0: off)")
-    http_port: int = _opt(8080, "REST, health and metrics port (0: off)")
+    coap_port: int = _opt(5683, "CoAP UDP port (0: any free port)")
+    http_port: int = _opt(8080, "REST, health and metrics port (0: any free port)")
     data_dir: str = _opt("iotgw-data", "where sessions, registry and telemetry live")
     allow_anonymous: bool = _opt(False, "accept MQTT clients without credentials")
     acl: Literal["device", "open"] = _opt(
@@ -97,11 +97,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = ENV_PREFIX + f.name.upper()
         help_text = f"{f.metadata.get('help', '')} (default: {f.default}; env {env})"
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=help_text)
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=help_text,
+            )
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
-                                help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text
+            )
 
 
 def load(
@@ -123,8 +129,11 @@ def load(
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
-    converted = {f.name: _convert(f.name, values[f.name], _field_type(f))
-                 for f in fields(Config) if f.name in values}
+    converted = {
+        f.name: _convert(f.name, values[f.name], _field_type(f))
+        for f in fields(Config)
+        if f.name in values
+    }
     return Config(**converted)
 
 

@@ -21,7 +21,9 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_tcp(port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_tcp(
+    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -54,9 +56,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _require(binary: str) -> str:
-    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if Path(f"/usr/sbin/{binary}").exists() else None)
+    sbin = Path("/usr/sbin") / binary  # mosquitto lives in sbin, often not on PATH
+    path = shutil.which(binary) or (str(sbin) if sbin.exists() else None)
     if path is None:
-        pytest.fail(f"{binary} is not installed: run the test command (scripts/test.sh), which installs it")
+        pytest.fail(f"{binary} is not installed: scripts/test.sh installs it")
     return path
 
 
@@ -67,9 +70,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_tcp(port, proc=proc)
@@ -85,9 +100,77 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = free_port()
     conf = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_for_tcp(port, proc=proc)
         yield Server(port, proc)
     finally:
         _stop(proc)
+
+
+class RunningGateway:
+    """A gateway on its own uvloop event loop in a background thread, so that synchronous
+    clients (paho-mqtt, raw sockets) can talk to it from the test."""
+
+    def __init__(self, **settings: object) -> None:
+        import asyncio
+        import threading
+
+        import uvloop
+
+        from gateway.app import Gateway
+        from gateway.config import Config
+
+        self.config = Config(**settings)  # type: ignore[arg-type]
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.gateway = Gateway(self.config)
+        asyncio.run_coroutine_threadsafe(self.gateway.start(), self.loop).result(10)
+        assert self.gateway.mqtt_port is not None
+        self.mqtt_port: int = self.gateway.mqtt_port
+
+    def call(self, fn, *args):  # type: ignore[no-untyped-def]
+        """Run fn(*args) on the gateway's loop and return its result."""
+        import concurrent.futures
+
+        done: concurrent.futures.Future[object] = concurrent.futures.Future()
+
+        def target() -> None:
+            try:
+                done.set_result(fn(*args))
+            except Exception as exc:  # pragma: no cover - surfaced to the test
+                done.set_exception(exc)
+
+        self.loop.call_soon_threadsafe(target)
+        return done.result(10)
+
+    def stop(self) -> None:
+        import asyncio
+
+        if self.loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self.gateway.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture
+def gateway_factory(tmp_path: Path) -> Iterator[object]:
+    """gateway_factory(**settings) starts a gateway (data dir in tmp_path, free MQTT port)."""
+    started: list[RunningGateway] = []
+
+    def start(**settings: object) -> RunningGateway:
+        settings.setdefault("data_dir", str(tmp_path / f"data{len(started)}"))
+        settings.setdefault("mqtt_port", 0)
+        settings.setdefault("http_port", 0)
+        gw = RunningGateway(**settings)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()

@@ -23,11 +23,23 @@ def reference_match(topic_filter: str, topic: str) -> bool:
 
 def test_spec_examples() -> None:
     trie: SubscriptionTrie[str, int] = SubscriptionTrie()
-    for f in ["sport/tennis/player1/#", "sport/#", "#", "+/tennis/#", "sport/+", "+", "/+", "+/+",
-              "$SYS/#", "$SYS/monitor/+"]:
+    for f in [
+        "sport/tennis/player1/#",
+        "sport/#",
+        "#",
+        "+/tennis/#",
+        "sport/+",
+        "+",
+        "/+",
+        "+/+",
+        "$SYS/#",
+        "$SYS/monitor/+",
+    ]:
         trie.add(f, f, 0)
+
     def keys(topic: str) -> set[str]:
         return {k for k, _ in trie.match(topic)}
+
     assert keys("sport/tennis/player1") == {"sport/tennis/player1/#", "sport/#", "#", "+/tennis/#"}
     assert keys("sport") == {"sport/#", "#", "+"}  # "sport/#" matches its parent level
     assert keys("sport/") == {"sport/#", "#", "sport/+", "+/+"}
@@ -64,7 +76,9 @@ def test_trie_matches_reference(filter_list: list[str], topic: str) -> None:
     trie: SubscriptionTrie[str, None] = SubscriptionTrie()
     for f in filter_list:
         trie.add(f, f, None)
-    assert {k for k, _ in trie.match(topic)} == {f for f in filter_list if reference_match(f, topic)}
+    assert {k for k, _ in trie.match(topic)} == {
+        f for f in filter_list if reference_match(f, topic)
+    }
 
 
 @settings(max_examples=300)

@@ -22,7 +22,10 @@ def test_missing_extension_explains_how_to_build(tmp_path) -> None:
     dst = tmp_path / "gateway"
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
     proc = subprocess.run(
-        [sys.executable, "-c", "import gateway._native"], cwd=tmp_path, capture_output=True, text=True
+        [sys.executable, "-c", "import gateway._native"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode != 0
     assert "pip install -e ." in proc.stderr

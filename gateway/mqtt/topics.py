@@ -160,6 +160,12 @@ class TopicTree(Generic[V]):
             del parent.children[level]
         return True
 
+    def items(self) -> Iterator[tuple[str, V]]:
+        """Every (topic, value), `$` topics included."""
+        if self._root.value is not None:  # pragma: no cover - the root is never a topic
+            yield "", self._root.value
+        yield from self._walk_all(self._root, (), dollar_guard=False)
+
     def match(self, topic_filter: str) -> Iterator[tuple[str, V]]:
         """(topic, value) for every stored topic the filter matches."""
         levels = topic_filter.split("/")

@@ -1,0 +1,139 @@
+"""The composition root: builds every part of a gateway from one `Config` and owns its life
+(start, periodic sweep, graceful stop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from pathlib import Path
+
+from gateway._native import mqtt
+from gateway.auth import DeviceRegistry
+from gateway.config import Config
+from gateway.http.api import build_api
+from gateway.http.server import HttpServer
+from gateway.metrics import Metrics
+from gateway.mqtt import persistence
+from gateway.mqtt.acl import Acl
+from gateway.mqtt.broker import Broker, BrokerLimits
+from gateway.mqtt.connection import MqttConnection
+from gateway.telemetry.filesink import FileSink
+from gateway.telemetry.pipeline import TelemetryPipeline
+
+log = logging.getLogger("iotgw")
+
+SWEEP_INTERVAL = 0.5  # seconds between timeout sweeps
+SNAPSHOT_INTERVAL = 5.0  # seconds between session snapshots while something changed
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.metrics = Metrics()
+        self.registry = DeviceRegistry(self.data_dir)
+        self.telemetry = TelemetryPipeline(FileSink(self.data_dir / "telemetry"))
+        self.broker = Broker(
+            acl=Acl(config.acl),
+            metrics=self.metrics.mqtt,
+            registry=self.registry,
+            allow_anonymous=config.allow_anonymous,
+            limits=BrokerLimits(max_packet_size=config.max_packet_size),
+            telemetry=self.telemetry,
+        )
+        self.http: HttpServer | None = None
+        self._servers: list[asyncio.AbstractServer] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self.mqtt_port: int | None = None
+        self.snapshot_path = self.data_dir / "mqtt-state.msgpack"
+        self._saved_changes = -1
+
+    async def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        restored = persistence.load(self.broker, self.snapshot_path)
+        self._saved_changes = self.broker.changes
+        if restored:
+            log.info("restored %d persistent sessions", restored)
+        loop = asyncio.get_running_loop()
+        arena = mqtt.ReadArena()  # one read buffer shared by every connection of this loop
+        server = await loop.create_server(
+            lambda: MqttConnection(self.broker, arena),
+            self.config.bind,
+            self.config.mqtt_port,
+            reuse_port=True,
+            backlog=4096,
+        )
+        self._servers.append(server)
+        sock: socket.socket = server.sockets[0]
+        self.mqtt_port = sock.getsockname()[1]
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+        log.info("MQTT listening on %s:%s", self.config.bind, self.mqtt_port)
+        self.http = HttpServer(
+            build_api(self.metrics, ready=lambda: self.mqtt_port is not None),
+            self.config.bind,
+            self.config.http_port,
+        )
+        await self.http.start()
+        log.info("HTTP listening on %s:%s", self.config.bind, self.http.port)
+
+    async def _sweep_forever(self) -> None:
+        last_snapshot = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                self.broker.sweep()
+                now = asyncio.get_running_loop().time()
+                if now - last_snapshot >= SNAPSHOT_INTERVAL:
+                    last_snapshot = now
+                    await self.save_state()
+            except Exception:  # a bug in one sweep must not stop every timeout for good
+                log.exception("sweep failed")
+
+    async def save_state(self) -> None:
+        """Snapshot sessions and retained messages if anything changed since the last one."""
+        if self.broker.changes == self._saved_changes:
+            return
+        self._saved_changes = self.broker.changes
+        data = persistence.snapshot(self.broker)  # on the loop: the state must not move under it
+        await asyncio.to_thread(persistence.write_atomically, self.snapshot_path, data)
+
+    async def stop(self) -> None:
+        if self.http is not None:
+            await self.http.stop()
+        for server in self._servers:
+            server.close()
+        for conn in list(self.broker.online.values()) + list(self.broker.connecting):
+            conn.close_with(mqtt.SERVER_SHUTTING_DOWN, "server shutting down")
+        self.broker.flush()
+        for server in self._servers:
+            await server.wait_closed()
+        await self.telemetry.close()
+        await self.save_state()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGINT/SIGTERM, then stop gracefully."""
+    gateway = Gateway(config)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.stop()
+
+
+def run(config: Config) -> None:
+    import uvloop
+
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvloop.run(serve(config))

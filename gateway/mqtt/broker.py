@@ -1,0 +1,213 @@
+"""The broker: sessions by client id, routing through the subscription trie, retained messages,
+and one periodic sweep for every timeout (keep-alive, will delay, session and message expiry).
+
+It holds no sockets: connections (gateway/mqtt/connection.py) call in with decoded packets and
+the broker calls back `conn.send_publish(...)`. Replies for one read are batched per connection
+and written once, by `flush()` at the end of that read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from gateway._native import mqtt
+from gateway.auth import DeviceRegistry
+from gateway.metrics import MqttMetrics
+from gateway.mqtt.acl import Acl
+from gateway.mqtt.session import Delivery, Message, Session, SubOptions, monotonic
+from gateway.mqtt.topics import SubscriptionTrie, TopicTree
+from gateway.telemetry.pipeline import TelemetryPipeline
+
+if TYPE_CHECKING:
+    from gateway.mqtt.connection import MqttConnection
+
+
+@dataclass(frozen=True)
+class BrokerLimits:
+    max_packet_size: int = 1 << 20
+    receive_maximum: int = 1024  # QoS 1/2 publishes a client may have unacknowledged with us
+    topic_alias_maximum: int = 64
+    max_queued_messages: int = 1000  # per offline or slow session
+    max_write_buffer: int = 1 << 20  # bytes buffered for a slow subscriber before shedding QoS 0
+    connect_timeout: float = 10.0  # seconds from TCP accept to CONNECT
+    max_keep_alive: int = 65535
+
+
+@dataclass(slots=True)
+class _PendingWill:
+    due: float
+    message: Message
+
+
+class Broker:
+    def __init__(
+        self,
+        *,
+        acl: Acl,
+        metrics: MqttMetrics,
+        registry: DeviceRegistry | None = None,
+        allow_anonymous: bool = False,
+        limits: BrokerLimits | None = None,
+        telemetry: TelemetryPipeline | None = None,
+    ) -> None:
+        self.acl = acl
+        self.metrics = metrics
+        self.registry = registry
+        self.allow_anonymous = allow_anonymous
+        self.limits = limits or BrokerLimits()
+        self.telemetry = telemetry
+        self.sessions: dict[str, Session] = {}
+        self.online: dict[str, MqttConnection] = {}
+        self.connecting: set[MqttConnection] = set()  # accepted, no CONNECT yet
+        self.subscriptions: SubscriptionTrie[str, SubOptions] = SubscriptionTrie()
+        self.retained: TopicTree[Message] = TopicTree()
+        self.pending_wills: dict[str, _PendingWill] = {}
+        self._dirty: set[MqttConnection] = set()
+        self.changes = 0  # bumped by every change a snapshot must keep (persistence.py)
+
+    # ---- output batching -------------------------------------------------------------------
+
+    def mark_dirty(self, conn: MqttConnection) -> None:
+        self._dirty.add(conn)
+
+    def flush(self) -> None:
+        """Write every connection's batched output in one write each."""
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            conn.flush()
+
+    # ---- sessions ----------------------------------------------------------------------------
+
+    def attach(self, conn: MqttConnection, session: Session) -> None:
+        self.changes += 1
+        self.connecting.discard(conn)
+        self.online[session.client_id] = conn
+        self.sessions[session.client_id] = session
+        self.pending_wills.pop(session.client_id, None)  # a will delayed for this session is off
+        session.disconnected_at = None
+        self.metrics.sessions.set(len(self.sessions))
+
+    def detach(self, conn: MqttConnection, will: Message | None, will_delay: int) -> None:
+        """The connection is gone: keep or end its session, publish or schedule its will."""
+        self.connecting.discard(conn)
+        session = conn.session
+        if session is None or self.online.get(session.client_id) is not conn:
+            return  # never connected, or taken over by a newer connection
+        del self.online[session.client_id]
+        now = monotonic()
+        session.disconnected_at = now
+        if will is not None:
+            delay = min(will_delay, session.expiry_interval)
+            if delay <= 0:
+                self.publish(will)
+            else:
+                self.pending_wills[session.client_id] = _PendingWill(now + delay, will)
+        if session.expiry_interval == 0:
+            self.end_session(session)
+
+    def end_session(self, session: Session) -> None:
+        self.changes += 1
+        for topic_filter in session.subscriptions:
+            self.subscriptions.remove(topic_filter, session.client_id)
+        if self.sessions.get(session.client_id) is session:
+            del self.sessions[session.client_id]
+        pending = self.pending_wills.pop(session.client_id, None)
+        if pending is not None:  # the will is published at the latest when the session ends
+            self.publish(pending.message)
+        self.metrics.sessions.set(len(self.sessions))
+
+    # ---- routing -----------------------------------------------------------------------------
+
+    def publish(self, message: Message) -> int:
+        """Route one message to every matching subscription; returns the sessions it reached."""
+        if message.retain:
+            self._retain(message)
+        matches = self.subscriptions.match(message.topic)
+        if not matches:
+            return 0
+        if len(matches) == 1:
+            client_id, opts = matches[0]
+            if opts.no_local and client_id == message.origin:
+                return 0
+            ids = (opts.identifier,) if opts.identifier else ()
+            self._deliver(client_id, message, opts.qos, opts.retain_as_published, ids)
+            return 1
+        # Overlapping subscriptions of one session: one delivery, highest QoS, every identifier.
+        merged: dict[str, tuple[int, bool, list[int]]] = {}
+        for client_id, opts in matches:
+            if opts.no_local and client_id == message.origin:
+                continue
+            qos, rap, id_list = merged.get(client_id, (0, False, []))
+            if opts.identifier:
+                id_list.append(opts.identifier)
+            merged[client_id] = (max(qos, opts.qos), rap or opts.retain_as_published, id_list)
+        for client_id, (qos, rap, id_list) in merged.items():
+            self._deliver(client_id, message, qos, rap, tuple(id_list))
+        return len(merged)
+
+    def changed(self) -> None:
+        self.changes += 1
+
+    def _retain(self, message: Message) -> None:
+        self.changes += 1
+        if message.payload:
+            message.own()
+            self.retained.set(message.topic, message)
+        else:  # a retained message with an empty payload deletes the retained one
+            self.retained.delete(message.topic)
+        self.metrics.retained.set(len(self.retained))
+
+    def _deliver(
+        self, client_id: str, message: Message, sub_qos: int, rap: bool, ids: tuple[int, ...]
+    ) -> None:
+        session = self.sessions.get(client_id)
+        if session is None:
+            return
+        qos = min(sub_qos, message.qos)
+        delivery = Delivery(message, qos, message.retain and rap, ids)
+        self.deliver(session, delivery)
+
+    def deliver(self, session: Session, delivery: Delivery) -> None:
+        conn = self.online.get(session.client_id)
+        if delivery.qos == 0:
+            if conn is None:
+                self.metrics.dropped.labels("offline_qos0").inc()
+            else:
+                conn.send_publish(delivery)
+            return
+        delivery.message.own()  # it may be resent later: it must own its bytes
+        self.changes += 1
+        if conn is not None and not session.queue and session.can_send_now():
+            conn.send_publish(delivery)
+        elif not session.enqueue(delivery):
+            self.metrics.dropped.labels("queue_full").inc()
+
+    def retained_for(self, topic_filter: str) -> list[Message]:
+        """Retained messages a new subscription receives; expired ones are deleted here."""
+        now = monotonic()
+        found = list(self.retained.match(topic_filter))
+        for topic, message in found:
+            if message.expired(now):
+                self.retained.delete(topic)
+        return [m for _, m in found if not m.expired(now)]
+
+    # ---- the sweep ---------------------------------------------------------------------------
+
+    def sweep(self, now: float | None = None) -> None:
+        """Every timeout in one pass; called about once a second by the app."""
+        now = monotonic() if now is None else now
+        for conn in list(self.connecting):
+            if now - conn.accepted_at > self.limits.connect_timeout:
+                conn.abort("no CONNECT in time")
+        for conn in list(self.online.values()):
+            if conn.keep_alive and now - conn.last_received > 1.5 * conn.keep_alive:
+                conn.close_with(mqtt.KEEP_ALIVE_TIMEOUT, "keep-alive timeout")
+        for client_id, pending in list(self.pending_wills.items()):
+            if now >= pending.due:
+                del self.pending_wills[client_id]
+                self.publish(pending.message)
+        for session in list(self.sessions.values()):
+            if session.expired(now):
+                self.end_session(session)
+        self.flush()

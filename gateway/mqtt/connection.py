@@ -1,0 +1,650 @@
+"""One MQTT connection: an `asyncio.BufferedProtocol` over the native framer.
+
+The transport reads straight into the framer's buffer (`get_buffer`), `buffer_updated` decodes
+every whole frame of that read in one native call, the packets are handled in order, and all
+replies of the read (to this connection and to the subscribers it published to) leave in one
+write per connection. No per-message timers or tasks: timeouts are the broker's sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import deque
+from typing import Any, ClassVar, cast
+
+from gateway._native import mqtt
+from gateway.mqtt.broker import Broker
+from gateway.mqtt.session import (
+    AWAIT_PUBACK,
+    AWAIT_PUBCOMP,
+    AWAIT_PUBREC,
+    NEVER_EXPIRES,
+    Delivery,
+    Message,
+    Session,
+    SubOptions,
+    monotonic,
+)
+from gateway.telemetry.records import Record, classify_topic
+
+log = logging.getLogger("iotgw.mqtt")
+
+# MQTT 3.1.1 CONNACK return codes (5.0 uses reason codes).
+V4_REFUSED_PROTOCOL = 1
+V4_REFUSED_IDENTIFIER = 2
+V4_BAD_CREDENTIALS = 4
+V4_NOT_AUTHORIZED = 5
+
+_PACKET_NAMES = {
+    mqtt.CONNECT: "connect",
+    mqtt.CONNACK: "connack",
+    mqtt.PUBLISH: "publish",
+    mqtt.PUBACK: "puback",
+    mqtt.PUBREC: "pubrec",
+    mqtt.PUBREL: "pubrel",
+    mqtt.PUBCOMP: "pubcomp",
+    mqtt.SUBSCRIBE: "subscribe",
+    mqtt.SUBACK: "suback",
+    mqtt.UNSUBSCRIBE: "unsubscribe",
+    mqtt.UNSUBACK: "unsuback",
+    mqtt.PINGREQ: "pingreq",
+    mqtt.PINGRESP: "pingresp",
+    mqtt.DISCONNECT: "disconnect",
+    mqtt.AUTH: "auth",
+}
+
+
+class ProtocolViolation(Exception):
+    """A well-formed packet that breaks the protocol in this state: close with this reason."""
+
+    def __init__(self, reason_code: int, message: str) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class MqttConnection(asyncio.BufferedProtocol):
+    def __init__(self, broker: Broker, arena: Any) -> None:
+        self.broker = broker
+        self.framer = mqtt.Framer(arena, max_packet_size=broker.limits.max_packet_size)
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self.version = 0
+        self.keep_alive = 0
+        self.accepted_at = monotonic()
+        self.last_received = self.accepted_at
+        self.out = bytearray()
+        self.will: Message | None = None
+        self.will_delay = 0
+        self.client_max_packet = 0  # 0: no limit announced
+        self.aliases_in: dict[int, str] = {}
+        self.peer = ""
+        self._closing = False
+        self._paused = False
+        # Acknowledgements leave in the order the PUBLISHes came (3.1.1 4.6, 5.0 4.6); one that
+        # waits for its telemetry record to be durable holds back the ones behind it.
+        # Entries: [packet type, packet id, reason code, ready].
+        self._acks: deque[list[int]] = deque()
+
+    # ---- transport callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.transport.set_write_buffer_limits(high=self.broker.limits.max_write_buffer)
+        self.broker.connecting.add(self)
+        self.broker.metrics.connections.inc()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view: memoryview = self.framer.get_buffer(sizehint)
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_received = monotonic()
+        self.broker.metrics.bytes_in.inc(nbytes)
+        try:
+            packets = self.framer.buffer_updated(nbytes)
+        except mqtt.MqttError as exc:
+            self._handle_batch(exc.packets)
+            if self.session is None and exc.reason_code == mqtt.UNSUPPORTED_PROTOCOL_VERSION:
+                # Answered in the 3.1.1 form every client version can read (3.1.1 3.1.2.2).
+                self._send(mqtt.Connack(reason_code=V4_REFUSED_PROTOCOL).encode(4))
+            if not self._closing:
+                self.close_with(exc.reason_code, str(exc))
+            self.broker.flush()
+            return
+        self._handle_batch(packets)
+        self.broker.flush()
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.broker.metrics.connections.dec()
+        if self.broker.telemetry is not None:
+            self.broker.telemetry.forget(self)
+        will = self.will
+        self.will = None
+        self.broker.detach(self, will, self.will_delay)
+        self.broker.flush()
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.session is not None:
+            self._drain_queue()
+            self.broker.flush()
+
+    # ---- output ------------------------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        self.out += data
+        self.broker.mark_dirty(self)
+
+    def flush(self) -> None:
+        if self.out and self.transport is not None and not self.transport.is_closing():
+            data, self.out = self.out, bytearray()
+            self.broker.metrics.bytes_out.inc(len(data))
+            self.transport.write(data)
+        if self._closing and self.transport is not None:
+            self.transport.close()
+
+    def close_with(self, reason_code: int, why: str) -> None:
+        """End the connection for a reason: MQTT 5 gets a DISCONNECT carrying it (the will is
+        published, as for any close that is not a normal DISCONNECT from the client)."""
+        if self._closing:
+            return
+        log.info("closing %s (%s): %s", self.session and self.session.client_id, self.peer, why)
+        self.broker.metrics.protocol_errors.labels(f"0x{reason_code:02x}").inc()
+        if self.version == 5 and self.session is not None:
+            props = mqtt.Properties()
+            props.reason_string = why[:200]
+            self._send(mqtt.Disconnect(reason_code=reason_code, properties=props).encode(5))
+        self._closing = True
+        self.broker.mark_dirty(self)
+
+    def abort(self, why: str) -> None:
+        log.info("aborting %s: %s", self.peer, why)
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---- packets -----------------------------------------------------------------------------
+
+    def _handle_batch(self, packets: list[Any]) -> None:
+        counter = self.broker.metrics.packets_in
+        for packet in packets:
+            if self._closing:
+                return
+            counter.labels(_PACKET_NAMES[packet.type]).inc()
+            try:
+                if self.session is None:
+                    if packet.type != mqtt.CONNECT:
+                        raise ProtocolViolation(mqtt.PROTOCOL_ERROR, "first packet is not CONNECT")
+                    self._on_connect(packet)
+                    continue
+                handler = self._HANDLERS.get(packet.type)
+                if handler is None:
+                    name = _PACKET_NAMES[packet.type].upper()
+                    raise ProtocolViolation(mqtt.PROTOCOL_ERROR, f"{name} from a client")
+                handler(self, packet)
+            except ProtocolViolation as exc:
+                self.close_with(exc.reason_code, str(exc))
+
+    def _connack(self, reason: int, properties: Any = None, present: bool = False) -> None:
+        self._send(
+            mqtt.Connack(session_present=present, reason_code=reason, properties=properties).encode(
+                self.version
+            )
+        )
+
+    def _refuse(self, v5_reason: int, v4_code: int, why: str) -> None:
+        self.broker.metrics.auth_failures.labels(why).inc()
+        self._connack(v5_reason if self.version == 5 else v4_code)
+        self._closing = True
+        self.broker.mark_dirty(self)
+
+    def _on_connect(self, c: Any) -> None:
+        broker = self.broker
+        self.version = 5 if c.protocol_level == 5 else 4
+        props = c.properties if self.version == 5 else None
+        client_id: str = c.client_id
+        assigned = False
+        if not client_id:
+            if self.version == 4 and not c.clean_start:
+                self._refuse(
+                    mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "empty_client_id"
+                )
+                return
+            client_id = "auto-" + secrets.token_hex(8)
+            assigned = True
+
+        # Authentication: registry credentials, else anonymous when allowed.
+        identity = client_id
+        if c.username is not None and broker.registry is not None:
+            if not broker.registry.verify(c.username, c.password):
+                self._refuse(mqtt.BAD_USER_NAME_OR_PASSWORD, V4_BAD_CREDENTIALS, "bad_credentials")
+                return
+            identity = c.username
+            if broker.acl.mode == "device" and client_id != identity:
+                self._refuse(
+                    mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch"
+                )
+                return
+        elif not broker.allow_anonymous:
+            self._refuse(mqtt.NOT_AUTHORIZED, V4_NOT_AUTHORIZED, "anonymous")
+            return
+
+        # Session takeover: the older connection goes (its will is published).
+        previous = broker.online.get(client_id)
+        if previous is not None:
+            previous.close_with(mqtt.SESSION_TAKEN_OVER, "session taken over")
+            broker.detach(previous, previous.will, 0)
+            previous.will = None
+
+        expiry = 0
+        if self.version == 5:
+            expiry = (props.session_expiry_interval or 0) if props is not None else 0
+        elif not c.clean_start:
+            expiry = NEVER_EXPIRES
+        session = broker.sessions.get(client_id)
+        present = False
+        if session is not None and (c.clean_start or session.identity != identity):
+            broker.end_session(session)
+            session = None
+        if session is None:
+            session = Session(client_id, self.version, identity)
+            session.max_queue = broker.limits.max_queued_messages
+        else:
+            present = True
+        session.version = self.version
+        session.expiry_interval = expiry
+        session.send_quota = 65535
+        if props is not None:
+            if props.receive_maximum:
+                session.send_quota = props.receive_maximum
+            self.client_max_packet = props.maximum_packet_size or 0
+        self.session = session
+        self.keep_alive = c.keep_alive
+        server_keep_alive = None
+        limit = broker.limits.max_keep_alive
+        if self.version == 5 and limit < 65535 and (c.keep_alive == 0 or c.keep_alive > limit):
+            server_keep_alive = self.keep_alive = limit  # Server Keep Alive (5.0 3.2.2.3.14)
+        if c.will is not None:
+            self.will = self._will_message(c.will, client_id)
+            will_props = c.will.properties
+            if will_props is not None:
+                self.will_delay = will_props.will_delay_interval or 0
+
+        broker.attach(self, session)
+        broker.metrics.connects.inc()
+        ack_props = None
+        if self.version == 5:
+            ack_props = mqtt.Properties()
+            ack_props.receive_maximum = broker.limits.receive_maximum
+            ack_props.maximum_packet_size = broker.limits.max_packet_size
+            ack_props.topic_alias_maximum = broker.limits.topic_alias_maximum
+            ack_props.retain_available = 1
+            ack_props.wildcard_subscription_available = 1
+            ack_props.subscription_identifier_available = 1
+            ack_props.shared_subscription_available = 0
+            if assigned:
+                ack_props.assigned_client_identifier = client_id
+            if server_keep_alive is not None:
+                ack_props.server_keep_alive = server_keep_alive
+        self._connack(mqtt.SUCCESS, ack_props, present)
+        self._resume_session()
+
+    def _will_message(self, will: Any, client_id: str) -> Message | None:
+        if not self.broker.acl.can_publish(
+            self.session.identity if self.session else client_id, will.topic
+        ):
+            self.broker.metrics.acl_denials.labels("will").inc()
+            return None
+        return Message(
+            will.topic,
+            bytes(will.payload),
+            will.qos,
+            will.retain,
+            _application_properties(will.properties),
+            _expiry(will.properties),
+            client_id,
+        )
+
+    def _resume_session(self) -> None:
+        """Resend what was in flight (PUBLISH with DUP, or PUBREL), then drain the queue."""
+        session = self.session
+        assert session is not None
+        for packet_id, delivery in session.outgoing.items():
+            if delivery.state == AWAIT_PUBCOMP:
+                self._send(mqtt.encode_ack(mqtt.PUBREL, packet_id, 0, self.version))
+            else:
+                delivery.dup = True
+                self._write_publish(delivery, packet_id)
+        self._drain_queue()
+
+    def _drain_queue(self) -> None:
+        session = self.session
+        assert session is not None
+        now = monotonic()
+        while session.queue and session.can_send_now() and not self._paused:
+            delivery = session.queue.popleft()
+            if delivery.message.expired(now):
+                self.broker.metrics.dropped.labels("expired").inc()
+                continue
+            self.send_publish(delivery)
+
+    def send_publish(self, delivery: Delivery) -> None:
+        """Send one delivery now (the broker checked the send quota for QoS > 0)."""
+        session = self.session
+        assert session is not None
+        if delivery.qos == 0:
+            if self._paused:  # slow consumer: shed QoS 0, never buffer without bound
+                self.broker.metrics.dropped.labels("slow_consumer_qos0").inc()
+                return
+            self._write_publish(delivery, 0)
+            return
+        packet_id = session.next_packet_id()
+        delivery.state = AWAIT_PUBACK if delivery.qos == 1 else AWAIT_PUBREC
+        session.outgoing[packet_id] = delivery
+        self.broker.metrics.inflight.inc()
+        self._write_publish(delivery, packet_id)
+
+    def _write_publish(self, delivery: Delivery, packet_id: int) -> None:
+        message = delivery.message
+        props = None
+        if self.version == 5:
+            props = _outgoing_properties(message, delivery.subscription_ids)
+        start = len(self.out)
+        mqtt.encode_publish_into(
+            self.out,
+            message.topic,
+            message.payload,
+            qos=delivery.qos,
+            retain=delivery.retain,
+            dup=delivery.dup,
+            packet_id=packet_id,
+            properties=props,
+            version=self.version,
+        )
+        if self.client_max_packet and len(self.out) - start > self.client_max_packet:
+            del self.out[
+                start:
+            ]  # larger than the client accepts: it must not be sent (5.0 3.1.2.25)
+            self.broker.metrics.dropped.labels("too_large_for_client").inc()
+            if packet_id and self.session is not None:
+                self.session.outgoing.pop(packet_id, None)
+                self.broker.metrics.inflight.dec()
+            return
+        self.broker.metrics.packets_out.labels("publish").inc()
+        self.broker.mark_dirty(self)
+
+    # -- PUBLISH from the client
+
+    def _on_publish(self, p: Any) -> None:
+        session = self.session
+        assert session is not None
+        props = p.properties if self.version == 5 else None
+        topic: str = p.topic
+        if props is not None and props.topic_alias is not None:
+            alias = props.topic_alias
+            if alias > self.broker.limits.topic_alias_maximum:
+                raise ProtocolViolation(mqtt.TOPIC_ALIAS_INVALID, f"topic alias {alias} too big")
+            if topic:
+                self.aliases_in[alias] = topic
+            else:
+                known = self.aliases_in.get(alias)
+                if known is None:
+                    raise ProtocolViolation(mqtt.PROTOCOL_ERROR, f"unknown topic alias {alias}")
+                topic = known
+        qos = p.qos
+        packet_id = p.packet_id
+        if qos == 2 and packet_id in session.incoming_qos2:
+            # A resent QoS 2 PUBLISH we already have: acknowledge again, deliver nothing.
+            self._ack(mqtt.PUBREC, packet_id, 0)
+            return
+        if (
+            qos
+            and len(session.incoming_qos2) + len(self._acks) >= self.broker.limits.receive_maximum
+        ):
+            raise ProtocolViolation(mqtt.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
+        if not self.broker.acl.can_publish(session.identity, topic):
+            self.broker.metrics.acl_denials.labels("publish").inc()
+            reason = mqtt.NOT_AUTHORIZED if self.version == 5 else 0
+            if qos:
+                self._ack(mqtt.PUBACK if qos == 1 else mqtt.PUBREC, packet_id, reason)
+            return
+        message = Message(
+            topic,
+            p.payload,
+            qos,
+            p.retain,
+            _application_properties(props),
+            _expiry(props),
+            session.client_id,
+        )
+        reached = self.broker.publish(message)
+        reason = mqtt.SUCCESS if reached or self.version == 4 else mqtt.NO_MATCHING_SUBSCRIBERS
+        ack_type = mqtt.PUBACK if qos == 1 else mqtt.PUBREC
+        if qos == 2:
+            session.incoming_qos2.add(packet_id)
+        pipeline = self.broker.telemetry
+        kind = classify_topic(topic) if pipeline is not None else None
+        if kind is None:
+            if qos:
+                self._ack(ack_type, packet_id, reason)
+            return
+        # Telemetry: acknowledged only once its record is durable (DESIGN.md).
+        assert pipeline is not None
+        message.own()
+        record = Record(kind[1], kind[0], "mqtt", topic, bytes(message.payload))
+        if props is not None:
+            record.content_type = props.content_type
+        if qos:
+            entry = [ack_type, packet_id, mqtt.SUCCESS, 0]
+            self._acks.append(entry)
+            pipeline.submit(record, self, entry)
+        else:
+            pipeline.submit(record)
+        pipeline.over_high_water(self)
+
+    def _ack(self, packet_type: int, packet_id: int, reason: int) -> None:
+        if self._acks:
+            self._acks.append([packet_type, packet_id, reason, 1])
+        else:
+            self._send(mqtt.encode_ack(packet_type, packet_id, reason, self.version))
+
+    def records_durable(self, tokens: list[Any]) -> None:
+        """The pipeline made these records durable: release their acknowledgements, in order."""
+        for entry in tokens:
+            entry[3] = 1
+        acks = self._acks
+        while acks and acks[0][3]:
+            packet_type, packet_id, reason, _ = acks.popleft()
+            mqtt.encode_ack_into(self.out, packet_type, packet_id, reason, self.version)
+        self.broker.mark_dirty(self)
+        self.broker.flush()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def _on_pubrel(self, p: Any) -> None:
+        assert self.session is not None
+        if p.packet_id in self.session.incoming_qos2:
+            self.session.incoming_qos2.discard(p.packet_id)
+            reason = mqtt.SUCCESS
+        else:
+            reason = mqtt.PACKET_IDENTIFIER_NOT_FOUND if self.version == 5 else 0
+        self._ack(mqtt.PUBCOMP, p.packet_id, reason)
+
+    # -- acknowledgements of what we sent
+
+    def _release(self, packet_id: int) -> None:
+        assert self.session is not None
+        if self.session.outgoing.pop(packet_id, None) is not None:
+            self.broker.metrics.inflight.dec()
+            self.broker.changed()
+            self._drain_queue()
+
+    def _on_puback(self, p: Any) -> None:
+        self._release(p.packet_id)
+
+    def _on_pubrec(self, p: Any) -> None:
+        assert self.session is not None
+        delivery = self.session.outgoing.get(p.packet_id)
+        if delivery is None:
+            if self.version == 5:
+                self._send(
+                    mqtt.encode_ack(mqtt.PUBREL, p.packet_id, mqtt.PACKET_IDENTIFIER_NOT_FOUND, 5)
+                )
+            return
+        if p.reason_code >= 0x80:  # the client refused it: the flow ends here (5.0 4.3.3)
+            self._release(p.packet_id)
+            return
+        delivery.state = AWAIT_PUBCOMP
+        self._send(mqtt.encode_ack(mqtt.PUBREL, p.packet_id, 0, self.version))
+
+    def _on_pubcomp(self, p: Any) -> None:
+        self._release(p.packet_id)
+
+    # -- subscriptions
+
+    def _on_subscribe(self, p: Any) -> None:
+        session = self.session
+        assert session is not None
+        broker = self.broker
+        identifier = None
+        if self.version == 5 and p.properties is not None and p.properties.subscription_identifiers:
+            identifier = p.properties.subscription_identifiers[0]
+        codes: list[int] = []
+        retained: list[tuple[Message, SubOptions]] = []
+        for sub in p.subscriptions:
+            topic_filter: str = sub.topic_filter
+            if mqtt.parse_shared(topic_filter) is not None:
+                codes.append(mqtt.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if self.version == 5 else 0x80)
+                continue
+            if not broker.acl.can_subscribe(session.identity, topic_filter):
+                broker.metrics.acl_denials.labels("subscribe").inc()
+                codes.append(mqtt.NOT_AUTHORIZED if self.version == 5 else 0x80)
+                continue
+            opts = SubOptions(
+                min(sub.qos, 2),
+                sub.no_local,
+                sub.retain_as_published,
+                sub.retain_handling,
+                identifier,
+            )
+            is_new = broker.subscriptions.add(topic_filter, session.client_id, opts)
+            session.subscriptions[topic_filter] = opts
+            codes.append(opts.qos)
+            if opts.retain_handling == 0 or (opts.retain_handling == 1 and is_new):
+                retained.extend((m, opts) for m in broker.retained_for(topic_filter))
+        broker.changed()
+        self._send(mqtt.Suback(packet_id=p.packet_id, reason_codes=codes).encode(self.version))
+        for message, opts in retained:
+            ids = (opts.identifier,) if opts.identifier else ()
+            broker.deliver(session, Delivery(message, min(opts.qos, message.qos), True, ids))
+
+    def _on_unsubscribe(self, p: Any) -> None:
+        session = self.session
+        assert session is not None
+        codes = []
+        for topic_filter in p.topic_filters:
+            removed = self.broker.subscriptions.remove(topic_filter, session.client_id)
+            session.subscriptions.pop(topic_filter, None)
+            codes.append(mqtt.SUCCESS if removed else mqtt.NO_SUBSCRIPTION_EXISTED)
+        self.broker.changed()
+        ack = mqtt.Unsuback(packet_id=p.packet_id, reason_codes=codes if self.version == 5 else [])
+        self._send(ack.encode(self.version))
+
+    # -- the rest
+
+    def _on_pingreq(self, p: Any) -> None:
+        self._send(mqtt.PINGRESP_FRAME)
+
+    def _on_disconnect(self, p: Any) -> None:
+        session = self.session
+        assert session is not None
+        if self.version == 5:
+            props = p.properties
+            if props is not None and props.session_expiry_interval is not None:
+                if session.expiry_interval == 0 and props.session_expiry_interval != 0:
+                    raise ProtocolViolation(
+                        mqtt.PROTOCOL_ERROR, "session expiry set at DISCONNECT after 0 at CONNECT"
+                    )
+                session.expiry_interval = props.session_expiry_interval
+        if not (self.version == 5 and p.reason_code == mqtt.DISCONNECT_WITH_WILL_MESSAGE):
+            self.will = None  # a normal DISCONNECT discards the will
+        self._closing = True
+        self.broker.mark_dirty(self)
+
+    def _on_auth(self, p: Any) -> None:
+        raise ProtocolViolation(
+            mqtt.BAD_AUTHENTICATION_METHOD, "enhanced authentication unsupported"
+        )
+
+    _HANDLERS: ClassVar[dict[int, Any]] = {
+        mqtt.PUBLISH: _on_publish,
+        mqtt.PUBACK: _on_puback,
+        mqtt.PUBREC: _on_pubrec,
+        mqtt.PUBREL: _on_pubrel,
+        mqtt.PUBCOMP: _on_pubcomp,
+        mqtt.SUBSCRIBE: _on_subscribe,
+        mqtt.UNSUBSCRIBE: _on_unsubscribe,
+        mqtt.PINGREQ: _on_pingreq,
+        mqtt.DISCONNECT: _on_disconnect,
+        mqtt.AUTH: _on_auth,
+    }
+
+
+_FORWARDED = (
+    "payload_format_indicator",
+    "content_type",
+    "response_topic",
+    "correlation_data",
+)
+
+
+def _application_properties(props: Any) -> Any:
+    """The properties a subscriber must receive unchanged (5.0 3.3.2.3), or None."""
+    if props is None:
+        return None
+    if not props.user_properties and all(getattr(props, n) is None for n in _FORWARDED):
+        return None
+    kept = mqtt.Properties()
+    for name in _FORWARDED:
+        setattr(kept, name, getattr(props, name))
+    kept.user_properties = list(props.user_properties or ())
+    return kept
+
+
+def _expiry(props: Any) -> float | None:
+    if props is None or props.message_expiry_interval is None:
+        return None
+    return monotonic() + float(props.message_expiry_interval)
+
+
+def _outgoing_properties(message: Message, subscription_ids: tuple[int, ...]) -> Any:
+    if message.properties is None and not subscription_ids and message.expires_at is None:
+        return None
+    props = mqtt.Properties()
+    if message.properties is not None:
+        for name in _FORWARDED:
+            setattr(props, name, getattr(message.properties, name))
+        props.user_properties = list(message.properties.user_properties)
+    if subscription_ids:
+        props.subscription_identifiers = list(subscription_ids)
+    if message.expires_at is not None:
+        props.message_expiry_interval = max(0, int(message.expires_at - monotonic()))
+    return props

@@ -1,0 +1,137 @@
+"""Snapshots of what must survive a restart: persistent sessions (subscriptions, queued and
+in-flight QoS 1/2 messages) and retained messages, in one msgpack file in the data dir.
+
+Like Mosquitto's autosave, the broker state is written whole: at a graceful stop and every few
+seconds while something changed, atomically (write, fsync, rename). A crash loses at most the
+changes since the last snapshot; acknowledged telemetry never depends on it (that is the sink's).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from gateway._native import mqtt
+from gateway.mqtt.broker import Broker
+from gateway.mqtt.session import Delivery, Message, Session, SubOptions, monotonic
+
+FORMAT = 1
+_PROPS = ("payload_format_indicator", "content_type", "response_topic", "correlation_data")
+
+
+def _props_out(props: Any) -> dict[str, Any] | None:
+    if props is None:
+        return None
+    d = {name: getattr(props, name) for name in _PROPS}
+    d["user_properties"] = [list(p) for p in props.user_properties or ()]
+    return d
+
+
+def _props_in(d: dict[str, Any] | None) -> Any:
+    if d is None:
+        return None
+    props = mqtt.Properties()
+    for name in _PROPS:
+        setattr(props, name, d.get(name))
+    props.user_properties = [tuple(p) for p in d.get("user_properties", ())]
+    return props
+
+
+def _message_out(m: Message, now: float) -> list[Any]:
+    left = None if m.expires_at is None else max(0.0, m.expires_at - now)
+    return [m.topic, bytes(m.payload), m.qos, m.retain, _props_out(m.properties), left, m.origin]
+
+
+def _message_in(d: list[Any], now: float) -> Message:
+    topic, payload, qos, retain, props, left, origin = d
+    return Message(
+        topic, payload, qos, retain, _props_in(props), None if left is None else now + left, origin
+    )
+
+
+def _delivery_out(d: Delivery, now: float) -> list[Any]:
+    return [_message_out(d.message, now), d.qos, d.retain, list(d.subscription_ids), d.state]
+
+
+def _delivery_in(d: list[Any], now: float) -> Delivery:
+    message, qos, retain, ids, state = d
+    return Delivery(_message_in(message, now), qos, retain, tuple(ids), state, dup=state != 0)
+
+
+def snapshot(broker: Broker) -> bytes:
+    now = monotonic()
+    wall = time.time()
+    sessions = []
+    for s in broker.sessions.values():
+        if s.expiry_interval == 0:
+            continue  # ends with its connection: nothing to keep
+        offline_for = 0.0 if s.disconnected_at is None else now - s.disconnected_at
+        sessions.append(
+            {
+                "client_id": s.client_id,
+                "version": s.version,
+                "identity": s.identity,
+                "expiry": s.expiry_interval,
+                "offline_since": wall - offline_for,
+                "subscriptions": {
+                    f: [o.qos, o.no_local, o.retain_as_published, o.retain_handling, o.identifier]
+                    for f, o in s.subscriptions.items()
+                },
+                "outgoing": {str(pid): _delivery_out(d, now) for pid, d in s.outgoing.items()},
+                "queue": [_delivery_out(d, now) for d in s.queue],
+                "incoming_qos2": sorted(s.incoming_qos2),
+            }
+        )
+    retained = [_message_out(m, now) for _, m in broker.retained.items()]
+    packed: bytes = msgpack.packb(
+        {"format": FORMAT, "saved_at": wall, "sessions": sessions, "retained": retained},
+        use_bin_type=True,
+    )
+    return packed
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load(broker: Broker, path: Path) -> int:
+    """Restore a snapshot into an empty broker; returns the sessions restored."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return 0
+    doc = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown snapshot format {doc.get('format')!r}")
+    now = monotonic()
+    wall = time.time()
+    for d in doc["retained"]:
+        message = _message_in(d, now)
+        if not message.expired(now):
+            broker.retained.set(message.topic, message)
+    for d in doc["sessions"]:
+        session = Session(d["client_id"], d["version"], d["identity"], d["expiry"])
+        session.max_queue = broker.limits.max_queued_messages
+        session.disconnected_at = now - max(0.0, wall - d["offline_since"])
+        if session.expired(now):
+            continue
+        for topic_filter, (qos, no_local, rap, rh, ident) in d["subscriptions"].items():
+            opts = SubOptions(qos, no_local, rap, rh, ident)
+            session.subscriptions[topic_filter] = opts
+            broker.subscriptions.add(topic_filter, session.client_id, opts)
+        session.outgoing = {int(pid): _delivery_in(x, now) for pid, x in d["outgoing"].items()}
+        session.queue.extend(_delivery_in(x, now) for x in d["queue"])
+        session.incoming_qos2 = set(d["incoming_qos2"])
+        broker.sessions[session.client_id] = session
+    broker.metrics.sessions.set(len(broker.sessions))
+    broker.metrics.retained.set(len(broker.retained))
+    return len(doc["sessions"])

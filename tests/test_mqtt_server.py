@@ -1,0 +1,509 @@
+"""The MQTT server against real clients (paho-mqtt 3.1.1 and 5.0) and raw frames."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties as PahoProperties
+
+from gateway._native import mqtt
+
+PROTOCOLS = {"v311": paho.MQTTv311, "v5": paho.MQTTv5}
+
+
+class PahoClient:
+    """A paho client on its own network thread, collecting what it receives."""
+
+    def __init__(
+        self, port: int, client_id: str, protocol: int, clean_session: bool | None = None,
+        **connect: Any,
+    ) -> None:
+        # 3.1.1 takes clean_session in the constructor, 5.0 takes clean_start in connect().
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
+            clean_session=clean_session,
+        )
+        self.protocol = protocol
+        self.messages: list[paho.MQTTMessage] = []
+        self.received = threading.Condition()
+        self.connack: Any = None
+        self.connected = threading.Event()
+        self.client.on_message = self._on_message
+        self.client.on_connect = self._on_connect
+        self.client.connect("127.0.0.1", port, **connect)
+        self.client.loop_start()
+        assert self.connected.wait(5), "no CONNACK"
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self.connack = (flags, reason, props)
+        self.connected.set()
+
+    def _on_message(self, client: Any, userdata: Any, message: paho.MQTTMessage) -> None:
+        with self.received:
+            self.messages.append(message)
+            self.received.notify_all()
+
+    def subscribe(self, topic_filter: str, qos: int = 0, **kw: Any) -> None:
+        done = threading.Event()
+        self.client.on_subscribe = lambda *a: done.set()
+        self.client.subscribe(topic_filter, qos, **kw)
+        assert done.wait(5), "no SUBACK"
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, **kw: Any) -> None:
+        info = self.client.publish(topic, payload, qos, **kw)
+        info.wait_for_publish(5)
+        assert info.is_published()
+
+    def wait_messages(self, count: int, timeout: float = 5.0) -> list[paho.MQTTMessage]:
+        with self.received:
+            self.received.wait_for(lambda: len(self.messages) >= count, timeout)
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class RawClient:
+    """Frames in, packets out: for the edge cases a library client will not produce."""
+
+    def __init__(self, port: int, version: int = 4) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.framer = mqtt.Framer(version=version)
+        self.version = version
+        self.pending: list[Any] = []
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def connect(self, client_id: str, **kw: Any) -> Any:
+        kw.setdefault("protocol_level", self.version)
+        self.send(mqtt.Connect(client_id=client_id, **kw).encode(self.version))
+        return self.recv()
+
+    def recv(self, timeout: float = 5.0) -> Any:
+        """The next packet, or None when the server closed the connection."""
+        deadline = time.monotonic() + timeout
+        while not self.pending:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.pending.extend(p.detach() for p in self.framer.feed(data))
+        return self.pending.pop(0)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def open_gateway(gateway_factory: Any) -> Any:
+    return gateway_factory(allow_anonymous=True, acl="open")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS.values(), ids=PROTOCOLS.keys())
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_publish_reaches_subscriber_at_each_qos(open_gateway: Any, protocol: int, qos: int) -> None:
+    sub = PahoClient(open_gateway.mqtt_port, "sub", protocol)
+    pub = PahoClient(open_gateway.mqtt_port, "pub", protocol)
+    sub.subscribe("plant/+/temp", qos)
+    for i in range(20):
+        pub.publish(f"plant/{i % 3}/temp", b"%d" % i, qos)
+    got = sub.wait_messages(20)
+    assert [m.payload for m in got] == [b"%d" % i for i in range(20)]
+    assert {m.qos for m in got} == {qos}
+    sub.close()
+    pub.close()
+
+
+def test_retained_message_is_delivered_on_subscribe_and_cleared_by_empty_payload(
+    open_gateway: Any,
+) -> None:
+    pub = PahoClient(open_gateway.mqtt_port, "pub", paho.MQTTv311)
+    pub.publish("state/lamp", b"on", 1, retain=True)
+    sub = PahoClient(open_gateway.mqtt_port, "sub", paho.MQTTv311)
+    sub.subscribe("state/#", 1)
+    (msg,) = sub.wait_messages(1)
+    assert (msg.topic, msg.payload, msg.retain) == ("state/lamp", b"on", True)
+    pub.publish("state/lamp", b"", 1, retain=True)
+    late = PahoClient(open_gateway.mqtt_port, "late", paho.MQTTv311)
+    late.subscribe("state/#", 1)
+    assert late.wait_messages(1, timeout=0.5) == []
+    for c in (pub, sub, late):
+        c.close()
+
+
+def test_qos2_duplicate_publish_is_delivered_once(open_gateway: Any) -> None:
+    sub = PahoClient(open_gateway.mqtt_port, "sub", paho.MQTTv311)
+    sub.subscribe("q2/#", 2)
+    raw = RawClient(open_gateway.mqtt_port)
+    assert raw.connect("raw").reason_code == 0
+    frame = mqtt.encode_publish("q2/x", b"once", qos=2, packet_id=7)
+    raw.send(frame)
+    assert raw.recv().type == mqtt.PUBREC
+    raw.send(mqtt.encode_publish("q2/x", b"once", qos=2, packet_id=7, dup=True))
+    assert raw.recv().type == mqtt.PUBREC
+    raw.send(mqtt.encode_ack(mqtt.PUBREL, 7))
+    comp = raw.recv()
+    assert (comp.type, comp.packet_id) == (mqtt.PUBCOMP, 7)
+    time.sleep(0.3)
+    assert [m.payload for m in sub.wait_messages(1)] == [b"once"]
+    raw.close()
+    sub.close()
+
+
+def test_will_is_published_when_keepalive_expires(open_gateway: Any) -> None:
+    sub = PahoClient(open_gateway.mqtt_port, "watcher", paho.MQTTv311)
+    sub.subscribe("wills/#", 1)
+    raw = RawClient(open_gateway.mqtt_port)
+    will = mqtt.Will("wills/dev1", b"gone", qos=1)
+    assert raw.connect("dev1", keep_alive=1, will=will).reason_code == 0
+    started = time.monotonic()
+    (msg,) = sub.wait_messages(1, timeout=5)
+    assert (msg.topic, msg.payload) == ("wills/dev1", b"gone")
+    assert 1.4 <= time.monotonic() - started < 3.5  # 1.5 x keep-alive, swept twice a second
+    assert raw.recv() is None  # and the silent client was disconnected
+    sub.close()
+
+
+def test_normal_disconnect_discards_the_will(open_gateway: Any) -> None:
+    sub = PahoClient(open_gateway.mqtt_port, "watcher", paho.MQTTv311)
+    sub.subscribe("wills/#", 1)
+    raw = RawClient(open_gateway.mqtt_port)
+    raw.connect("dev1", will=mqtt.Will("wills/dev1", b"gone"))
+    raw.send(mqtt.Disconnect().encode(4))
+    assert raw.recv() is None
+    assert sub.wait_messages(1, timeout=0.5) == []
+    sub.close()
+
+
+def test_session_takeover_disconnects_the_older_connection_with_0x8e(open_gateway: Any) -> None:
+    first = RawClient(open_gateway.mqtt_port, version=5)
+    assert first.connect("same").reason_code == 0
+    second = RawClient(open_gateway.mqtt_port, version=5)
+    assert second.connect("same").reason_code == 0
+    kicked = first.recv()
+    assert (kicked.type, kicked.reason_code) == (mqtt.DISCONNECT, mqtt.SESSION_TAKEN_OVER)
+    assert first.recv() is None
+    second.send(mqtt.PINGREQ_FRAME)
+    assert second.recv().type == mqtt.PINGRESP
+
+
+def test_persistent_session_keeps_subscriptions_and_queues_qos1_while_offline(
+    open_gateway: Any,
+) -> None:
+    port = open_gateway.mqtt_port
+    dev = PahoClient(port, "dev", paho.MQTTv311, clean_session=False)
+    dev.subscribe("cmd/dev", 1)
+    dev.close()
+    pub = PahoClient(port, "app", paho.MQTTv311)
+    for i in range(3):
+        pub.publish("cmd/dev", b"c%d" % i, 1)
+    back = RawClient(port)
+    ack = back.connect("dev", clean_start=False)
+    assert ack.session_present
+    got = [back.recv() for _ in range(3)]
+    assert [bytes(p.payload) for p in got] == [b"c0", b"c1", b"c2"]
+    pub.close()
+
+
+def test_unacknowledged_qos1_is_resent_with_dup_after_reconnect(open_gateway: Any) -> None:
+    port = open_gateway.mqtt_port
+    dev = RawClient(port)
+    dev.connect("dev", clean_start=False)
+    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", qos=1)]).encode(4))
+    assert dev.recv().type == mqtt.SUBACK
+    app = PahoClient(port, "app", paho.MQTTv311)
+    app.publish("cmd/x", b"hello", 1)
+    first = dev.recv()
+    assert (first.dup, bytes(first.payload)) == (False, b"hello")
+    dev.close()  # without PUBACK
+    time.sleep(0.2)
+    again = RawClient(port)
+    assert again.connect("dev", clean_start=False).session_present
+    resent = again.recv()
+    assert (resent.dup, resent.packet_id) == (True, first.packet_id)
+    assert bytes(resent.payload) == b"hello"
+    app.close()
+
+
+def test_malformed_frame_closes_only_its_own_connection_with_0x81(open_gateway: Any) -> None:
+    bystander = PahoClient(open_gateway.mqtt_port, "ok", paho.MQTTv5)
+    bystander.subscribe("t", 0)
+    bad = RawClient(open_gateway.mqtt_port, version=5)
+    assert bad.connect("bad").reason_code == 0
+    bad.send(bytes([0x36, 0x05, 0x00, 0x01, ord("t"), 0x00, 0x01]))  # PUBLISH with QoS 3
+    reply = bad.recv()
+    assert (reply.type, reply.reason_code) == (mqtt.DISCONNECT, mqtt.MALFORMED_PACKET)
+    assert bad.recv() is None
+    other = PahoClient(open_gateway.mqtt_port, "pub", paho.MQTTv5)
+    other.publish("t", b"still here", 0)
+    assert [m.payload for m in bystander.wait_messages(1)] == [b"still here"]
+    bystander.close()
+    other.close()
+
+
+def test_unsupported_protocol_level_gets_connack_1(open_gateway: Any) -> None:
+    raw = RawClient(open_gateway.mqtt_port)
+    frame = bytearray(mqtt.Connect(client_id="x").encode(4))
+    frame[8] = 6  # protocol level byte after the fixed header and "MQTT"
+    raw.send(bytes(frame))
+    ack = raw.recv()
+    assert (ack.type, ack.reason_code) == (mqtt.CONNACK, 1)
+    assert raw.recv() is None
+
+
+def test_first_packet_must_be_connect(open_gateway: Any) -> None:
+    raw = RawClient(open_gateway.mqtt_port)
+    raw.send(mqtt.PINGREQ_FRAME)
+    assert raw.recv() is None
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS.values(), ids=PROTOCOLS.keys())
+def test_anonymous_clients_are_refused_unless_allowed(gateway_factory: Any, protocol: int) -> None:
+    gw = gateway_factory()
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="anon", protocol=protocol)
+    result: list[Any] = []
+    client.on_connect = lambda c, u, f, reason, p: result.append(reason)
+    client.connect("127.0.0.1", gw.mqtt_port)
+    client.loop_start()
+    deadline = time.monotonic() + 5
+    while not result and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.loop_stop()
+    assert result and result[0].is_failure
+    # paho 2 reports 3.1.1's return code 5 as reason code 0x87 too; the raw check follows.
+    assert result[0].value == mqtt.NOT_AUTHORIZED
+    raw = RawClient(gw.mqtt_port, version=5 if protocol == paho.MQTTv5 else 4)
+    ack = raw.connect("anon")
+    assert ack.reason_code == (mqtt.NOT_AUTHORIZED if protocol == paho.MQTTv5 else 5)
+    assert raw.recv() is None  # and the connection is closed
+
+
+def test_registered_device_connects_and_is_confined_to_its_topics(gateway_factory: Any) -> None:
+    gw = gateway_factory()
+    gw.gateway.registry.add("dev-1", "pw1")
+    gw.gateway.registry.add("dev-2", "pw2")
+    dev1 = RawClient(gw.mqtt_port, version=5)
+    assert dev1.connect("dev-1", username="dev-1", password=b"pw1").reason_code == 0
+    dev1.send(
+        mqtt.Subscribe(
+            1,
+            [
+                mqtt.Subscription("devices/dev-1/commands/#", qos=1),
+                mqtt.Subscription("devices/dev-2/commands/#", qos=1),
+                mqtt.Subscription("devices/+/commands/#", qos=1),
+            ],
+        ).encode(5)
+    )
+    suback = dev1.recv()
+    assert list(suback.reason_codes) == [1, mqtt.NOT_AUTHORIZED, mqtt.NOT_AUTHORIZED]
+    dev1.send(mqtt.encode_publish("devices/dev-2/telemetry", b"x", qos=1, packet_id=3, version=5))
+    denied = dev1.recv()
+    assert (denied.type, denied.reason_code) == (mqtt.PUBACK, mqtt.NOT_AUTHORIZED)
+    wrong = RawClient(gw.mqtt_port, version=5)
+    ack = wrong.connect("dev-2", username="dev-2", password=b"pw1")
+    assert ack.reason_code == mqtt.BAD_USER_NAME_OR_PASSWORD
+
+
+def test_v5_subscription_identifiers_and_overlaps_deliver_once_at_highest_qos(
+    open_gateway: Any,
+) -> None:
+    sub = RawClient(open_gateway.mqtt_port, version=5)
+    sub.connect("sub")
+    props = mqtt.Properties()
+    props.subscription_identifiers = [42]
+    sub.send(mqtt.Subscribe(1, [mqtt.Subscription("a/+", qos=0)], properties=props).encode(5))
+    assert sub.recv().type == mqtt.SUBACK
+    props.subscription_identifiers = [43]
+    sub.send(mqtt.Subscribe(2, [mqtt.Subscription("a/#", qos=1)], properties=props).encode(5))
+    assert sub.recv().type == mqtt.SUBACK
+    pub = PahoClient(open_gateway.mqtt_port, "pub", paho.MQTTv5)
+    pub.publish("a/b", b"x", 1)
+    got = sub.recv()
+    assert got.qos == 1
+    assert sorted(got.properties.subscription_identifiers) == [42, 43]
+    sub.send(mqtt.encode_ack(mqtt.PUBACK, got.packet_id, version=5))
+    sub.send(mqtt.PINGREQ_FRAME)
+    assert sub.recv().type == mqtt.PINGRESP  # and no second copy came before it
+    pub.close()
+
+
+def test_v5_properties_pass_through_to_subscribers(open_gateway: Any) -> None:
+    sub = PahoClient(open_gateway.mqtt_port, "sub", paho.MQTTv5)
+    sub.subscribe("req", 1)
+    pub = PahoClient(open_gateway.mqtt_port, "pub", paho.MQTTv5)
+    props = PahoProperties(PacketTypes.PUBLISH)
+    props.ResponseTopic = "resp/1"
+    props.CorrelationData = b"\x01\x02"
+    props.ContentType = "application/json"
+    props.UserProperty = [("k", "v")]
+    pub.publish("req", b"{}", 1, properties=props)
+    (msg,) = sub.wait_messages(1)
+    assert msg.properties.ResponseTopic == "resp/1"
+    assert msg.properties.CorrelationData == b"\x01\x02"
+    assert msg.properties.ContentType == "application/json"
+    assert msg.properties.UserProperty == [("k", "v")]
+    sub.close()
+    pub.close()
+
+
+def test_no_local_suppresses_own_messages(open_gateway: Any) -> None:
+    raw = RawClient(open_gateway.mqtt_port, version=5)
+    raw.connect("me")
+    raw.send(mqtt.Subscribe(1, [mqtt.Subscription("echo", qos=0, no_local=True)]).encode(5))
+    assert raw.recv().type == mqtt.SUBACK
+    raw.send(mqtt.encode_publish("echo", b"x", version=5))
+    raw.send(mqtt.PINGREQ_FRAME)
+    assert raw.recv().type == mqtt.PINGRESP
+
+
+def test_topic_alias_from_client_is_resolved(open_gateway: Any) -> None:
+    sub = PahoClient(open_gateway.mqtt_port, "sub", paho.MQTTv311)
+    sub.subscribe("long/topic/name", 0)
+    raw = RawClient(open_gateway.mqtt_port, version=5)
+    raw.connect("pub")
+    props = mqtt.Properties()
+    props.topic_alias = 1
+    raw.send(mqtt.encode_publish("long/topic/name", b"1", properties=props, version=5))
+    raw.send(mqtt.encode_publish("", b"2", properties=props, version=5))
+    assert [m.payload for m in sub.wait_messages(2)] == [b"1", b"2"]
+    sub.close()
+
+
+def test_telemetry_is_acknowledged_once_durable_and_acks_keep_publish_order(
+    open_gateway: Any,
+) -> None:
+    from gateway.telemetry.filesink import read_records
+
+    raw = RawClient(open_gateway.mqtt_port)
+    raw.connect("d1")
+    frames = b"".join(
+        [
+            mqtt.encode_publish("devices/d1/telemetry", b'{"t":1}', qos=1, packet_id=1),
+            mqtt.encode_publish("other/topic", b"x", qos=1, packet_id=2),
+            mqtt.encode_publish("devices/d1/events/boot", b"up", qos=2, packet_id=3),
+            mqtt.encode_publish("devices/d1/telemetry", b'{"t":2}', qos=0),
+        ]
+    )
+    raw.send(frames)  # one read: the batch
+    acks = [raw.recv(), raw.recv(), raw.recv()]
+    assert [(a.type, a.packet_id) for a in acks] == [
+        (mqtt.PUBACK, 1),
+        (mqtt.PUBACK, 2),
+        (mqtt.PUBREC, 3),
+    ]
+    records = list(read_records(f"{open_gateway.config.data_dir}/telemetry"))
+    # Acknowledged means durable: both QoS>0 records are on disk by the time their acks arrived.
+    got = [(r.device, r.kind, r.topic_or_path, r.payload) for r in records]
+    assert ("d1", "telemetry", "devices/d1/telemetry", b'{"t":1}') in got
+    assert ("d1", "events", "devices/d1/events/boot", b"up") in got
+    raw.send(mqtt.encode_ack(mqtt.PUBREL, 3))
+    assert raw.recv().type == mqtt.PUBCOMP
+
+
+def test_devices_cli_and_telemetry_tail(tmp_path: Any) -> None:
+    import json
+    import subprocess
+    import sys
+
+    iotgw = [sys.executable, "-m", "gateway.cli"]
+    data = str(tmp_path / "data")
+    added = subprocess.run(
+        [*iotgw, "devices", "--data-dir", data, "add", "dev-9"], capture_output=True, text=True
+    )
+    assert added.returncode == 0
+    device_id, password = added.stdout.split()
+    assert device_id == "dev-9" and len(password) >= 16
+    listed = subprocess.run([*iotgw, "devices", "--data-dir", data, "list"], capture_output=True)
+    assert listed.stdout.split() == [b"dev-9"]
+    dup = subprocess.run(
+        [*iotgw, "devices", "--data-dir", data, "add", "dev-9"], capture_output=True, text=True
+    )
+    assert dup.returncode == 2 and "exists already" in dup.stderr
+
+    import asyncio
+
+    from gateway.telemetry.filesink import FileSink
+    from gateway.telemetry.pipeline import TelemetryPipeline
+    from gateway.telemetry.records import Record
+
+    async def write() -> None:
+        pipeline = TelemetryPipeline(FileSink(f"{data}/telemetry"))
+        for i in range(3):
+            pipeline.submit(
+                Record("dev-9", "telemetry", "mqtt", "devices/dev-9/telemetry", b"%d" % i)
+            )
+        pipeline.submit(Record("dev-9", "events", "coap", "/events/dev-9", b"\xff"))
+        await pipeline.close()
+
+    asyncio.run(write())
+    tail = subprocess.run(
+        [*iotgw, "telemetry", "--data-dir", data, "tail", "-n", "2"], capture_output=True, text=True
+    )
+    lines = [json.loads(line) for line in tail.stdout.splitlines()]
+    assert [line.get("payload") for line in lines] == ["2", None]
+    assert lines[1]["payload_base64"] == "/w==" and lines[1]["protocol"] == "coap"
+
+
+def test_session_and_retained_messages_survive_gateway_restart(
+    gateway_factory: Any, tmp_path: Any
+) -> None:
+    data = str(tmp_path / "persist")
+    gw = gateway_factory(allow_anonymous=True, acl="open", data_dir=data)
+    dev = RawClient(gw.mqtt_port, version=5)
+    props = mqtt.Properties()
+    props.session_expiry_interval = 3600
+    assert dev.connect("dev", clean_start=False, properties=props).reason_code == 0
+    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", qos=1)]).encode(5))
+    assert dev.recv().type == mqtt.SUBACK
+    dev.send(mqtt.Disconnect().encode(5))
+    assert dev.recv() is None
+    app = PahoClient(gw.mqtt_port, "app", paho.MQTTv311)
+    app.publish("cmd/reboot", b"now", 1)
+    app.publish("cfg/interval", b"10", 1, retain=True)
+    app.close()
+    gw.stop()
+
+    again = gateway_factory(allow_anonymous=True, acl="open", data_dir=data)
+    back = RawClient(again.mqtt_port, version=5)
+    ack = back.connect("dev", clean_start=False, properties=props)
+    assert ack.session_present
+    queued = back.recv()
+    assert (queued.topic, bytes(queued.payload), queued.qos) == ("cmd/reboot", b"now", 1)
+    back.send(mqtt.Subscribe(2, [mqtt.Subscription("cfg/#", qos=1)]).encode(5))
+    assert back.recv().type == mqtt.SUBACK
+    retained = back.recv()
+    assert (retained.topic, bytes(retained.payload), retained.retain) == (
+        "cfg/interval",
+        b"10",
+        True,
+    )
+
+
+def test_health_readiness_and_prometheus_metrics_are_served(open_gateway: Any) -> None:
+    import json
+    import urllib.request
+
+    base = f"http://127.0.0.1:{open_gateway.gateway.http.port}"
+    with urllib.request.urlopen(f"{base}/healthz") as r:
+        assert json.load(r) == {"status": "ok"}
+    with urllib.request.urlopen(f"{base}/readyz") as r:
+        assert json.load(r) == {"status": "ready"}
+    raw = RawClient(open_gateway.mqtt_port)
+    raw.connect("m1")
+    raw.send(mqtt.PINGREQ_FRAME)
+    assert raw.recv().type == mqtt.PINGRESP
+    with urllib.request.urlopen(f"{base}/metrics") as r:
+        text = r.read().decode()
+    assert "iotgw_mqtt_connections 1.0" in text
+    assert 'iotgw_mqtt_packets_received_total{type="pingreq"} 1.0' in text
+    with urllib.request.urlopen(f"{base}/openapi.json") as r:
+        assert "/healthz" in json.load(r)["paths"]
