@@ -507,3 +507,26 @@ def test_health_readiness_and_prometheus_metrics_are_served(open_gateway: Any) -
     assert 'iotgw_mqtt_packets_received_total{type="pingreq"} 1.0' in text
     with urllib.request.urlopen(f"{base}/openapi.json") as r:
         assert "/healthz" in json.load(r)["paths"]
+
+
+def test_shared_subscription_delivers_each_message_to_one_member_of_the_group(
+    open_gateway: Any,
+) -> None:
+    port = open_gateway.mqtt_port
+    members = [PahoClient(port, f"worker{i}", paho.MQTTv5) for i in range(2)]
+    for m in members:
+        m.subscribe("$share/workers/jobs/#", 1)
+    watcher = PahoClient(port, "watcher", paho.MQTTv5)
+    watcher.subscribe("jobs/#", 1)
+    pub = PahoClient(port, "pub", paho.MQTTv5)
+    for i in range(10):
+        pub.publish(f"jobs/{i}", b"%d" % i, 1)
+    assert len(watcher.wait_messages(10)) == 10
+    deadline = time.monotonic() + 5
+    while sum(len(m.messages) for m in members) < 10 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    shared = sorted(bytes(msg.payload) for m in members for msg in m.messages)
+    assert shared == sorted(b"%d" % i for i in range(10))  # each once, none lost
+    assert all(m.messages for m in members)  # round robin: both took part
+    for c in (*members, watcher, pub):
+        c.close()

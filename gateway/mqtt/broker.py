@@ -40,6 +40,28 @@ class _PendingWill:
     message: Message
 
 
+class SharedGroup:
+    """The members of one `$share/{group}/{filter}`: each message goes to one of them, round
+    robin, preferring members that are online (5.0 4.8.2)."""
+
+    __slots__ = ("_turn", "members")
+
+    def __init__(self) -> None:
+        self.members: dict[str, SubOptions] = {}
+        self._turn = 0
+
+    def pick(self, online: dict[str, MqttConnection]) -> tuple[str, SubOptions] | None:
+        members = list(self.members.items())
+        if not members:
+            return None
+        self._turn += 1
+        for i in range(len(members)):
+            client_id, opts = members[(self._turn + i) % len(members)]
+            if client_id in online:
+                return client_id, opts
+        return members[self._turn % len(members)]  # all offline: queued in one session
+
+
 class Broker:
     def __init__(
         self,
@@ -61,6 +83,8 @@ class Broker:
         self.online: dict[str, MqttConnection] = {}
         self.connecting: set[MqttConnection] = set()  # accepted, no CONNECT yet
         self.subscriptions: SubscriptionTrie[str, SubOptions] = SubscriptionTrie()
+        # Shared subscriptions: the trie maps the inner filter to the group's name.
+        self.shared: SubscriptionTrie[str, SharedGroup] = SubscriptionTrie()
         self.retained: TopicTree[Message] = TopicTree()
         self.pending_wills: dict[str, _PendingWill] = {}
         self._dirty: set[MqttConnection] = set()
@@ -109,7 +133,7 @@ class Broker:
     def end_session(self, session: Session) -> None:
         self.changes += 1
         for topic_filter in session.subscriptions:
-            self.subscriptions.remove(topic_filter, session.client_id)
+            self.remove_subscription(session.client_id, topic_filter)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
         pending = self.pending_wills.pop(session.client_id, None)
@@ -117,22 +141,53 @@ class Broker:
             self.publish(pending.message)
         self.metrics.sessions.set(len(self.sessions))
 
+    # ---- subscriptions -------------------------------------------------------------------------
+
+    def add_subscription(self, client_id: str, topic_filter: str, opts: SubOptions) -> bool:
+        """Subscribe (ordinary or `$share/...`); True when the session had no such filter."""
+        self.changes += 1
+        shared = mqtt.parse_shared(topic_filter)
+        if shared is None:
+            return self.subscriptions.add(topic_filter, client_id, opts)
+        group_name, inner = shared
+        group = self.shared.get(inner, group_name)
+        if group is None:
+            group = SharedGroup()
+            self.shared.add(inner, group_name, group)
+        is_new = client_id not in group.members
+        group.members[client_id] = opts
+        return is_new
+
+    def remove_subscription(self, client_id: str, topic_filter: str) -> bool:
+        self.changes += 1
+        shared = mqtt.parse_shared(topic_filter)
+        if shared is None:
+            return self.subscriptions.remove(topic_filter, client_id)
+        group_name, inner = shared
+        group = self.shared.get(inner, group_name)
+        if group is None or group.members.pop(client_id, None) is None:
+            return False
+        if not group.members:
+            self.shared.remove(inner, group_name)
+        return True
+
     # ---- routing -----------------------------------------------------------------------------
 
     def publish(self, message: Message) -> int:
         """Route one message to every matching subscription; returns the sessions it reached."""
         if message.retain:
             self._retain(message)
+        reached = self._publish_shared(message) if len(self.shared) else 0
         matches = self.subscriptions.match(message.topic)
         if not matches:
-            return 0
+            return reached
         if len(matches) == 1:
             client_id, opts = matches[0]
             if opts.no_local and client_id == message.origin:
                 return 0
             ids = (opts.identifier,) if opts.identifier else ()
             self._deliver(client_id, message, opts.qos, opts.retain_as_published, ids)
-            return 1
+            return reached + 1
         # Overlapping subscriptions of one session: one delivery, highest QoS, every identifier.
         merged: dict[str, tuple[int, bool, list[int]]] = {}
         for client_id, opts in matches:
@@ -144,7 +199,19 @@ class Broker:
             merged[client_id] = (max(qos, opts.qos), rap or opts.retain_as_published, id_list)
         for client_id, (qos, rap, id_list) in merged.items():
             self._deliver(client_id, message, qos, rap, tuple(id_list))
-        return len(merged)
+        return reached + len(merged)
+
+    def _publish_shared(self, message: Message) -> int:
+        """One delivery per matching share group, to one member of it."""
+        reached = 0
+        for _, group in self.shared.match(message.topic):
+            chosen = group.pick(self.online)
+            if chosen is not None:
+                client_id, opts = chosen
+                ids = (opts.identifier,) if opts.identifier else ()
+                self._deliver(client_id, message, opts.qos, opts.retain_as_published, ids)
+                reached += 1
+        return reached
 
     def changed(self) -> None:
         self.changes += 1

@@ -293,7 +293,7 @@ class MqttConnection(asyncio.BufferedProtocol):
             ack_props.retain_available = 1
             ack_props.wildcard_subscription_available = 1
             ack_props.subscription_identifier_available = 1
-            ack_props.shared_subscription_available = 0
+            ack_props.shared_subscription_available = 1
             if assigned:
                 ack_props.assigned_client_identifier = client_id
             if server_keep_alive is not None:
@@ -531,10 +531,9 @@ class MqttConnection(asyncio.BufferedProtocol):
         retained: list[tuple[Message, SubOptions]] = []
         for sub in p.subscriptions:
             topic_filter: str = sub.topic_filter
-            if mqtt.parse_shared(topic_filter) is not None:
-                codes.append(mqtt.SHARED_SUBSCRIPTIONS_NOT_SUPPORTED if self.version == 5 else 0x80)
-                continue
-            if not broker.acl.can_subscribe(session.identity, topic_filter):
+            shared = mqtt.parse_shared(topic_filter)
+            acl_filter = topic_filter if shared is None else shared[1]
+            if not broker.acl.can_subscribe(session.identity, acl_filter):
                 broker.metrics.acl_denials.labels("subscribe").inc()
                 codes.append(mqtt.NOT_AUTHORIZED if self.version == 5 else 0x80)
                 continue
@@ -545,9 +544,11 @@ class MqttConnection(asyncio.BufferedProtocol):
                 sub.retain_handling,
                 identifier,
             )
-            is_new = broker.subscriptions.add(topic_filter, session.client_id, opts)
+            is_new = broker.add_subscription(session.client_id, topic_filter, opts)
             session.subscriptions[topic_filter] = opts
             codes.append(opts.qos)
+            if shared is not None:
+                continue  # no retained messages for a shared subscription (5.0 4.8.2)
             if opts.retain_handling == 0 or (opts.retain_handling == 1 and is_new):
                 retained.extend((m, opts) for m in broker.retained_for(topic_filter))
         broker.changed()
@@ -561,7 +562,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         assert session is not None
         codes = []
         for topic_filter in p.topic_filters:
-            removed = self.broker.subscriptions.remove(topic_filter, session.client_id)
+            removed = self.broker.remove_subscription(session.client_id, topic_filter)
             session.subscriptions.pop(topic_filter, None)
             codes.append(mqtt.SUCCESS if removed else mqtt.NO_SUBSCRIPTION_EXISTED)
         self.broker.changed()

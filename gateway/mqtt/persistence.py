@@ -127,7 +127,7 @@ def load(broker: Broker, path: Path) -> int:
         for topic_filter, (qos, no_local, rap, rh, ident) in d["subscriptions"].items():
             opts = SubOptions(qos, no_local, rap, rh, ident)
             session.subscriptions[topic_filter] = opts
-            broker.subscriptions.add(topic_filter, session.client_id, opts)
+            broker.add_subscription(session.client_id, topic_filter, opts)
         session.outgoing = {int(pid): _delivery_in(x, now) for pid, x in d["outgoing"].items()}
         session.queue.extend(_delivery_in(x, now) for x in d["queue"])
         session.incoming_qos2 = set(d["incoming_qos2"])
