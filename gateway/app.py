@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 from pathlib import Path
 
 from gateway._native import mqtt
@@ -48,6 +49,7 @@ class Gateway:
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.mqtt_port: int | None = None
+        self.mqtts_port: int | None = None
         self.snapshot_path = self.data_dir / "mqtt-state.msgpack"
         self._saved_changes = -1
 
@@ -69,6 +71,18 @@ class Gateway:
         self._servers.append(server)
         sock: socket.socket = server.sockets[0]
         self.mqtt_port = sock.getsockname()[1]
+        if self.config.tls_cert:
+            tls_server = await loop.create_server(
+                lambda: MqttConnection(self.broker, arena),
+                self.config.bind,
+                self.config.mqtts_port,
+                ssl=self._tls_context(),
+                reuse_port=True,
+                backlog=4096,
+            )
+            self._servers.append(tls_server)
+            self.mqtts_port = tls_server.sockets[0].getsockname()[1]
+            log.info("MQTT over TLS listening on %s:%s", self.config.bind, self.mqtts_port)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("MQTT listening on %s:%s", self.config.bind, self.mqtt_port)
         self.http = HttpServer(
@@ -78,6 +92,18 @@ class Gateway:
         )
         await self.http.start()
         log.info("HTTP listening on %s:%s", self.config.bind, self.http.port)
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Server certificate; with --tls-client-ca, client certificates are verified when a
+        device presents one (its common name is then the device id) and optional otherwise, so
+        that devices with passwords can use TLS too."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        assert self.config.tls_cert is not None
+        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        if self.config.tls_client_ca:
+            ctx.load_verify_locations(self.config.tls_client_ca)
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
 
     async def _sweep_forever(self) -> None:
         last_snapshot = asyncio.get_running_loop().time()

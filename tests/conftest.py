@@ -131,6 +131,7 @@ class RunningGateway:
         asyncio.run_coroutine_threadsafe(self.gateway.start(), self.loop).result(10)
         assert self.gateway.mqtt_port is not None
         self.mqtt_port: int = self.gateway.mqtt_port
+        self.mqtts_port = self.gateway.mqtts_port
 
     def call(self, fn, *args):  # type: ignore[no-untyped-def]
         """Run fn(*args) on the gateway's loop and return its result."""

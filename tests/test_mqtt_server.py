@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -530,3 +532,72 @@ def test_shared_subscription_delivers_each_message_to_one_member_of_the_group(
     assert all(m.messages for m in members)  # round robin: both took part
     for c in (*members, watcher, pub):
         c.close()
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and client certificates for dev-7 (CA-signed)
+    and rogue (self-signed), made with the openssl CLI."""
+    d = tmp_path_factory.mktemp("pki")
+    p = {n: str(d / n) for n in ("ca.key", "ca.pem", "srv.key", "srv.csr", "srv.pem", "ext")}
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", p["ca.key"], "-out",
+             p["ca.pem"], "-days", "2", "-subj", "/CN=iotgw test CA")
+    Path(p["ext"]).write_text("subjectAltName=IP:127.0.0.1\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", p["srv.key"], "-out",
+             p["srv.csr"], "-subj", "/CN=127.0.0.1")
+    _openssl("x509", "-req", "-in", p["srv.csr"], "-CA", p["ca.pem"], "-CAkey", p["ca.key"],
+             "-CAcreateserial", "-out", p["srv.pem"], "-days", "2", "-extfile", p["ext"])
+    for cn in ("dev-7",):
+        key, csr, pem = (str(d / f"{cn}.{x}") for x in ("key", "csr", "pem"))
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+                 "-subj", f"/CN={cn}")
+        _openssl("x509", "-req", "-in", csr, "-CA", p["ca.pem"], "-CAkey", p["ca.key"],
+                 "-CAcreateserial", "-out", pem, "-days", "2")
+        p[f"{cn}.key"], p[f"{cn}.pem"] = key, pem
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "rogue.key"),
+             "-out", str(d / "rogue.pem"), "-days", "2", "-subj", "/CN=dev-7")
+    p["rogue.key"], p["rogue.pem"] = str(d / "rogue.key"), str(d / "rogue.pem")
+    return p
+
+
+def _tls_connect(port: int, client_id: str, ca: str, cert: str | None, key: str | None) -> Any:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+    client.tls_set(ca_certs=ca, certfile=cert, keyfile=key)
+    result: list[Any] = []
+    client.on_connect = lambda c, u, f, reason, p: result.append(reason)
+    try:
+        client.connect("127.0.0.1", port)
+    except OSError as exc:  # the TLS handshake itself was refused
+        return exc
+    client.loop_start()
+    deadline = time.monotonic() + 5
+    while not result and time.monotonic() < deadline:
+        time.sleep(0.02)
+    client.loop_stop()
+    client.disconnect()
+    return result[0] if result else None
+
+
+def test_device_authenticates_with_a_tls_client_certificate(
+    gateway_factory: Any, certificates: dict[str, str]
+) -> None:
+    c = certificates
+    gw = gateway_factory(
+        tls_cert=c["srv.pem"], tls_key=c["srv.key"], tls_client_ca=c["ca.pem"], mqtts_port=0
+    )
+    port = gw.mqtts_port
+    ok = _tls_connect(port, "dev-7", c["ca.pem"], c["dev-7.pem"], c["dev-7.key"])
+    assert ok is not None and not ok.is_failure
+    # The certificate names dev-7: it cannot connect as another device.
+    other = _tls_connect(port, "dev-8", c["ca.pem"], c["dev-7.pem"], c["dev-7.key"])
+    assert other is not None and other.value == mqtt.CLIENT_IDENTIFIER_NOT_VALID
+    # No certificate and no password: anonymous, refused.
+    anon = _tls_connect(port, "dev-7", c["ca.pem"], None, None)
+    assert anon is not None and anon.value == mqtt.NOT_AUTHORIZED
+    # A self-signed certificate claiming dev-7 fails the handshake.
+    rogue = _tls_connect(port, "dev-7", c["ca.pem"], c["rogue.pem"], c["rogue.key"])
+    assert rogue is None or isinstance(rogue, OSError) or rogue.is_failure

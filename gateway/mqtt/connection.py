@@ -80,6 +80,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.client_max_packet = 0  # 0: no limit announced
         self.aliases_in: dict[int, str] = {}
         self.peer = ""
+        self.cert_identity: str | None = None  # device id from a verified TLS client certificate
         self._closing = False
         self._paused = False
         # Acknowledgements leave in the order the PUBLISHes came (3.1.1 4.6, 5.0 4.6); one that
@@ -94,6 +95,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.cert_identity = _certificate_identity(transport.get_extra_info("peercert"))
         self.transport.set_write_buffer_limits(high=self.broker.limits.max_write_buffer)
         self.broker.connecting.add(self)
         self.broker.metrics.connections.inc()
@@ -225,9 +227,17 @@ class MqttConnection(asyncio.BufferedProtocol):
             client_id = "auto-" + secrets.token_hex(8)
             assigned = True
 
-        # Authentication: registry credentials, else anonymous when allowed.
+        # Authentication: a verified client certificate, registry credentials, else anonymous
+        # when allowed.
         identity = client_id
-        if c.username is not None and broker.registry is not None:
+        if self.cert_identity is not None:
+            identity = self.cert_identity
+            if broker.acl.mode == "device" and client_id != identity:
+                self._refuse(
+                    mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch"
+                )
+                return
+        elif c.username is not None and broker.registry is not None:
             if not broker.registry.verify(c.username, c.password):
                 self._refuse(mqtt.BAD_USER_NAME_OR_PASSWORD, V4_BAD_CREDENTIALS, "bad_credentials")
                 return
@@ -649,3 +659,14 @@ def _outgoing_properties(message: Message, subscription_ids: tuple[int, ...]) ->
     if message.expires_at is not None:
         props.message_expiry_interval = max(0, int(message.expires_at - monotonic()))
     return props
+
+
+def _certificate_identity(cert: Any) -> str | None:
+    """The subject common name of a client certificate the TLS layer verified, or None."""
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
