@@ -1,0 +1,949 @@
+"""The device-shadow model: pure functions over shadow documents, no I/O.
+
+Both stores (``shadow.sqlite``, ``shadow.redis``) read a :class:`Shadow`, call
+:func:`apply_update` / :func:`apply_replace` / :func:`apply_delete` here and write the result
+back atomically, so every rule below lives in exactly one place.
+
+Document (AWS IoT device-shadow semantics)
+------------------------------------------
+``Shadow.document()`` renders what GET returns::
+
+    {"state": {"desired": {...}, "reported": {...}, "delta": {...}},
+     "metadata": {"desired": {"color": {"timestamp": 1700000000}}, "reported": {...}},
+     "version": 7, "vv": {"node-a": 4, "app-1": 3}, "timestamp": 1700000000}
+
+Empty sections are omitted, as AWS does. ``timestamp`` values are epoch seconds (AWS); the
+internal per-leaf metadata (:class:`LeafMeta`) keeps milliseconds, the writer and its version
+vector counter (the write's "dot"), and, in ``reported``, the highest device ``seq`` applied.
+
+Update documents: ``{"state": {"desired": {...}, "reported": {...}}, "version": N,
+"clientToken": "..."}``. Sections merge recursively, like a JSON merge patch (RFC 7386): an
+object merges into the stored object, any other value (scalar or array) replaces what is stored
+at its key (an object below it, or a scalar on its way, which becomes an object), ``null``
+deletes the key, ``"desired": null`` clears the section and ``"state": null`` clears both.
+Unlike RFC 7386, objects left empty are pruned (as AWS does), and an update changes only the
+fields it names: an empty object names none, and deleting ``a.b`` where ``a`` is a scalar
+changes nothing. ``version`` in the body is the same as the ``expected_version`` argument. A
+missing shadow has version 0, so ``expected_version=0`` means "only if it does not exist yet".
+
+Delta: the keys of ``desired`` whose value differs from ``reported`` (missing counts as
+different); objects recurse, arrays and scalars compare whole; ``true`` is not ``1``, ``1`` is
+``1.0``.
+
+Limits (:class:`Limits`, defaults as AWS): the compact UTF-8 JSON of
+``{"desired":..., "reported":...}`` after the write is at most 8 KiB (:class:`ShadowTooLarge`),
+a section nests at most 6 levels, the section object being level 1 and each nested object or
+array one more (:class:`ShadowTooDeep`), keys are at most 128 UTF-8 bytes
+(:class:`KeyTooLong`); anything else malformed is :class:`InvalidUpdate`. Each error has an AWS
+style ``code`` (400, 409, 413) and ``document()`` for the ``/rejected`` reply.
+
+Every accepted write, even one that changes nothing, gets ``version + 1`` and
+``vv[writer] + 1``.
+
+Version vectors and the conflict rule
+-------------------------------------
+A write may carry ``context``: the ``vv`` it read. If the context dominates the stored vv
+(componentwise ``>=``) the writer saw everything, and the write is applied as a plain merge.
+Otherwise it is *concurrent*. Each stored leaf remembers its dot ``(writer, counter)``. A leaf
+the context does not cover (``context[writer] < counter``) was written by a concurrent write;
+a leaf the write touches that no concurrent write touched merges normally. When the incoming
+write and a concurrent write hit the same leaf:
+
+* value against value: the greater ``(ts_ms, writer id, canonical JSON of the value)`` wins,
+  i.e. the later ``ts_ms``, a tie goes to the greater writer id (plain string order);
+* a delete against a value: the value wins (add-wins). Deleted leaves leave no tombstone, so
+  this is the only rule that gives the same result in either arrival order.
+
+For concurrent writes to the same leaves or to disjoint leaves the result is the same
+whichever arrives first. If one concurrent write replaces an object with a scalar while the
+other writes inside that object, each arrival order still gives a well-defined result, but
+the two orders can give different results.
+The result reports ``concurrent`` and the JSON pointers (RFC 6901, e.g. ``/desired/color``) of
+``conflicting_fields`` and of ``overruled_fields`` (those where the incoming write lost).
+A write without a context makes no causal claim and is applied in arrival order, as on AWS.
+The stored vv becomes ``max(stored, context)`` componentwise, then ``vv[writer] += 1``.
+
+Out-of-order reports
+--------------------
+A write may carry ``seq`` (a per-device increasing counter or a millisecond timestamp). It
+applies to ``reported`` only: a field whose stored leaf (or any leaf the write would replace)
+has a higher ``seq`` is not overwritten or deleted. Its pointer goes to ``suppressed_fields``,
+and the other fields of the same report still apply. A leaf keeps the highest ``seq`` ever
+applied to it. Deleting a field drops its ``seq`` as well.
+
+Accepted reply, delta notification, resync
+------------------------------------------
+An accepted write returns :class:`UpdateResult` with the new shadow at version ``V``, the
+``accepted`` payload (what was applied, with its metadata, stamped ``V``) and, when ``desired``
+changed and the delta is not empty, a ``delta`` payload: the *whole* current delta with its
+``desired`` metadata, also stamped ``V``. A device that missed notifications asks for changes
+since the last ``V`` it saw (:func:`select_changes`). Each write appends a
+:class:`ChangeRecord`: version, writer, ts, the applied update as a merge patch that turns
+version ``V-1`` into ``V``, and the delta after the write.
+
+Deletion leaves a tombstone (``Shadow.deleted``) that keeps ``version`` and ``vv``, so a
+re-created shadow continues the numbering and a stale ``expected_version`` still conflicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeAlias
+
+JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
+JSONObject: TypeAlias = dict[str, JSON]
+Path: TypeAlias = tuple[str, ...]
+Section: TypeAlias = Literal["desired", "reported"]
+VersionVector: TypeAlias = dict[str, int]
+
+SECTIONS: Final[tuple[Section, Section]] = ("desired", "reported")
+_UPDATE_KEYS: Final = frozenset({"state", "version", "clientToken"})
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ShadowError(Exception):
+    """A write that was refused; ``code`` is the AWS-style error code of the rejected reply."""
+
+    code: ClassVar[int] = 400
+
+    def document(self) -> JSONObject:
+        """The body of a ``/rejected`` reply: ``{"code": 400, "message": "..."}``."""
+        return {"code": self.code, "message": str(self)}
+
+
+class InvalidUpdate(ShadowError):
+    """The update document is malformed (REST 400)."""
+
+
+class ShadowTooDeep(InvalidUpdate):
+    """A section nests deeper than ``Limits.max_depth``."""
+
+
+class KeyTooLong(InvalidUpdate):
+    """A key is longer than ``Limits.max_key_bytes`` UTF-8 bytes."""
+
+
+class ShadowTooLarge(ShadowError):
+    """The state would exceed ``Limits.max_state_bytes`` (REST 413)."""
+
+    code = 413
+
+
+class VersionConflict(ShadowError):
+    """The expected version is not the stored one (REST 412 on If-Match, MQTT 409).
+
+    ``current`` is the stored shadow (None when there is none) so the caller can retry or
+    reply with it; ``current_version`` is its version (a deleted shadow keeps its number).
+    """
+
+    code = 409
+
+    def __init__(self, message: str, current: Shadow | None, current_version: int) -> None:
+        super().__init__(message)
+        self.current = current
+        self.current_version = current_version
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_state_bytes: int = 8 * 1024
+    max_depth: int = 6
+    max_key_bytes: int = 128
+    max_id_bytes: int = 128  # device and writer ids
+    history: int = 100  # change records kept per device
+
+
+DEFAULT_LIMITS: Final = Limits()
+
+
+# --------------------------------------------------------------------------- documents
+
+
+class LeafMeta(NamedTuple):
+    """What the shadow remembers about one leaf (a scalar or an array)."""
+
+    ts_ms: int
+    writer: str
+    counter: int  # vv[writer] after the write that set this leaf: its dot
+    seq: int | None = None  # highest device seq applied (reported only)
+
+
+@dataclass(frozen=True, slots=True)
+class Shadow:
+    """One device's shadow. Treat it as immutable: the model always builds a new one."""
+
+    desired: JSONObject = field(default_factory=dict)
+    reported: JSONObject = field(default_factory=dict)
+    desired_meta: dict[Path, LeafMeta] = field(default_factory=dict)
+    reported_meta: dict[Path, LeafMeta] = field(default_factory=dict)
+    version: int = 0
+    vv: VersionVector = field(default_factory=dict)
+    ts_ms: int = 0  # time of the last write
+    deleted: bool = False  # a tombstone: only version and vv are meaningful
+
+    @property
+    def delta(self) -> JSONObject:
+        return compute_delta(self.desired, self.reported)
+
+    def section(self, name: Section) -> JSONObject:
+        return self.desired if name == "desired" else self.reported
+
+    def meta(self, name: Section) -> dict[Path, LeafMeta]:
+        return self.desired_meta if name == "desired" else self.reported_meta
+
+    def document(self) -> JSONObject:
+        """The AWS-shaped GET document (empty sections omitted)."""
+        state: JSONObject = {}
+        metadata: JSONObject = {}
+        for name in SECTIONS:
+            if self.section(name):
+                state[name] = copy_json(self.section(name))
+                metadata[name] = nest_metadata(self.meta(name), self.meta(name))
+        delta = self.delta
+        if delta:
+            state["delta"] = delta
+        vv: JSONObject = dict(self.vv)
+        return {
+            "state": state,
+            "metadata": metadata,
+            "version": self.version,
+            "vv": vv,
+            "timestamp": self.ts_ms // 1000,
+        }
+
+    def to_json(self) -> str:
+        """The storage form (compact JSON, ASCII so any byte store takes it)."""
+        return json.dumps(
+            {
+                "desired": self.desired,
+                "reported": self.reported,
+                "meta": {
+                    "desired": [[p, m] for p, m in self.desired_meta.items()],
+                    "reported": [[p, m] for p, m in self.reported_meta.items()],
+                },
+                "version": self.version,
+                "vv": self.vv,
+                "ts_ms": self.ts_ms,
+                "deleted": self.deleted,
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> Shadow:
+        d = json.loads(raw)
+        meta = d["meta"]
+        return cls(
+            desired=d["desired"],
+            reported=d["reported"],
+            desired_meta={tuple(p): LeafMeta(*m) for p, m in meta["desired"]},
+            reported_meta={tuple(p): LeafMeta(*m) for p, m in meta["reported"]},
+            version=d["version"],
+            vv=d["vv"],
+            ts_ms=d["ts_ms"],
+            deleted=d["deleted"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRecord:
+    """One accepted write, kept in the per-device history for resync."""
+
+    version: int
+    writer: str
+    ts_ms: int
+    state: JSONObject  # the applied merge patch: {"desired": {...}|None, "reported": ...}
+    delta: JSONObject  # the delta after the write
+
+    def document(self) -> JSONObject:
+        return {
+            "version": self.version,
+            "writer": self.writer,
+            "timestamp": self.ts_ms // 1000,
+            "ts_ms": self.ts_ms,
+            "state": copy_json(self.state),
+            "delta": copy_json(self.delta),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(
+            [self.version, self.writer, self.ts_ms, self.state, self.delta],
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> ChangeRecord:
+        version, writer, ts_ms, state, delta = json.loads(raw)
+        return cls(version, writer, ts_ms, state, delta)
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeLog:
+    """Answer to ``changes_since(device, since)``.
+
+    ``changes`` are the records with ``version > since``, oldest first. ``complete`` is False
+    when the history no longer reaches back to ``since`` (or ``since`` is ahead of the shadow):
+    the caller must then send the full document instead.
+    """
+
+    version: int  # current version of the shadow
+    changes: tuple[ChangeRecord, ...]
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateResult:
+    """The outcome of an accepted update or replace.
+
+    ``accepted`` is the ``/update/accepted`` payload and ``delta`` the ``/update/delta``
+    payload (None when there is nothing to notify); both carry ``version`` = the new version.
+    """
+
+    shadow: Shadow
+    change: ChangeRecord
+    accepted: JSONObject
+    delta: JSONObject | None
+    concurrent: bool = False
+    conflicting_fields: tuple[str, ...] = ()
+    overruled_fields: tuple[str, ...] = ()
+    suppressed_fields: tuple[str, ...] = ()
+    cas_retries: int = 0
+
+    @property
+    def version(self) -> int:
+        return self.shadow.version
+
+
+# --------------------------------------------------------------------------- JSON helpers
+
+
+def copy_json(value: JSON) -> Any:
+    """A deep copy of a JSON value (much cheaper than copy.deepcopy)."""
+    if isinstance(value, dict):
+        return {k: copy_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [copy_json(v) for v in value]
+    return value
+
+
+def json_equal(a: JSON, b: JSON) -> bool:
+    """JSON equality: ``true`` is not ``1`` (unlike Python), ``1`` equals ``1.0``."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(v, b[k]) for k, v in a.items())
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _canonical(value: JSON) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def pointer(section: str, path: Path) -> str:
+    """RFC 6901 JSON pointer of a field: ``/desired/a~1b`` for key ``a/b``."""
+    parts = [section, *path]
+    return "".join("/" + p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def leaf_paths(value: JSON, prefix: Path = ()) -> Iterator[Path]:
+    """Paths of the leaves (non-objects) of a state tree."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from leaf_paths(v, (*prefix, k))
+    else:
+        yield prefix
+
+
+def nest_metadata(meta: Mapping[Path, LeafMeta], paths: Iterable[Path]) -> JSONObject:
+    """AWS metadata for ``paths``: ``{"a": {"b": {"timestamp": s}}}``."""
+    out: JSONObject = {}
+    for path in paths:
+        m = meta.get(path)
+        if m is None or not path:
+            continue
+        node = out
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            assert isinstance(child, dict)
+            node = child
+        node[path[-1]] = {"timestamp": m.ts_ms // 1000}
+    return out
+
+
+def compute_delta(desired: JSONObject, reported: JSONObject) -> JSONObject:
+    """Desired keys whose value differs from reported; objects recurse, the rest compare whole."""
+    out: JSONObject = {}
+    for key, want in desired.items():
+        if key not in reported:
+            out[key] = copy_json(want)
+            continue
+        have = reported[key]
+        if isinstance(want, dict) and isinstance(have, dict):
+            sub = compute_delta(want, have)
+            if sub:
+                out[key] = sub
+        elif not json_equal(want, have):
+            out[key] = copy_json(want)
+    return out
+
+
+def diff_patch(old: JSONObject, new: JSONObject) -> JSONObject:
+    """The merge patch that turns ``old`` into ``new`` (both pruned state trees)."""
+    out: JSONObject = {k: None for k in old if k not in new}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            sub = diff_patch(before, value)
+            if sub:
+                out[key] = sub
+        elif key not in old or not json_equal(before, value):
+            out[key] = copy_json(value)
+    return out
+
+
+def state_size(desired: JSONObject, reported: JSONObject) -> int:
+    """Bytes of the compact UTF-8 JSON of both sections: what the size limit measures."""
+    text = json.dumps(
+        {"desired": desired, "reported": reported}, separators=(",", ":"), ensure_ascii=False
+    )
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+# --------------------------------------------------------------------------- version vectors
+
+
+def dominates(a: Mapping[str, int], b: Mapping[str, int]) -> bool:
+    """``a >= b`` componentwise (missing entries count as 0)."""
+    return all(a.get(k, 0) >= n for k, n in b.items())
+
+
+def merge_vv(a: Mapping[str, int], b: Mapping[str, int]) -> VersionVector:
+    """Componentwise max; zero entries are dropped so equal vectors compare equal."""
+    out = {k: n for k, n in a.items() if n > 0}
+    for k, n in b.items():
+        if n > out.get(k, 0):
+            out[k] = n
+    return out
+
+
+def bump(vv: Mapping[str, int], writer: str) -> VersionVector:
+    out = dict(vv)
+    out[writer] = out.get(writer, 0) + 1
+    return out
+
+
+def covers(context: Mapping[str, int], meta: LeafMeta) -> bool:
+    """Whether the write that set this leaf is known to (happened before) ``context``."""
+    return context.get(meta.writer, 0) >= meta.counter
+
+
+def wins(incoming: tuple[int, str, JSON], stored: tuple[int, str, JSON]) -> bool:
+    """The conflict rule for one leaf written concurrently with a value on both sides:
+    the later ``ts_ms`` wins, then the greater writer id, then the greater canonical JSON."""
+    (ts_a, w_a, v_a), (ts_b, w_b, v_b) = incoming, stored
+    return (ts_a, w_a, _canonical(v_a)) > (ts_b, w_b, _canonical(v_b))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _utf8_len(text: str, where: str) -> int:
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidUpdate(f"{where}: not valid UTF-8") from None
+
+
+def check_id(value: object, what: str, limits: Limits = DEFAULT_LIMITS) -> str:
+    """A device or writer id: a non-empty string of at most ``max_id_bytes``."""
+    if not isinstance(value, str) or not value:
+        raise InvalidUpdate(f"{what} must be a non-empty string")
+    if _utf8_len(value, what) > limits.max_id_bytes:
+        raise InvalidUpdate(f"{what} is longer than {limits.max_id_bytes} bytes")
+    return value
+
+
+def _check_int(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidUpdate(f"{what} must be a non-negative integer")
+    return value
+
+
+def check_vv(
+    value: object, what: str = "context", limits: Limits = DEFAULT_LIMITS
+) -> VersionVector:
+    if not isinstance(value, Mapping):
+        raise InvalidUpdate(f"{what} must be an object of writer -> counter")
+    return {
+        check_id(k, f"{what} key", limits): _check_int(n, f"{what}[{k!r}]")
+        for k, n in value.items()
+    }
+
+
+def _check_tree(value: object, where: str, depth: int, limits: Limits, nulls: bool) -> None:
+    """Validates types, key lengths and depth; ``nulls`` allows null members (deletes)."""
+    if isinstance(value, dict):
+        if depth > limits.max_depth:
+            raise ShadowTooDeep(f"{where}: nested deeper than {limits.max_depth} levels")
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidUpdate(f"{where}: keys must be strings")
+            if _utf8_len(key, where) > limits.max_key_bytes:
+                raise KeyTooLong(
+                    f"{where}: key {key[:16]!r}... is longer than {limits.max_key_bytes} bytes"
+                )
+            _check_tree(item, f"{where}/{key}", depth + 1, limits, nulls)
+    elif isinstance(value, list):
+        if depth > limits.max_depth:
+            raise ShadowTooDeep(f"{where}: nested deeper than {limits.max_depth} levels")
+        for i, item in enumerate(value):
+            _check_tree(item, f"{where}/{i}", depth + 1, limits, nulls=True)  # null is a value
+    elif value is None:
+        if not nulls:
+            raise InvalidUpdate(f"{where}: null is not allowed here")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidUpdate(f"{where}: numbers must be finite")
+    elif not isinstance(value, str | int):  # bool is an int
+        raise InvalidUpdate(f"{where}: {type(value).__name__} is not a JSON value")
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedUpdate:
+    """A validated update: per present section, a merge patch or None (clear the section)."""
+
+    sections: dict[Section, JSONObject | None]
+    version: int | None
+
+
+def parse_update(
+    doc: object, limits: Limits = DEFAULT_LIMITS, *, nulls: bool = True
+) -> ParsedUpdate:
+    """Validates an update (or, with ``nulls=False``, a replace) document."""
+    if not isinstance(doc, Mapping):
+        raise InvalidUpdate("the update must be a JSON object")
+    unknown = set(doc) - _UPDATE_KEYS
+    if unknown:
+        raise InvalidUpdate(
+            f"unknown top-level keys {sorted(map(str, unknown))}; allowed: {sorted(_UPDATE_KEYS)}"
+        )
+    version = doc.get("version")
+    if version is not None:
+        version = _check_int(version, "version")
+    token = doc.get("clientToken")
+    if token is not None and not isinstance(token, str):
+        raise InvalidUpdate("clientToken must be a string")
+    if "state" not in doc:
+        raise InvalidUpdate('the update has no "state"')
+    state = doc["state"]
+    if state is None:
+        return ParsedUpdate({"desired": None, "reported": None}, version)
+    if not isinstance(state, Mapping):
+        raise InvalidUpdate('"state" must be an object or null')
+    sections: dict[Section, JSONObject | None] = {}
+    for key, value in state.items():
+        if key not in SECTIONS:
+            raise InvalidUpdate(f'unknown key "state.{key}"; allowed: desired, reported')
+        if value is not None:
+            if not isinstance(value, dict):
+                raise InvalidUpdate(f'"state.{key}" must be an object or null')
+            _check_tree(value, f"/state/{key}", 1, limits, nulls)
+        sections[key] = value
+    return ParsedUpdate(sections, version)
+
+
+def check_version(current: Shadow | None, expected: int | None) -> None:
+    """Raises VersionConflict unless ``expected`` is None or the stored version."""
+    if expected is None:
+        return
+    have = current.version if current is not None else 0
+    if expected != have:
+        live = current if current is not None and not current.deleted else None
+        raise VersionConflict(
+            f"version conflict: expected {expected}, current is {have}", live, have
+        )
+
+
+def _expected(argument: int | None, body: int | None) -> int | None:
+    if argument is not None and body is not None and argument != body:
+        raise InvalidUpdate(f"version {body} in the body contradicts expected version {argument}")
+    return argument if argument is not None else body
+
+
+# --------------------------------------------------------------------------- tree edits
+
+
+class _Deleted:
+    """Marks a delete in the list of applied operations."""
+
+
+_DELETE: Final = _Deleted()
+_Op: TypeAlias = tuple[Path, "JSON | _Deleted"]
+
+
+def _patch_ops(patch: JSONObject, prefix: Path = ()) -> Iterator[_Op]:
+    """Flattens a merge patch into leaf operations; empty objects yield nothing."""
+    for key, value in patch.items():
+        path = (*prefix, key)
+        if value is None:
+            yield path, _DELETE
+        elif isinstance(value, dict):
+            yield from _patch_ops(value, path)
+        else:
+            yield path, value
+
+
+def _affected(state: JSONObject, path: Path, *, writing: bool) -> list[Path]:
+    """Stored leaves that writing (or deleting) ``path`` replaces: the leaf at ``path``, the
+    leaves under it and, when writing, a leaf on the way that turns into an object."""
+    node: JSON = state
+    for i, key in enumerate(path):
+        if not isinstance(node, dict):
+            return [path[:i]] if writing else []
+        if key not in node:
+            return []
+        node = node[key]
+    return list(leaf_paths(node, path))
+
+
+def _value_at(state: JSONObject, path: Path) -> JSON:
+    node: JSON = state
+    for key in path:
+        assert isinstance(node, dict)
+        node = node[key]
+    return node
+
+
+def _set(state: JSONObject, path: Path, value: JSON) -> None:
+    node = state
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = node[key] = {}
+        node = child
+    node[path[-1]] = copy_json(value)
+
+
+def _remove(state: JSONObject, path: Path) -> None:
+    """Removes a leaf and prunes the objects it leaves empty."""
+    parents: list[tuple[JSONObject, str]] = []
+    node = state
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            return
+        parents.append((node, key))
+        node = child
+    node.pop(path[-1], None)
+    for parent, key in reversed(parents):
+        if node:
+            break
+        del parent[key]
+        node = parent
+
+
+def _nest(ops: list[_Op]) -> JSONObject | None:
+    """The merge patch made of applied operations (None: the whole section was cleared)."""
+    out: JSONObject = {}
+    for path, value in ops:
+        if not path:
+            return None
+        node = out
+        for key in path[:-1]:
+            child = node.setdefault(key, {})
+            assert isinstance(child, dict)
+            node = child
+        node[path[-1]] = None if isinstance(value, _Deleted) else copy_json(value)
+    return out
+
+
+# --------------------------------------------------------------------------- writes
+
+
+@dataclass(slots=True)
+class _Write:
+    """The mutable working state of one write."""
+
+    writer: str
+    counter: int
+    ts_ms: int
+    context: VersionVector | None  # set only when the write is concurrent
+    seq: int | None
+    conflicting: list[str] = field(default_factory=list)
+    overruled: list[str] = field(default_factory=list)
+    suppressed: list[str] = field(default_factory=list)
+
+    def apply(
+        self, section: Section, state: JSONObject, meta: dict[Path, LeafMeta], ops: list[_Op]
+    ) -> list[_Op]:
+        applied: list[_Op] = []
+        for path, value in ops:
+            if isinstance(value, _Deleted):
+                applied.extend(self._delete(section, state, meta, path))
+            elif self._set(section, state, meta, path, value):
+                applied.append((path, value))
+        return applied
+
+    def _stale(self, section: Section, m: LeafMeta) -> bool:
+        return (
+            section == "reported"
+            and self.seq is not None
+            and m.seq is not None
+            and m.seq > self.seq
+        )
+
+    def _set(
+        self,
+        section: Section,
+        state: JSONObject,
+        meta: dict[Path, LeafMeta],
+        path: Path,
+        value: JSON,
+    ) -> bool:
+        affected = _affected(state, path, writing=True)
+        where = pointer(section, path)
+        if any(self._stale(section, meta[q]) for q in affected):
+            self.suppressed.append(where)
+            return False
+        if self.context is not None:
+            rivals = [q for q in affected if not covers(self.context, meta[q])]
+            if rivals:
+                self.conflicting.append(where)
+                mine = (self.ts_ms, self.writer, value)
+                if not all(
+                    wins(mine, (meta[q].ts_ms, meta[q].writer, _value_at(state, q))) for q in rivals
+                ):
+                    self.overruled.append(where)
+                    return False
+        # the new leaf keeps the highest seq applied to what it replaces
+        seqs = [meta.pop(q).seq for q in affected]
+        if section == "reported":
+            seqs.append(self.seq)
+        seq = max((s for s in seqs if s is not None), default=None)
+        _set(state, path, value)
+        meta[path] = LeafMeta(self.ts_ms, self.writer, self.counter, seq)
+        return True
+
+    def _delete(
+        self, section: Section, state: JSONObject, meta: dict[Path, LeafMeta], path: Path
+    ) -> list[_Op]:
+        affected = _affected(state, path, writing=False)
+        removed: list[_Op] = []
+        for q in affected:
+            m = meta[q]
+            if self._stale(section, m):
+                self.suppressed.append(pointer(section, q))
+            elif self.context is not None and not covers(self.context, m):
+                # add-wins: a concurrently written value survives a delete
+                self.conflicting.append(pointer(section, q))
+                self.overruled.append(pointer(section, q))
+            else:
+                _remove(state, q)
+                del meta[q]
+                removed.append((q, _DELETE))
+        if len(removed) == len(affected) and (affected or not path):
+            return [(path, _DELETE)]  # all gone (or a whole section cleared): one null
+        return removed
+
+
+def _base(current: Shadow | None) -> Shadow:
+    """What a write starts from: the stored shadow, or an empty one continuing a tombstone."""
+    if current is None:
+        return Shadow()
+    if current.deleted:
+        return Shadow(version=current.version, vv=dict(current.vv))
+    return current
+
+
+def _result(
+    base: Shadow,
+    new: Shadow,
+    applied: dict[Section, JSONObject | None],
+    w: _Write,
+    change_state: JSONObject,
+    concurrent: bool,
+    client_token: object,
+) -> UpdateResult:
+    """Builds the accepted and delta payloads and the change record of a write."""
+    delta = new.delta
+    change = ChangeRecord(new.version, w.writer, w.ts_ms, change_state, delta)
+    accepted_state: JSONObject = {}
+    accepted_meta: JSONObject = {}
+    for name, patch in applied.items():
+        accepted_state[name] = copy_json(patch)  # the change record holds the original
+        if patch:
+            set_paths = [p for p in leaf_paths(patch) if _has_value(patch, p)]
+            accepted_meta[name] = nest_metadata(new.meta(name), set_paths)
+    accepted: JSONObject = {
+        "state": accepted_state,
+        "metadata": accepted_meta,
+        "version": new.version,
+        "timestamp": w.ts_ms // 1000,
+    }
+    delta_doc: JSONObject | None = None
+    if delta and not json_equal(base.desired, new.desired):
+        delta_doc = {
+            "state": delta,
+            "metadata": nest_metadata(new.desired_meta, leaf_paths(delta)),
+            "version": new.version,
+            "timestamp": w.ts_ms // 1000,
+        }
+    if isinstance(client_token, str):
+        accepted["clientToken"] = client_token
+        if delta_doc is not None:
+            delta_doc["clientToken"] = client_token
+    return UpdateResult(
+        shadow=new,
+        change=change,
+        accepted=accepted,
+        delta=delta_doc,
+        concurrent=concurrent,
+        conflicting_fields=tuple(w.conflicting),
+        overruled_fields=tuple(w.overruled),
+        suppressed_fields=tuple(w.suppressed),
+    )
+
+
+def _has_value(patch: JSONObject, path: Path) -> bool:
+    return _value_at(patch, path) is not None
+
+
+def apply_update(
+    current: Shadow | None,
+    update: object,
+    *,
+    writer: str,
+    ts_ms: int,
+    expected_version: int | None = None,
+    context: Mapping[str, int] | None = None,
+    seq: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> UpdateResult:
+    """Merges an update document into ``current`` (None: no shadow yet).
+
+    Raises InvalidUpdate (and its subclasses), ShadowTooLarge or VersionConflict; never
+    touches ``current``.
+    """
+    check_id(writer, "writer", limits)
+    parsed = parse_update(update, limits)
+    expected = _expected(expected_version, parsed.version)
+    ctx = check_vv(context, "context", limits) if context is not None else None
+    if seq is not None:
+        seq = _check_int(seq, "seq")
+    check_version(current, expected)
+    base = _base(current)
+
+    concurrent = ctx is not None and not dominates(ctx, base.vv)
+    vv = bump(merge_vv(base.vv, ctx or {}), writer)
+    w = _Write(writer, vv[writer], ts_ms, ctx if concurrent else None, seq)
+
+    states = {"desired": copy_json(base.desired), "reported": copy_json(base.reported)}
+    metas = {"desired": dict(base.desired_meta), "reported": dict(base.reported_meta)}
+    applied: dict[Section, JSONObject | None] = {}
+    for name, patch in parsed.sections.items():
+        # clearing a section deletes each leaf, so the per-leaf rules still apply
+        ops: list[_Op] = [((), _DELETE)] if patch is None else list(_patch_ops(patch))
+        applied[name] = _nest(w.apply(name, states[name], metas[name], ops))
+
+    size = state_size(states["desired"], states["reported"])
+    if size > limits.max_state_bytes:
+        raise ShadowTooLarge(
+            f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
+        )
+    new = Shadow(
+        desired=states["desired"],
+        reported=states["reported"],
+        desired_meta=metas["desired"],
+        reported_meta=metas["reported"],
+        version=base.version + 1,
+        vv=vv,
+        ts_ms=ts_ms,
+    )
+    change_state: JSONObject = {name: patch for name, patch in applied.items()}
+    token = update.get("clientToken") if isinstance(update, Mapping) else None
+    return _result(base, new, applied, w, change_state, concurrent, token)
+
+
+def apply_replace(
+    current: Shadow | None,
+    doc: object,
+    *,
+    writer: str,
+    ts_ms: int,
+    expected_version: int | None = None,
+    limits: Limits = DEFAULT_LIMITS,
+) -> UpdateResult:
+    """PUT semantics: ``desired`` and ``reported`` become exactly what ``doc`` holds (a section
+    that is absent or null becomes empty). Nulls inside sections are refused. Every leaf gets
+    fresh metadata; the change record holds the merge patch from the old state to the new."""
+    check_id(writer, "writer", limits)
+    parsed = parse_update(doc, limits, nulls=False)
+    expected = _expected(expected_version, parsed.version)
+    check_version(current, expected)
+    base = _base(current)
+    vv = bump(base.vv, writer)
+    states: dict[Section, JSONObject] = {}
+    metas: dict[Section, dict[Path, LeafMeta]] = {}
+    for name in SECTIONS:
+        states[name] = copy_json(parsed.sections.get(name) or {})
+        _prune(states[name])
+        m = LeafMeta(ts_ms, writer, vv[writer])
+        metas[name] = {p: m for p in leaf_paths(states[name]) if p}
+    size = state_size(states["desired"], states["reported"])
+    if size > limits.max_state_bytes:
+        raise ShadowTooLarge(
+            f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
+        )
+    new = Shadow(
+        desired=states["desired"],
+        reported=states["reported"],
+        desired_meta=metas["desired"],
+        reported_meta=metas["reported"],
+        version=base.version + 1,
+        vv=vv,
+        ts_ms=ts_ms,
+    )
+    w = _Write(writer, vv[writer], ts_ms, None, None)
+    applied: dict[Section, JSONObject | None] = {n: states[n] for n in SECTIONS}
+    change_state: JSONObject = {n: diff_patch(base.section(n), states[n]) for n in SECTIONS}
+    token = doc.get("clientToken") if isinstance(doc, Mapping) else None
+    return _result(base, new, applied, w, change_state, False, token)
+
+
+def _prune(state: JSONObject) -> bool:
+    """Drops empty objects (in place); returns whether ``state`` itself is now empty."""
+    for key in [k for k, v in state.items() if isinstance(v, dict) and _prune(v)]:
+        del state[key]
+    return not state
+
+
+def apply_delete(
+    current: Shadow | None, *, expected_version: int | None = None, ts_ms: int
+) -> Shadow | None:
+    """The tombstone that replaces ``current`` (version + 1, vv kept), or None when there is
+    no shadow to delete. Raises VersionConflict on a stale ``expected_version``."""
+    if current is None or current.deleted:
+        return None
+    check_version(current, expected_version)
+    return Shadow(version=current.version + 1, vv=dict(current.vv), ts_ms=ts_ms, deleted=True)
+
+
+def select_changes(current_version: int, records: Iterable[ChangeRecord], since: int) -> ChangeLog:
+    """The records newer than ``since``; incomplete when the history starts after it."""
+    newer = tuple(r for r in records if r.version > since)
+    if since > current_version:
+        return ChangeLog(current_version, (), complete=False)
+    complete = since == current_version or (bool(newer) and newer[0].version == since + 1)
+    return ChangeLog(current_version, newer if complete else (), complete)
