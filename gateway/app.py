@@ -22,8 +22,12 @@ from gateway.mqtt import persistence
 from gateway.mqtt.acl import Acl
 from gateway.mqtt.broker import Broker, BrokerLimits
 from gateway.mqtt.connection import MqttConnection
+from gateway.mqtt.session import Message
+from gateway.shadows import ShadowService
 from gateway.telemetry.filesink import FileSink
 from gateway.telemetry.pipeline import TelemetryPipeline
+from gateway.telemetry.records import SHADOW, Record
+from shadow import ShadowStore, SqliteShadowStore
 
 log = logging.getLogger("iotgw")
 
@@ -46,6 +50,12 @@ class Gateway:
             limits=BrokerLimits(max_packet_size=config.max_packet_size),
             telemetry=self.telemetry,
         )
+        self.node_id = config.node_id or socket.gethostname()
+        self.shadows = ShadowService(
+            self._open_shadow_store(), self._publish, node_id=self.node_id,
+            on_change=self._shadow_changed,
+        )
+        self.broker.shadows = self.shadows
         self.http: HttpServer | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
@@ -94,6 +104,24 @@ class Gateway:
         await self.http.start()
         log.info("HTTP listening on %s:%s", self.config.bind, self.http.port)
 
+    def _open_shadow_store(self) -> ShadowStore:
+        if self.config.redis:
+            from shadow.redis import RedisShadowStore
+
+            return RedisShadowStore(self.config.redis)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        return SqliteShadowStore(self.data_dir / "shadows.sqlite")
+
+    def _publish(self, topic: str, payload: bytes) -> None:
+        """Route a message the gateway itself publishes (shadow replies, deltas)."""
+        self.broker.publish(Message(topic, payload, 1, False, origin="$gateway"))
+        self.broker.flush()
+
+    def _shadow_changed(self, device: str, accepted: bytes) -> None:
+        record = Record(device, SHADOW, "shadow", f"$shadow/{device}", accepted)
+        record.content_type = "application/json"
+        self.telemetry.submit(record)
+
     def _tls_context(self) -> ssl.SSLContext:
         """Server certificate; with --tls-client-ca, client certificates are verified when a
         device presents one (its common name is then the device id) and optional otherwise, so
@@ -137,6 +165,7 @@ class Gateway:
         self.broker.flush()
         for server in self._servers:
             await server.wait_closed()
+        await self.shadows.close()
         await self.telemetry.close()
         await self.save_state()
         if self._sweeper is not None:

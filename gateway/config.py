@@ -43,7 +43,9 @@ class Config:
         "device", "device: a device reaches only its own topics; open: a general broker"
     )
     max_packet_size: int = _opt(1 << 20, "largest MQTT packet accepted, bytes")
-    redis: str | None = _opt(None, "redis://host:port for shared shadows")
+    redis: str | None = _opt(None, "redis://host:port for shared shadows (default: SQLite)")
+    node_id: str | None = _opt(None, "this gateway's writer id in shadow version vectors "
+                               "(default: host name)")
     kafka: str | None = _opt(None, "host:port[,host:port] of Kafka")
     api_token: str | None = _opt(None, "bootstrap admin API token")
     log_level: str = _opt("info", "debug, info, warning or error")

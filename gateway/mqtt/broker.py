@@ -21,6 +21,7 @@ from gateway.telemetry.pipeline import TelemetryPipeline
 
 if TYPE_CHECKING:
     from gateway.mqtt.connection import MqttConnection
+    from gateway.shadows import ShadowService
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Broker:
         self.allow_anonymous = allow_anonymous
         self.limits = limits or BrokerLimits()
         self.telemetry = telemetry
+        self.shadows: ShadowService | None = None  # set by the app once the store is open
         self.sessions: dict[str, Session] = {}
         self.online: dict[str, MqttConnection] = {}
         self.connecting: set[MqttConnection] = set()  # accepted, no CONNECT yet

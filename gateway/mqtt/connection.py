@@ -27,6 +27,7 @@ from gateway.mqtt.session import (
     SubOptions,
     monotonic,
 )
+from gateway.shadows import parse_request_topic
 from gateway.telemetry.records import Record, classify_topic
 
 log = logging.getLogger("iotgw.mqtt")
@@ -424,12 +425,16 @@ class MqttConnection(asyncio.BufferedProtocol):
             and len(session.incoming_qos2) + len(self._acks) >= self.broker.limits.receive_maximum
         ):
             raise ProtocolViolation(mqtt.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
-        if not self.broker.acl.can_publish(session.identity, topic):
+        if not self.broker.acl.can_publish(session.identity, topic) or (
+            topic.startswith("$shadow/") and not self._shadow_request(topic, p, qos, packet_id)
+        ):
             self.broker.metrics.acl_denials.labels("publish").inc()
             reason = mqtt.NOT_AUTHORIZED if self.version == 5 else 0
             if qos:
                 self._ack(mqtt.PUBACK if qos == 1 else mqtt.PUBREC, packet_id, reason)
             return
+        if topic.startswith("$shadow/"):
+            return  # a shadow request, handed to the shadow service
         message = Message(
             topic,
             p.payload,
@@ -463,6 +468,30 @@ class MqttConnection(asyncio.BufferedProtocol):
         else:
             pipeline.submit(record)
         pipeline.over_high_water(self)
+
+    def _shadow_request(self, topic: str, p: Any, qos: int, packet_id: int) -> bool:
+        """Hand `$shadow/{id}/update|get|delete` to the shadow service; its QoS 1/2
+        acknowledgement waits until the store has it. False for the other `$shadow/` topics:
+        the replies are the gateway's to publish."""
+        shadows = self.broker.shadows
+        request = parse_request_topic(topic)
+        if shadows is None or request is None:
+            return False
+        entry: list[int] | None = None
+        if qos:
+            assert self.session is not None
+            ack_type = mqtt.PUBACK if qos == 1 else mqtt.PUBREC
+            if qos == 2:
+                self.session.incoming_qos2.add(packet_id)
+            entry = [ack_type, packet_id, mqtt.SUCCESS, 0]
+            self._acks.append(entry)
+
+        def done() -> None:
+            if entry is not None and self.transport is not None:
+                self.records_durable([entry])
+
+        shadows.submit_mqtt(request[0], request[1], bytes(p.payload), done)
+        return True
 
     def _ack(self, packet_type: int, packet_id: int, reason: int) -> None:
         if self._acks:
