@@ -127,7 +127,7 @@ def test_qos1_shadow_request_is_acknowledged_once_stored_and_recorded(
     gw = gateway_factory()
     dev = Device(gw, "dev-7", version=4)
     dev.request("update", {"state": {"reported": {"on": True}}})
-    while (packet := dev.raw.recv()).type != mqtt.PUBACK:
+    while dev.raw.recv().type != mqtt.PUBACK:
         pass
     stored = _service_call(gw, gw.gateway.shadows.store.get("dev-7"))
     assert stored is not None and stored.version == 1  # stored before the PUBACK left
