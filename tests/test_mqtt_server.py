@@ -601,3 +601,30 @@ def test_device_authenticates_with_a_tls_client_certificate(
     # A self-signed certificate claiming dev-7 fails the handshake.
     rogue = _tls_connect(port, "dev-7", c["ca.pem"], c["rogue.pem"], c["rogue.key"])
     assert rogue is None or isinstance(rogue, OSError) or rogue.is_failure
+
+
+def test_server_assigns_topic_aliases_within_the_clients_maximum(open_gateway: Any) -> None:
+    sub = RawClient(open_gateway.mqtt_port, version=5)
+    ack = sub.connect("sub", properties=mqtt.Properties(topic_alias_maximum=2))
+    assert ack.reason_code == 0
+    sub.send(mqtt.Subscribe(1, [mqtt.Subscription("al/#", 0)]).encode(5))
+    assert sub.recv().type == mqtt.SUBACK
+    pub = RawClient(open_gateway.mqtt_port, version=5)
+    pub.connect("pub")
+    topics = ["al/one", "al/one", "al/two", "al/one", "al/three", "al/three", "al/two"]
+    for i, t in enumerate(topics):
+        pub.send(mqtt.encode_publish(t, b"%d" % i, version=5))
+    known: dict[int, str] = {}
+    got, sent = [], []
+    for _ in topics:
+        p = sub.recv()
+        alias = p.properties.topic_alias if p.properties else None
+        assert alias is not None and 1 <= alias <= 2
+        if p.topic:
+            known[alias] = p.topic  # a new or re-mapped alias comes with its topic
+        got.append(known[alias])
+        sent.append(p.topic)
+    assert got == topics
+    # Repeats carry the alias alone; al/three and the last al/two re-map the least recently
+    # used alias.
+    assert sent == ["al/one", "", "al/two", "", "al/three", "", "al/two"]

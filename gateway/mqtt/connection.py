@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, ClassVar, cast
 
 from gateway._native import mqtt
@@ -80,6 +80,10 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.will_delay = 0
         self.client_max_packet = 0  # 0: no limit announced
         self.aliases_in: dict[int, str] = {}
+        # Topic aliases we assign to outgoing topics, up to the client's Topic Alias Maximum,
+        # least recently used first to be re-mapped when they run out (5.0 3.3.2.3.4).
+        self.alias_max_out = 0
+        self.aliases_out: OrderedDict[str, int] = OrderedDict()
         self.peer = ""
         self.cert_identity: str | None = None  # device id from a verified TLS client certificate
         self._closing = False
@@ -281,6 +285,7 @@ class MqttConnection(asyncio.BufferedProtocol):
             if props.receive_maximum:
                 session.send_quota = props.receive_maximum
             self.client_max_packet = props.maximum_packet_size or 0
+            self.alias_max_out = props.topic_alias_maximum or 0
         self.session = session
         self.keep_alive = c.keep_alive
         server_keep_alive = None
@@ -370,12 +375,15 @@ class MqttConnection(asyncio.BufferedProtocol):
     def _write_publish(self, delivery: Delivery, packet_id: int) -> None:
         message = delivery.message
         props = None
+        topic = message.topic
         if self.version == 5:
             props = _outgoing_properties(message, delivery.subscription_ids)
+            if self.alias_max_out:
+                topic, props = self._alias(topic, props)
         start = len(self.out)
         mqtt.encode_publish_into(
             self.out,
-            message.topic,
+            topic,
             message.payload,
             qos=delivery.qos,
             retain=delivery.retain,
@@ -395,6 +403,25 @@ class MqttConnection(asyncio.BufferedProtocol):
             return
         self.broker.metrics.packets_out.labels("publish").inc()
         self.broker.mark_dirty(self)
+
+    def _alias(self, topic: str, props: Any) -> tuple[str, Any]:
+        """(topic to send, properties) with a topic alias: the topic itself goes only with
+        the first use of an alias, later messages carry the alias and an empty topic."""
+        if props is None:
+            props = mqtt.Properties()
+        aliases = self.aliases_out
+        alias = aliases.get(topic)
+        if alias is not None:
+            aliases.move_to_end(topic)
+            props.topic_alias = alias
+            return "", props
+        if len(aliases) < self.alias_max_out:
+            alias = len(aliases) + 1
+        else:
+            _, alias = aliases.popitem(last=False)
+        aliases[topic] = alias
+        props.topic_alias = alias
+        return topic, props
 
     # -- PUBLISH from the client
 
