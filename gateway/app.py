@@ -43,11 +43,14 @@ class Gateway:
         self.registry = DeviceRegistry(self.data_dir)
         self.telemetry = TelemetryPipeline(FileSink(self.data_dir / "telemetry"))
         self.broker = Broker(
-            acl=Acl(config.acl),
+            acl=Acl.from_config(config.acl, config.acl_file),
             metrics=self.metrics.mqtt,
             registry=self.registry,
             allow_anonymous=config.allow_anonymous,
-            limits=BrokerLimits(max_packet_size=config.max_packet_size),
+            limits=BrokerLimits(
+                max_packet_size=config.max_packet_size,
+                max_queued_messages=config.max_queued_messages,
+            ),
             telemetry=self.telemetry,
         )
         self.node_id = config.node_id or socket.gethostname()

@@ -110,7 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _devices(args, cfg)
         if args.command == "telemetry":
             return _telemetry_tail(args, cfg)
-    except ValueError as exc:  # ConfigError, RegistryError
+        from gateway.mqtt.acl import Acl
+
+        Acl.from_config(cfg.acl, cfg.acl_file)  # a bad ACL file is a usage error, said plainly
+    except ValueError as exc:  # ConfigError, RegistryError, AclError
         print(f"iotgw: {exc}", file=sys.stderr)
         return 2
     from gateway import app

@@ -43,6 +43,12 @@ class Config:
         "device", "device: a device reaches only its own topics; open: a general broker"
     )
     max_packet_size: int = _opt(1 << 20, "largest MQTT packet accepted, bytes")
+    max_queued_messages: int = _opt(
+        1000, "QoS 1/2 messages queued per offline or slow session before dropping"
+    )
+    acl_file: str | None = _opt(
+        None, "TOML file with deny rules and service accounts (see README, ACL)"
+    )
     redis: str | None = _opt(None, "redis://host:port for shared shadows (default: SQLite)")
     node_id: str | None = _opt(None, "this gateway's writer id in shadow version vectors "
                                "(default: host name)")

@@ -628,3 +628,60 @@ def test_server_assigns_topic_aliases_within_the_clients_maximum(open_gateway: A
     # Repeats carry the alias alone; al/three and the last al/two re-map the least recently
     # used alias.
     assert sent == ["al/one", "", "al/two", "", "al/three", "", "al/two"]
+
+
+def test_service_account_gets_its_acl_file_patterns_and_deny_rules_win(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    acl = tmp_path / "acl.toml"
+    acl.write_text(
+        'deny_publish = ["devices/+/commands/factory-reset"]\n'
+        "[[service]]\n"
+        'name = "billing"\n'
+        'publish = ["devices/+/commands/#"]\n'
+        'subscribe = ["devices/+/telemetry/#"]\n'
+    )
+    gw = gateway_factory(acl_file=str(acl))
+    gw.gateway.registry.add("billing", "pw")
+    app = RawClient(gw.mqtt_port, version=5)
+    assert app.connect("billing-1", username="billing", password=b"pw").reason_code == 0
+    app.send(mqtt.Subscribe(1, [
+        mqtt.Subscription("devices/+/telemetry/#", 0),
+        mqtt.Subscription("devices/d1/telemetry/temp", 0),
+        mqtt.Subscription("devices/#", 0),
+    ]).encode(5))
+    assert list(app.recv().reason_codes) == [0, 0, mqtt.NOT_AUTHORIZED]
+    for topic, reason in [
+        ("devices/d1/commands/reboot", mqtt.NO_MATCHING_SUBSCRIBERS),
+        ("devices/d1/commands/factory-reset", mqtt.NOT_AUTHORIZED),
+        ("devices/d1/telemetry", mqtt.NOT_AUTHORIZED),
+    ]:
+        app.send(mqtt.encode_publish(topic, b"{}", qos=1, packet_id=2, version=5))
+        ack = app.recv()
+        assert (ack.type, ack.reason_code) == (mqtt.PUBACK, reason), topic
+
+
+def test_slow_consumer_is_disconnected_with_quota_exceeded(gateway_factory: Any) -> None:
+    gw = gateway_factory(allow_anonymous=True, acl="open", max_queued_messages=5)
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills fast, never read
+    slow.connect(("127.0.0.1", gw.mqtt_port))
+    slow.sendall(mqtt.Connect("slow", protocol_level=5).encode())
+    slow.sendall(mqtt.Subscribe(1, [mqtt.Subscription("flood", 1)]).encode(5))
+    time.sleep(0.2)
+    pub = RawClient(gw.mqtt_port, version=5)
+    pub.connect("pub")
+    payload = b"x" * 65536
+    for i in range(400):  # 26 MB: more than the socket and the write buffer hold
+        pub.send(mqtt.encode_publish("flood", payload, qos=1, packet_id=i % 65535 + 1,
+                                     version=5))
+        if i % 50 == 49 and "slow" not in gw.call(lambda: set(gw.gateway.broker.online)):
+            break
+    deadline = time.monotonic() + 5
+    while "slow" in gw.call(lambda: set(gw.gateway.broker.online)):
+        assert time.monotonic() < deadline, "the slow consumer was never disconnected"
+        time.sleep(0.05)
+    metrics = gw.gateway.metrics.render().decode()
+    assert 'iotgw_mqtt_protocol_errors_total{reason_code="0x97"} 1.0' in metrics
+    slow.close()
+    pub.close()

@@ -247,10 +247,12 @@ class Broker:
             return
         delivery.message.own()  # it may be resent later: it must own its bytes
         self.changes += 1
-        if conn is not None and not session.queue and session.can_send_now():
+        if conn is not None and not session.queue and session.can_send_now() and not conn.paused:
             conn.send_publish(delivery)
         elif not session.enqueue(delivery):
             self.metrics.dropped.labels("queue_full").inc()
+            if conn is not None:  # a slow consumer: it cannot keep up, so it goes
+                conn.close_with(mqtt.QUOTA_EXCEEDED, "slow consumer: message queue full")
 
     def retained_for(self, topic_filter: str) -> list[Message]:
         """Retained messages a new subscription receives; expired ones are deleted here."""

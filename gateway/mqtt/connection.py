@@ -87,7 +87,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.peer = ""
         self.cert_identity: str | None = None  # device id from a verified TLS client certificate
         self._closing = False
-        self._paused = False
+        self.paused = False  # the transport's write buffer is over its high-water mark
         # Acknowledgements leave in the order the PUBLISHes came (3.1.1 4.6, 5.0 4.6); one that
         # waits for its telemetry record to be durable holds back the ones behind it.
         # Entries: [packet type, packet id, reason code, ready].
@@ -140,10 +140,10 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.transport = None
 
     def pause_writing(self) -> None:
-        self._paused = True
+        self.paused = True
 
     def resume_writing(self) -> None:
-        self._paused = False
+        self.paused = False
         if self.session is not None:
             self._drain_queue()
             self.broker.flush()
@@ -160,7 +160,10 @@ class MqttConnection(asyncio.BufferedProtocol):
             self.broker.metrics.bytes_out.inc(len(data))
             self.transport.write(data)
         if self._closing and self.transport is not None:
-            self.transport.close()
+            if self.paused:  # it is not reading: a graceful close would wait on it for ever
+                self.transport.abort()
+            else:
+                self.transport.close()
 
     def close_with(self, reason_code: int, why: str) -> None:
         """End the connection for a reason: MQTT 5 gets a DISCONNECT carrying it (the will is
@@ -237,7 +240,11 @@ class MqttConnection(asyncio.BufferedProtocol):
         identity = client_id
         if self.cert_identity is not None:
             identity = self.cert_identity
-            if broker.acl.mode == "device" and client_id != identity:
+            if (
+                broker.acl.mode == "device"
+                and client_id != identity
+                and not broker.acl.is_service(identity)
+            ):
                 self._refuse(
                     mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch"
                 )
@@ -247,7 +254,11 @@ class MqttConnection(asyncio.BufferedProtocol):
                 self._refuse(mqtt.BAD_USER_NAME_OR_PASSWORD, V4_BAD_CREDENTIALS, "bad_credentials")
                 return
             identity = c.username
-            if broker.acl.mode == "device" and client_id != identity:
+            if (
+                broker.acl.mode == "device"
+                and client_id != identity
+                and not broker.acl.is_service(identity)
+            ):
                 self._refuse(
                     mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch"
                 )
@@ -349,7 +360,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         session = self.session
         assert session is not None
         now = monotonic()
-        while session.queue and session.can_send_now() and not self._paused:
+        while session.queue and session.can_send_now() and not self.paused:
             delivery = session.queue.popleft()
             if delivery.message.expired(now):
                 self.broker.metrics.dropped.labels("expired").inc()
@@ -361,7 +372,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         session = self.session
         assert session is not None
         if delivery.qos == 0:
-            if self._paused:  # slow consumer: shed QoS 0, never buffer without bound
+            if self.paused:  # slow consumer: shed QoS 0, never buffer without bound
                 self.broker.metrics.dropped.labels("slow_consumer_qos0").inc()
                 return
             self._write_publish(delivery, 0)
