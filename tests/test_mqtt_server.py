@@ -685,3 +685,20 @@ def test_slow_consumer_is_disconnected_with_quota_exceeded(gateway_factory: Any)
     assert 'iotgw_mqtt_protocol_errors_total{reason_code="0x97"} 1.0' in metrics
     slow.close()
     pub.close()
+
+
+def test_internal_subscribers_see_routed_messages_until_they_unsubscribe(
+    open_gateway: Any,
+) -> None:
+    seen: list[tuple[str, bytes]] = []
+    broker = open_gateway.gateway.broker
+    stop = open_gateway.call(
+        broker.subscribe_internal, "devices/+/commands/#",
+        lambda m: seen.append((m.topic, bytes(m.payload))),
+    )
+    pub = PahoClient(open_gateway.mqtt_port, "app", paho.MQTTv5)
+    pub.publish("devices/d1/commands/reboot", b"now", 1)
+    open_gateway.call(stop)
+    pub.publish("devices/d1/commands/reboot", b"again", 1)
+    pub.close()
+    assert seen == [("devices/d1/commands/reboot", b"now")]

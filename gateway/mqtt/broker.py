@@ -8,6 +8,8 @@ and written once, by `flush()` at the end of that read.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -33,6 +35,9 @@ class BrokerLimits:
     max_write_buffer: int = 1 << 20  # bytes buffered for a slow subscriber before shedding QoS 0
     connect_timeout: float = 10.0  # seconds from TCP accept to CONNECT
     max_keep_alive: int = 65535
+
+
+InternalSubscriber = Callable[[Message], None]
 
 
 @dataclass(slots=True)
@@ -87,6 +92,9 @@ class Broker:
         self.subscriptions: SubscriptionTrie[str, SubOptions] = SubscriptionTrie()
         # Shared subscriptions: the trie maps the inner filter to the group's name.
         self.shared: SubscriptionTrie[str, SharedGroup] = SubscriptionTrie()
+        # Subscribers inside the gateway (CoAP observers, REST waiting for a command reply).
+        self.internal: SubscriptionTrie[int, InternalSubscriber] = SubscriptionTrie()
+        self._internal_ids = itertools.count(1)
         self.retained: TopicTree[Message] = TopicTree()
         self.pending_wills: dict[str, _PendingWill] = {}
         self._dirty: set[MqttConnection] = set()
@@ -173,6 +181,20 @@ class Broker:
             self.shared.remove(inner, group_name)
         return True
 
+    def subscribe_internal(
+        self, topic_filter: str, callback: InternalSubscriber
+    ) -> Callable[[], None]:
+        """Call `callback(message)` for every message routed to a matching topic, until the
+        returned function is called. The message's payload may be a view of the read buffer:
+        a callback that keeps it must copy it (`bytes(message.payload)`)."""
+        key = next(self._internal_ids)
+        self.internal.add(topic_filter, key, callback)
+
+        def unsubscribe() -> None:
+            self.internal.remove(topic_filter, key)
+
+        return unsubscribe
+
     # ---- routing -----------------------------------------------------------------------------
 
     def publish(self, message: Message) -> int:
@@ -180,6 +202,10 @@ class Broker:
         if message.retain:
             self._retain(message)
         reached = self._publish_shared(message) if len(self.shared) else 0
+        if len(self.internal):
+            for _, callback in self.internal.match(message.topic):
+                callback(message)
+                reached += 1
         matches = self.subscriptions.match(message.topic)
         if not matches:
             return reached
