@@ -113,7 +113,7 @@ class Acl:
         return identity in self.services
 
     def can_publish(self, identity: str, topic: str) -> bool:
-        if self._deny_publish.match(topic):
+        if len(self._deny_publish) and self._deny_publish.match(topic):
             return False
         if self.mode == "open":
             return True
@@ -124,7 +124,7 @@ class Acl:
         return len(levels) == 3 and levels[1] == identity and levels[0] in ("devices", "$shadow")
 
     def can_subscribe(self, identity: str, topic_filter: str) -> bool:
-        if any(_overlaps(p, topic_filter) for p in self._deny_subscribe):
+        if self._deny_subscribe and any(_overlaps(p, topic_filter) for p in self._deny_subscribe):
             return False
         if self.mode == "open":
             return True

@@ -38,24 +38,6 @@ V4_REFUSED_IDENTIFIER = 2
 V4_BAD_CREDENTIALS = 4
 V4_NOT_AUTHORIZED = 5
 
-_PACKET_NAMES = {
-    mqtt.CONNECT: "connect",
-    mqtt.CONNACK: "connack",
-    mqtt.PUBLISH: "publish",
-    mqtt.PUBACK: "puback",
-    mqtt.PUBREC: "pubrec",
-    mqtt.PUBREL: "pubrel",
-    mqtt.PUBCOMP: "pubcomp",
-    mqtt.SUBSCRIBE: "subscribe",
-    mqtt.SUBACK: "suback",
-    mqtt.UNSUBSCRIBE: "unsubscribe",
-    mqtt.UNSUBACK: "unsuback",
-    mqtt.PINGREQ: "pingreq",
-    mqtt.PINGRESP: "pingresp",
-    mqtt.DISCONNECT: "disconnect",
-    mqtt.AUTH: "auth",
-}
-
 
 class ProtocolViolation(Exception):
     """A well-formed packet that breaks the protocol in this state: close with this reason."""
@@ -111,7 +93,7 @@ class MqttConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_received = monotonic()
-        self.broker.metrics.bytes_in.inc(nbytes)
+        self.broker.metrics.bytes_in += nbytes
         try:
             packets = self.framer.buffer_updated(nbytes)
         except mqtt.MqttError as exc:
@@ -157,7 +139,7 @@ class MqttConnection(asyncio.BufferedProtocol):
     def flush(self) -> None:
         if self.out and self.transport is not None and not self.transport.is_closing():
             data, self.out = self.out, bytearray()
-            self.broker.metrics.bytes_out.inc(len(data))
+            self.broker.metrics.bytes_out += len(data)
             self.transport.write(data)
         if self._closing and self.transport is not None:
             if self.paused:  # it is not reading: a graceful close would wait on it for ever
@@ -188,11 +170,11 @@ class MqttConnection(asyncio.BufferedProtocol):
     # ---- packets -----------------------------------------------------------------------------
 
     def _handle_batch(self, packets: list[Any]) -> None:
-        counter = self.broker.metrics.packets_in
+        counts = self.broker.metrics.packets_in
         for packet in packets:
             if self._closing:
                 return
-            counter.labels(_PACKET_NAMES[packet.type]).inc()
+            counts[packet.type] += 1
             try:
                 if self.session is None:
                     if packet.type != mqtt.CONNECT:
@@ -201,7 +183,7 @@ class MqttConnection(asyncio.BufferedProtocol):
                     continue
                 handler = self._HANDLERS.get(packet.type)
                 if handler is None:
-                    name = _PACKET_NAMES[packet.type].upper()
+                    name = mqtt.PACKET_NAMES[packet.type]
                     raise ProtocolViolation(mqtt.PROTOCOL_ERROR, f"{name} from a client")
                 handler(self, packet)
             except ProtocolViolation as exc:
@@ -412,7 +394,7 @@ class MqttConnection(asyncio.BufferedProtocol):
                 self.session.outgoing.pop(packet_id, None)
                 self.broker.metrics.inflight.dec()
             return
-        self.broker.metrics.packets_out.labels("publish").inc()
+        self.broker.metrics.packets_out[mqtt.PUBLISH] += 1
         self.broker.mark_dirty(self)
 
     def _alias(self, topic: str, props: Any) -> tuple[str, Any]:
@@ -463,25 +445,29 @@ class MqttConnection(asyncio.BufferedProtocol):
             and len(session.incoming_qos2) + len(self._acks) >= self.broker.limits.receive_maximum
         ):
             raise ProtocolViolation(mqtt.RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded")
+        shadow = topic.startswith("$shadow/")
         if not self.broker.acl.can_publish(session.identity, topic) or (
-            topic.startswith("$shadow/") and not self._shadow_request(topic, p, qos, packet_id)
+            shadow and not self._shadow_request(topic, p, qos, packet_id)
         ):
             self.broker.metrics.acl_denials.labels("publish").inc()
             reason = mqtt.NOT_AUTHORIZED if self.version == 5 else 0
             if qos:
                 self._ack(mqtt.PUBACK if qos == 1 else mqtt.PUBREC, packet_id, reason)
             return
-        if topic.startswith("$shadow/"):
+        if shadow:
             return  # a shadow request, handed to the shadow service
-        message = Message(
-            topic,
-            p.payload,
-            qos,
-            p.retain,
-            _application_properties(props),
-            _expiry(props),
-            session.client_id,
-        )
+        if props is None:
+            message = Message(topic, p.payload, qos, p.retain, None, None, session.client_id)
+        else:
+            message = Message(
+                topic,
+                p.payload,
+                qos,
+                p.retain,
+                _application_properties(props),
+                _expiry(props),
+                session.client_id,
+            )
         reached = self.broker.publish(message)
         reason = mqtt.SUCCESS if reached or self.version == 4 else mqtt.NO_MATCHING_SUBSCRIBERS
         ack_type = mqtt.PUBACK if qos == 1 else mqtt.PUBREC
@@ -532,10 +518,11 @@ class MqttConnection(asyncio.BufferedProtocol):
         return True
 
     def _ack(self, packet_type: int, packet_id: int, reason: int) -> None:
-        if self._acks:
+        if self._acks:  # behind one that waits for durability: keep the order
             self._acks.append([packet_type, packet_id, reason, 1])
         else:
-            self._send(mqtt.encode_ack(packet_type, packet_id, reason, self.version))
+            mqtt.encode_ack_into(self.out, packet_type, packet_id, reason, self.version)
+            self.broker.mark_dirty(self)
 
     def records_durable(self, tokens: list[Any]) -> None:
         """The pipeline made these records durable: release their acknowledgements, in order."""
