@@ -295,19 +295,36 @@ def test_a_large_frame_is_assembled_in_its_own_buffer_across_many_reads() -> Non
 
 
 def test_decoded_publish_points_into_the_read_buffer_until_detached() -> None:
-    frame = mqtt.encode_publish("a/b", b"payload", qos=0)
+    payload = bytes(range(256)) * 4  # over 512 bytes: a view, not a copy
+    frame = mqtt.encode_publish("a/b", payload, qos=0)
     arena = mqtt.ReadArena()
     framer = mqtt.Framer(arena, version=4)
     view = framer.get_buffer(-1)
     view[: len(frame)] = frame
     (p,) = framer.buffer_updated(len(frame))
-    assert isinstance(p.payload, memoryview)
-    assert p.payload_size == 7
+    assert isinstance(p.payload, memoryview) and p.payload.readonly
+    assert p.payload_size == 1024
     kept = p.detach()
-    assert kept.payload == b"payload" and isinstance(kept.payload, bytes)
+    assert kept.payload == payload and isinstance(kept.payload, bytes)
     view = framer.get_buffer(-1)
     view[: len(frame)] = b"\xff" * len(frame)  # the next read overwrites the arena
-    assert kept.payload == b"payload" and kept.topic == "a/b"
+    assert kept.payload == payload and kept.topic == "a/b"
+
+
+def test_small_payload_is_copied_because_that_is_cheaper_than_a_view() -> None:
+    (p,) = mqtt.Framer(version=4).feed(mqtt.encode_publish("a", b"x" * 512))
+    assert isinstance(p.payload, bytes)
+    (q,) = mqtt.Framer(version=4).feed(mqtt.encode_publish("a", b"x" * 513))
+    assert isinstance(q.payload, memoryview)
+
+
+def test_buffer_updated_must_follow_get_buffer_and_stay_within_it() -> None:
+    framer = mqtt.Framer(mqtt.ReadArena(16384), version=4)
+    with pytest.raises(ValueError):
+        framer.buffer_updated(1)
+    view = framer.get_buffer(-1)
+    with pytest.raises(ValueError):
+        framer.buffer_updated(len(view) + 1)
 
 
 def test_one_read_of_many_frames_is_decoded_in_one_call() -> None:
