@@ -118,15 +118,14 @@ class ShadowService:
         self._accepted(device, "update", result)
         return result
 
-    async def delete(self, device: str, *, expected_version: int | None = None) -> bool:
-        deleted = await self.store.delete(device, expected_version=expected_version)
-        if deleted:
-            current = await self.store.get(device)
-            version = current.version if current is not None else 0
+    async def delete(self, device: str, *, expected_version: int | None = None) -> int | None:
+        """The version of the delete, or None when there was no shadow."""
+        version = await self.store.delete(device, expected_version=expected_version)
+        if version is not None:
             body = {"version": version, "timestamp": int(time.time())}
             self.publish(f"$shadow/{device}/delete/accepted", _json(body))
             self._notify(device, version)
-        return deleted
+        return version
 
     def _accepted(self, device: str, operation: str, result: UpdateResult) -> None:
         accepted = _json(result.accepted)
@@ -178,7 +177,7 @@ class ShadowService:
                 await self._mqtt_get(device, body, token)
             else:
                 version = body.get("version") if isinstance(body, dict) else None
-                if not await self.delete(device, expected_version=version):
+                if await self.delete(device, expected_version=version) is None:
                     self._reject(device, operation, 404, "no shadow", token)
         except json.JSONDecodeError as exc:
             self._reject(device, operation, 400, f"the payload is not JSON: {exc}", token)

@@ -15,7 +15,8 @@
   round trips as the store allows; each entry succeeds or fails on its own, in order.
 * ``replace(device, doc, *, writer, expected_version=None, ts_ms=None) -> UpdateResult``: PUT,
   ``desired`` and ``reported`` become exactly the sections of ``doc``.
-* ``delete(device, *, expected_version=None) -> bool``: False when there was nothing to delete.
+* ``delete(device, *, expected_version=None) -> int | None``: the version of the delete (the
+  tombstone's; a re-created shadow continues after it), None when there was nothing to delete.
 * ``changes_since(device, version) -> ChangeLog | None``: the change records after
   ``version``; ``complete=False`` means "send the whole document"; None when there is no shadow.
 * ``list_devices(after=None, limit=100) -> list[str]``: device ids with a shadow, in code point
@@ -132,7 +133,9 @@ class ShadowStore(Protocol):
         ts_ms: int | None = None,
     ) -> UpdateResult: ...
 
-    async def delete(self, device: str, *, expected_version: int | None = None) -> bool: ...
+    async def delete(
+        self, device: str, *, expected_version: int | None = None
+    ) -> int | None: ...
 
     async def changes_since(self, device: str, version: int) -> ChangeLog | None: ...
 
@@ -260,7 +263,8 @@ class BaseShadowStore(ABC):
             raise outcome
         return outcome
 
-    async def delete(self, device: str, *, expected_version: int | None = None) -> bool:
+    async def delete(self, device: str, *, expected_version: int | None = None) -> int | None:
+        """The version the delete was given (the tombstone's), or None: nothing to delete."""
         ts = now_ms()
 
         def mutate(current: Shadow | None) -> Write | None:
@@ -272,9 +276,10 @@ class BaseShadowStore(ABC):
         if isinstance(outcome, ShadowError):
             self.stats.record(outcome)
             raise outcome
-        if outcome is not None:
-            self.stats.writes += 1
-        return outcome is not None
+        if outcome is None:
+            return None
+        self.stats.writes += 1
+        return outcome.shadow.version
 
     async def _results(
         self, items: Sequence[tuple[str, Mutation]]

@@ -135,3 +135,16 @@ def test_qos1_shadow_request_is_acknowledged_once_stored_and_recorded(
     records = [r for r in read_records(gw.gateway.data_dir / "telemetry") if r.kind == "shadow"]
     assert [r.device for r in records] == ["dev-7"]
     assert json.loads(records[0].payload)["state"] == {"reported": {"on": True}}
+
+
+def test_delete_is_accepted_with_the_version_of_the_delete(gateway_factory: Any) -> None:
+    gw = gateway_factory()
+    dev = Device(gw, "dev-8")
+    dev.request("update", {"state": {"reported": {"a": 1}}})
+    assert dev.next_message("update/accepted")["version"] == 1
+    dev.request("delete", {})
+    assert dev.next_message("delete/accepted")["version"] == 2
+    dev.request("delete", {})
+    assert dev.next_message("delete/rejected")["code"] == 404
+    dev.request("update", {"state": {"reported": {"a": 2}}})
+    assert dev.next_message("update/accepted")["version"] == 3  # continues after the delete
