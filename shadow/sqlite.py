@@ -161,9 +161,11 @@ class SqliteShadowStore(BaseShadowStore):
                 shadow = self._read(conn, device)
                 if shadow is None or shadow.deleted:
                     return None
+                # Nothing is newer than the shadow: bounding `version` by its version also keeps
+                # any integer a client sends inside SQLite's 64-bit range.
                 rows = conn.execute(
                     "SELECT record FROM changes WHERE device = ? AND version > ? ORDER BY version",
-                    (device, version),
+                    (device, min(version, shadow.version)),
                 ).fetchall()
             finally:
                 conn.execute("COMMIT")

@@ -329,6 +329,8 @@ def test_changes_since_returns_newer_records_or_asks_for_the_full_document(
         assert too_old is not None and not too_old.complete and too_old.changes == ()
         now = await store.changes_since("d", 8)
         assert now is not None and now.complete and now.changes == ()
+        ahead = await store.changes_since("d", 2**70)  # beyond any integer SQLite stores
+        assert ahead is not None and not ahead.complete and ahead.changes == ()
         assert await store.changes_since("nobody", 0) is None
 
     backend.run(body, limits=Limits(history=5))
