@@ -692,21 +692,35 @@ class CoapDevice(Device):
         return self.request("GET", f"/shadow/{self.id}", name="shadow get")
 
     def observe_commands(self) -> bool:
-        """GET /commands/{id} with Observe: each notification is passed to on_command."""
+        """GET /commands/{id} with Observe: each notification (iotgw's form: `{"name": ...,
+        "payload": <the command's JSON>}`, or "text"/"base64" for other payloads) is passed to
+        on_command, and the answer goes back as POST /commands/{id}/{name}, as on MQTT."""
 
         def notified(msg: Any) -> None:
             raw = bytes(msg.payload)
             if not raw:
                 return
             try:
-                data: Any = json.loads(raw)
+                note: Any = json.loads(raw)
             except ValueError:
-                data = raw
-            name = data.get("name", "command") if isinstance(data, dict) else "command"
+                note = raw
+            if not isinstance(note, dict) or "name" not in note:
+                return  # the first answer to the GET: no command yet
+            name = str(note["name"])
+            data = note.get("payload", note.get("text", note.get("base64")))
             try:
-                self.on_command(str(name), data)
+                extra = self.on_command(name, data)
+                reply: dict[str, Any] = {"status": "ok"}
             except Exception as exc:
                 self.stats.error(TASK_TYPE, "on_command", f"{type(exc).__name__}: {exc}")
+                extra, reply = None, {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+            if isinstance(data, dict) and "cid" in data:
+                reply["cid"] = data["cid"]
+            if extra:
+                reply.update(extra)
+            body = json.dumps(reply, separators=(",", ":")).encode()
+            self.request("POST", f"/commands/{self.id}/{name}", body,
+                         content_format=coap.JSON, name="command response")
 
         return self.request("GET", f"/commands/{self.id}", name="observe commands",
                             observe=notified)

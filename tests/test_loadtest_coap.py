@@ -184,6 +184,7 @@ def test_coap_devices_observe_commands_and_report_the_new_state(tmp_path: Path) 
     counting = CountingResource()
     site = aiocoap.resource.Site()
     site.add_resource(["commands", "valve-1"], commands)
+    site.add_resource(["commands", "valve-1", "set"], counting)  # the device's answers
     site.add_resource(["shadow", "valve-1"], counting)
     server = CoapServer(site, counting)
     scenario = tmp_path / "valve.py"
@@ -200,8 +201,8 @@ def test_coap_devices_observe_commands_and_report_the_new_state(tmp_path: Path) 
         assert proc.stdout is not None
         proc.stdout.readline()
         proc.stdout.readline()  # one second in: the observation is registered
-        for state in (True, False):
-            body = json.dumps({"name": "set", "args": {"open": state}}).encode()
+        for state in (True, False):  # the gateway's notification form (gateway/coap/)
+            body = json.dumps({"name": "set", "payload": {"args": {"open": state}}}).encode()
             server.loop.call_soon_threadsafe(commands.push, body)
             time.sleep(0.3)
         stdout, stderr = proc.communicate(timeout=30)
@@ -215,3 +216,4 @@ def test_coap_devices_observe_commands_and_report_the_new_state(tmp_path: Path) 
     assert count(stats, "GET", "observe commands") == 1
     assert count(stats, "NOTIFY", "observe commands") == 2
     assert count(stats, "PATCH", "shadow update") == 2 == counting.total("PATCH", "/")  # under Site
+    assert count(stats, "POST", "command response") == 2 == counting.total("POST", "/")
