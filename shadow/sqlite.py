@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal, TypeVar
@@ -91,14 +92,23 @@ class SqliteShadowStore(BaseShadowStore):
     def _open(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves
         conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None)
+        deadline = time.monotonic() + self._busy_timeout_s
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.executescript(_SCHEMA)
+            while True:
+                # Switching a new file to WAL while another process opens it too can fail with
+                # "database is locked" at once, without SQLite's busy handler: retry it here.
+                try:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute(f"PRAGMA synchronous={self._synchronous}")
+                    conn.executescript(_SCHEMA)
+                    return conn
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
         except BaseException:
             conn.close()
             raise
-        return conn
 
     @staticmethod
     def _read(conn: sqlite3.Connection, device: str) -> Shadow | None:
