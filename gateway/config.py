@@ -53,6 +53,19 @@ class Config:
     node_id: str | None = _opt(None, "this gateway's writer id in shadow version vectors "
                                "(default: host name)")
     kafka: str | None = _opt(None, "host:port[,host:port] of Kafka")
+    # -- telemetry to Kafka (issue 5) --
+    kafka_topics: str | None = _opt(
+        None, "Kafka topic per record kind, over the defaults iot.telemetry, iot.events, "
+        "iot.shadow, iot.commands: kind=topic[,kind=topic]"
+    )
+    kafka_compression: Literal["none", "gzip", "lz4", "zstd", "snappy"] = _opt(
+        "none", "Kafka compression (lz4, zstd, snappy need the cramjam package)"
+    )
+    kafka_ack_timeout_ms: int = _opt(
+        3000, "how long a batch waits for Kafka's acks before it goes to the disk spool"
+    )
+    spool_max_bytes: int = _opt(1 << 30, "disk spool bound per lane; when full: backpressure")
+    # -- end telemetry to Kafka --
     api_token: str | None = _opt(None, "bootstrap admin API token")
     log_level: str = _opt("info", "debug, info, warning or error")
 

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
+command -v wrk >/dev/null || apt_missing+=(wrk)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;
@@ -25,4 +26,6 @@ fi
 
 echo "== ruff";   .venv/bin/ruff check .
 echo "== mypy";   .venv/bin/mypy
-echo "== pytest"; .venv/bin/pytest "$@"
+# Kafka broker jars for the tests (tests/kafka/pom.xml, from Maven Central), once per pom version:
+cmp -s tests/kafka/pom.xml .cache/kafka/pom.xml || { rm -rf .cache/kafka/new && mvn -q -f tests/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory="$PWD/.cache/kafka/new" && rm -rf .cache/kafka/libs && mv .cache/kafka/new .cache/kafka/libs && cp tests/kafka/pom.xml .cache/kafka/pom.xml; }
+echo "== pytest"; .venv/bin/pytest tests bench --benchmark-disable "$@"

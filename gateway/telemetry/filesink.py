@@ -4,6 +4,7 @@ fsynced in groups (one fsync per pipeline batch), with a CRC per record.
 Segment file: `{first-sequence:020d}.seg`, records framed as
 `[u32 length][u32 crc32 of the envelope][envelope]`, big-endian. A torn record at the end of the
 newest segment (a crash mid-write) is detected by its length or CRC and ignored by readers.
+The framing (`frame`, `scan_frames`) is shared with the Kafka disk spool (spool.py).
 """
 
 from __future__ import annotations
@@ -47,16 +48,8 @@ class FileSink:
     def _write(self, records: list[Record]) -> None:
         if self._fd < 0 or self._size >= self.segment_bytes:
             self._rotate()
-        parts = []
-        for record in records:
-            envelope = record.envelope()
-            parts.append(HEADER.pack(len(envelope), zlib.crc32(envelope)))
-            parts.append(envelope)
-        data = b"".join(parts)
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        data = frame([record.envelope() for record in records])
+        write_all(self._fd, data)
         os.fdatasync(self._fd)
         self._size += len(data)
         self._count += len(records)
@@ -102,17 +95,41 @@ def _next_ordinal(directory: Path) -> int:
     return int(segments[-1].stem) + sum(1 for _ in _segment_envelopes(segments[-1]))
 
 
-def _segment_envelopes(path: Path) -> Iterator[bytes]:
-    data = path.read_bytes()
-    offset = 0
-    while offset + HEADER.size <= len(data):
+def frame(bodies: list[bytes]) -> bytes:
+    """`[u32 length][u32 crc32][body]` for each body, concatenated."""
+    parts = []
+    for body in bodies:
+        parts.append(HEADER.pack(len(body), zlib.crc32(body)))
+        parts.append(body)
+    return b"".join(parts)
+
+
+def scan_frames(data: bytes | memoryview, offset: int = 0) -> Iterator[tuple[bytes, int]]:
+    """(body, offset just after it) for each intact frame from `offset`; stops at the first torn
+    or corrupt one: nothing after it in this segment is trusted."""
+    end = len(data)
+    while offset + HEADER.size <= end:
         length, crc = HEADER.unpack_from(data, offset)
         start = offset + HEADER.size
-        envelope = data[start : start + length]
-        if len(envelope) < length or zlib.crc32(envelope) != crc:
-            return  # torn or corrupt: nothing after it in this segment is trusted
-        yield envelope
+        if start + length > end:
+            return
+        body = bytes(data[start : start + length])
+        if zlib.crc32(body) != crc:
+            return
         offset = start + length
+        yield body, offset
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _segment_envelopes(path: Path) -> Iterator[bytes]:
+    for envelope, _ in scan_frames(path.read_bytes()):
+        yield envelope
 
 
 def read_records(directory: str | os.PathLike[str]) -> Iterator[Record]:

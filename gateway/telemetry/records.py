@@ -12,6 +12,8 @@ import msgpack
 TELEMETRY = "telemetry"
 EVENTS = "events"
 SHADOW = "shadow"
+COMMANDS = "commands"  # command deliveries and responses (audit trail)
+KINDS = (TELEMETRY, EVENTS, SHADOW, COMMANDS)
 
 
 def classify_topic(topic: str) -> tuple[str, str] | None:
