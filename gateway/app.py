@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import resource
 import signal
@@ -14,10 +15,11 @@ from pathlib import Path
 
 from gateway._native import mqtt
 from gateway.auth import DeviceRegistry
+from gateway.coap import CoapEndpoint, CoapMetrics
 from gateway.config import Config
-from gateway.http.api import build_api
+from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, ShadowMetrics
 from gateway.mqtt import persistence
 from gateway.mqtt.acl import Acl
 from gateway.mqtt.broker import Broker, BrokerLimits
@@ -25,8 +27,9 @@ from gateway.mqtt.connection import MqttConnection
 from gateway.mqtt.session import Message
 from gateway.shadows import ShadowService
 from gateway.telemetry.filesink import FileSink
-from gateway.telemetry.pipeline import TelemetryPipeline
+from gateway.telemetry.pipeline import Sink, TelemetryPipeline
 from gateway.telemetry.records import SHADOW, Record
+from gateway.tokens import TokenStore
 from shadow import ShadowStore, SqliteShadowStore
 
 log = logging.getLogger("iotgw")
@@ -41,7 +44,17 @@ class Gateway:
         self.data_dir = Path(config.data_dir)
         self.metrics = Metrics()
         self.registry = DeviceRegistry(self.data_dir)
-        self.telemetry = TelemetryPipeline(FileSink(self.data_dir / "telemetry"))
+        # -- telemetry sink (issue 5): Kafka + disk spool per lane with --kafka, else the file --
+        if config.kafka:
+            from gateway.telemetry.kafkasink import kafka_sinks
+
+            sink: Sink | dict[str, Sink] = kafka_sinks(
+                config, self.data_dir, self.metrics.telemetry
+            )
+        else:
+            sink = FileSink(self.data_dir / "telemetry")
+        self.telemetry = TelemetryPipeline(sink, metrics=self.metrics.telemetry)
+        # -- end telemetry sink --
         self.broker = Broker(
             acl=Acl.from_config(config.acl, config.acl_file),
             metrics=self.metrics.mqtt,
@@ -59,7 +72,19 @@ class Gateway:
             on_change=self._shadow_changed,
         )
         self.broker.shadows = self.shadows
+        # -- REST API (issue 4): bearer tokens, shadow metrics --
+        self.tokens = TokenStore(self.data_dir, bootstrap=config.api_token)
+        self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
+        # -- end REST API --
         self.http: HttpServer | None = None
+        # -- CoAP endpoint (gateway/coap/) --
+        self.coap = CoapEndpoint(
+            shadows=self.shadows, pipeline=self.telemetry, broker=self.broker,
+            registry=self.registry, allow_anonymous=config.allow_anonymous,
+            metrics=CoapMetrics(self.metrics.registry),
+        )
+        self.coap_port: int | None = None
+        # -- end CoAP endpoint --
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.mqtt_port: int | None = None
@@ -69,6 +94,7 @@ class Gateway:
 
     async def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.telemetry.start()  # issue 5: replays a Kafka spool left by a previous run
         restored = persistence.load(self.broker, self.snapshot_path)
         self._saved_changes = self.broker.changes
         if restored:
@@ -100,12 +126,23 @@ class Gateway:
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("MQTT listening on %s:%s", self.config.bind, self.mqtt_port)
         self.http = HttpServer(
-            build_api(self.metrics, ready=lambda: self.mqtt_port is not None),
+            build_api(
+                self.metrics,
+                ready=lambda: self.mqtt_port is not None,
+                context=ApiContext(
+                    self.shadows, self.broker, self.registry, self.tokens, self.node_id,
+                    self.shadow_metrics,
+                ),
+            ),
             self.config.bind,
             self.config.http_port,
         )
         await self.http.start()
         log.info("HTTP listening on %s:%s", self.config.bind, self.http.port)
+        # -- CoAP endpoint (gateway/coap/) --
+        self.coap_port = await self.coap.start(self.config.bind, self.config.coap_port)
+        log.info("CoAP listening on %s:%s (UDP)", self.config.bind, self.coap_port)
+        # -- end CoAP endpoint --
 
     def _open_shadow_store(self) -> ShadowStore:
         if self.config.redis:
@@ -161,6 +198,7 @@ class Gateway:
     async def stop(self) -> None:
         if self.http is not None:
             await self.http.stop()
+        await self.coap.stop()  # CoAP endpoint: answers what is in progress, closes the socket
         for server in self._servers:
             server.close()
         for conn in list(self.broker.online.values()) + list(self.broker.connecting):
@@ -181,6 +219,11 @@ async def serve(config: Config) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully."""
     gateway = Gateway(config)
     await gateway.start()
+    # What exists now lives as long as the process: keep the collector from walking it again,
+    # and collect the young generation less often (the hot path makes few reference cycles).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

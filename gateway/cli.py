@@ -33,6 +33,22 @@ def _build_parser() -> argparse.ArgumentParser:
     remove = actions.add_parser("remove", help="unregister a device")
     remove.add_argument("device_id")
 
+    # -- tokens (issue 4): REST API bearer tokens --
+    tokens = commands.add_parser("tokens", help="manage REST API bearer tokens")
+    tokens.add_argument("--data-dir", help="the gateway's data dir (default: as `iotgw run`)")
+    tokens.add_argument("--config", metavar="FILE", help="TOML file with settings")
+    tk_actions = tokens.add_subparsers(dest="action", required=True)
+    create = tk_actions.add_parser("create", help="make a token (it is printed once)")
+    create.add_argument("--name", required=True, help="its name: the writer id of its writes")
+    create.add_argument(
+        "--scope", required=True,
+        help="comma-separated: shadow:read, shadow:write, devices:read, commands:write, admin",
+    )
+    tk_actions.add_parser("list", help="list tokens: names and scopes (secrets are not kept)")
+    revoke = tk_actions.add_parser("revoke", help="revoke a token (at once, without a restart)")
+    revoke.add_argument("name")
+    # -- end tokens --
+
     telemetry = commands.add_parser("telemetry", help="read the embedded telemetry store")
     telemetry.add_argument("--data-dir", help="the gateway's data dir (default: as `iotgw run`)")
     telemetry.add_argument("--config", metavar="FILE", help="TOML file with settings")
@@ -72,6 +88,23 @@ def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
     return 0
 
 
+def _tokens(args: argparse.Namespace, cfg: config.Config) -> int:
+    from datetime import UTC, datetime
+
+    from gateway.tokens import TokenStore
+
+    store = TokenStore(cfg.data_dir)
+    if args.action == "create":
+        print(store.create(args.name, args.scope))
+    elif args.action == "list":
+        for t in store.list():
+            created = datetime.fromtimestamp(t.created, UTC).isoformat(timespec="seconds")
+            print(f"{t.name}\t{','.join(sorted(t.scopes))}\t{created}")
+    else:
+        store.revoke(args.name)
+    return 0
+
+
 def _record_json(record: Any) -> str:
     payload = record.payload
     try:
@@ -108,11 +141,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = config.load(args)
         if args.command == "devices":
             return _devices(args, cfg)
+        if args.command == "tokens":
+            return _tokens(args, cfg)
         if args.command == "telemetry":
             return _telemetry_tail(args, cfg)
         from gateway.mqtt.acl import Acl
 
         Acl.from_config(cfg.acl, cfg.acl_file)  # a bad ACL file is a usage error, said plainly
+        if cfg.kafka:
+            from gateway.telemetry.kafkasink import compression_type, parse_topics
+
+            compression_type(cfg.kafka_compression)
+            parse_topics(cfg.kafka_topics)
     except ValueError as exc:  # ConfigError, RegistryError, AclError
         print(f"iotgw: {exc}", file=sys.stderr)
         return 2

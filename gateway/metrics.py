@@ -154,3 +154,131 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# ---- device shadows (appended for the REST/shadow work; gateway/app.py creates it) ----------
+
+
+class ShadowMetrics:
+    """`iotgw_shadow_*`. The store's counters (shadow.store.StoreStats) are read at scrape time
+    by a custom collector, so a write pays nothing for them; `source` is the ShadowStore (read
+    as `source.stats` at each scrape). The request latency histogram is observed per request,
+    by operation (get, update, replace, delete, changes) and protocol (rest, mqtt, coap)."""
+
+    def __init__(self, registry: CollectorRegistry, source: object) -> None:
+        self.request_seconds = Histogram(
+            "iotgw_shadow_request_duration_seconds",
+            "Time to serve a shadow request, by operation and protocol",
+            ["operation", "protocol"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                     0.5, 1, 2.5),
+            registry=registry,
+        )
+        registry.register(_ShadowStoreCollector(source))
+
+    def observe(self, operation: str, protocol: str, seconds: float) -> None:
+        self.request_seconds.labels(operation, protocol).observe(seconds)
+
+
+_SHADOW_COUNTERS = (
+    ("writes", "Accepted shadow writes (updates, replaces, deletes)"),
+    ("conflicts", "Shadow writes refused by compare-and-set (a stale version)"),
+    ("concurrent_writes", "Accepted writes whose version vector did not dominate the stored one"),
+    ("conflicting_fields", "Fields hit by concurrent writes, resolved by the deterministic rule"),
+    ("cas_retries", "Optimistic writes redone because the document changed under them"),
+    ("stale_fields_dropped", "Reported fields not applied: a newer device seq was stored"),
+    ("invalid", "Shadow writes refused as malformed or too large"),
+)
+
+
+class _ShadowStoreCollector(Collector):
+    def __init__(self, source: object) -> None:
+        self.source = source
+
+    def describe(self) -> Iterator[Metric]:
+        for name, text in _SHADOW_COUNTERS:
+            yield CounterMetricFamily(f"iotgw_shadow_{name}", text, value=0)
+
+    def collect(self) -> Iterator[Metric]:
+        stats = getattr(self.source, "stats", None)
+        for name, text in _SHADOW_COUNTERS:
+            value = getattr(stats, name, 0)
+            yield CounterMetricFamily(f"iotgw_shadow_{name}", text, value=value)
+
+
+# ---- CoAP (appended for the CoAP endpoint, gateway/coap/; gateway/app.py creates it) ---------
+
+
+class CoapMetrics:
+    """`iotgw_coap_*`. Plain integers bumped by the endpoint (a prometheus_client child .inc()
+    would cost more than answering a request) and read at scrape time. `requests` counts the
+    answered requests by (method code, response code); the gauges and the sweep-driven
+    counters are refreshed by the endpoint's sweep."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests: dict[tuple[int, int], int] = {}
+        self.duplicates_con = 0
+        self.duplicates_non = 0
+        self.retransmissions = 0
+        self.transmit_failures = 0
+        self.separate_responses = 0
+        self.rst_received = 0
+        self.rst_sent = 0
+        self.format_errors = 0
+        self.dedup_shed = 0
+        self.overloaded = 0
+        self.notifications = 0
+        self.observers_dropped = 0
+        self.block1_dropped = 0
+        self.observers = 0
+        self.exchanges = 0
+        registry.register(_CoapCollector(self))
+
+
+_COAP_METHODS = {1: "GET", 2: "POST", 3: "PUT", 4: "DELETE", 5: "FETCH", 6: "PATCH", 7: "iPATCH"}
+
+_COAP_COUNTERS = (
+    ("retransmissions", "CON messages we sent again (separate responses, notifications)"),
+    ("transmit_failures", "CON messages never acknowledged after MAX_RETRANSMIT"),
+    ("separate_responses", "Responses sent as a separate CON after an empty ACK"),
+    ("rst_received", "RST messages received"),
+    ("rst_sent", "RST messages sent (format errors, pings, unknown CON responses)"),
+    ("format_errors", "Datagrams rejected as malformed"),
+    ("dedup_shed", "Exchanges forgotten before their lifetime because the cache was full"),
+    ("overloaded", "Telemetry requests answered 5.03 while the pipeline was over high water"),
+    ("notifications", "Observe notifications sent"),
+    ("observers_dropped", "Observers removed because a CON notification was never ACKed"),
+    ("block1_dropped", "Block1 uploads dropped unfinished (expired, restarted or pushed out)"),
+)
+
+
+class _CoapCollector(Collector):
+    def __init__(self, m: CoapMetrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily  # kept local: appended section
+
+        m = self.m
+        requests = CounterMetricFamily(
+            "iotgw_coap_requests", "Requests answered, by method and response code",
+            labels=["method", "code"],
+        )
+        for (method, code), count in sorted(m.requests.items()):
+            requests.add_metric(
+                [_COAP_METHODS.get(method, str(method)), f"{code >> 5}.{code & 31:02d}"], count
+            )
+        yield requests
+        duplicates = CounterMetricFamily(
+            "iotgw_coap_duplicates", "Duplicate requests (by message id), by type",
+            labels=["type"],
+        )
+        duplicates.add_metric(["CON"], m.duplicates_con)
+        duplicates.add_metric(["NON"], m.duplicates_non)
+        yield duplicates
+        for name, text in _COAP_COUNTERS:
+            yield CounterMetricFamily(f"iotgw_coap_{name}", text, value=getattr(m, name))
+        yield GaugeMetricFamily("iotgw_coap_observers", "Registered observers", value=m.observers)
+        yield GaugeMetricFamily(
+            "iotgw_coap_exchanges", "Requests remembered for deduplication", value=m.exchanges
+        )

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from kafka_broker import kafka_broker_fixture  # noqa: F401  (issue 5: a real Kafka broker)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
@@ -132,6 +133,7 @@ class RunningGateway:
         assert self.gateway.mqtt_port is not None
         self.mqtt_port: int = self.gateway.mqtt_port
         self.mqtts_port = self.gateway.mqtts_port
+        self.coap_port: int | None = self.gateway.coap_port
 
     def call(self, fn, *args):  # type: ignore[no-untyped-def]
         """Run fn(*args) on the gateway's loop and return its result."""
@@ -168,6 +170,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[object]:
         settings.setdefault("data_dir", str(tmp_path / f"data{len(started)}"))
         settings.setdefault("mqtt_port", 0)
         settings.setdefault("http_port", 0)
+        settings.setdefault("coap_port", 0)
         gw = RunningGateway(**settings)
         started.append(gw)
         return gw

@@ -53,3 +53,21 @@ def test_unknown_file_keys_and_bad_toml_are_errors(tmp_path: Path) -> None:
         config.load(None, environ={"IOTGW_CONFIG": str(bad_toml)})
     with pytest.raises(config.ConfigError, match="cannot read config file"):
         config.load(None, environ={"IOTGW_CONFIG": str(tmp_path / "missing.toml")})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--acl-file", "/nonexistent/acl.toml"], "ACL file"),
+        (["--kafka", "127.0.0.1:9", "--kafka-topics", "nonsense"], "kind=topic"),
+        (["--kafka", "127.0.0.1:9", "--kafka-compression", "zstd"], "zstd"),
+    ],
+)
+def test_bad_settings_stop_run_with_one_line_and_exit_2(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    assert main(["run", "--data-dir", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("iotgw: ") and message in err and "Traceback" not in err
