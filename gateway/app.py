@@ -17,6 +17,7 @@ from gateway._native import mqtt
 from gateway.auth import DeviceRegistry
 from gateway.coap import CoapEndpoint, CoapMetrics
 from gateway.config import Config
+from gateway.files import write_atomically
 from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
 from gateway.metrics import Metrics, ShadowMetrics
@@ -193,7 +194,7 @@ class Gateway:
             return
         self._saved_changes = self.broker.changes
         data = persistence.snapshot(self.broker)  # on the loop: the state must not move under it
-        await asyncio.to_thread(persistence.write_atomically, self.snapshot_path, data)
+        await asyncio.to_thread(write_atomically, self.snapshot_path, data)
 
     async def stop(self) -> None:
         if self.http is not None:

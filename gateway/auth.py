@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.files import write_atomically
+
 ITERATIONS = 20_000
 FILE_NAME = "devices.json"
 
@@ -148,13 +150,6 @@ class DeviceRegistry:
                 for d in sorted(devices.values(), key=lambda d: d.device_id)
             ]
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(doc, indent=1).encode())
         self._loaded_stamp = None
         self._refresh()

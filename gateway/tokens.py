@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from gateway.files import write_atomically
+
 FILE_NAME: Final = "tokens.json"
 ITERATIONS: Final = 20_000
 BOOTSTRAP_NAME: Final = "admin"
@@ -232,13 +234,6 @@ class TokenStore:
                 for t in sorted(tokens.values(), key=lambda t: t.name)
             ]
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps(doc, indent=1).encode())
         self._loaded_stamp = None
         self._refresh()

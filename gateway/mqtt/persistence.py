@@ -8,7 +8,6 @@ changes since the last snapshot; acknowledged telemetry never depends on it (tha
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -92,15 +91,6 @@ def snapshot(broker: Broker) -> bytes:
         use_bin_type=True,
     )
     return packed
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def load(broker: Broker, path: Path) -> int:
