@@ -218,35 +218,26 @@ class MqttConnection(asyncio.BufferedProtocol):
             assigned = True
 
         # Authentication: a verified client certificate, registry credentials, else anonymous
-        # when allowed.
+        # when allowed. An authenticated device connects under its own id only (device mode).
         identity = client_id
         if self.cert_identity is not None:
             identity = self.cert_identity
-            if (
-                broker.acl.mode == "device"
-                and client_id != identity
-                and not broker.acl.is_service(identity)
-            ):
-                self._refuse(
-                    mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch"
-                )
-                return
         elif c.username is not None and broker.registry is not None:
             if not broker.registry.verify(c.username, c.password):
                 self._refuse(mqtt.BAD_USER_NAME_OR_PASSWORD, V4_BAD_CREDENTIALS, "bad_credentials")
                 return
             identity = c.username
-            if (
-                broker.acl.mode == "device"
-                and client_id != identity
-                and not broker.acl.is_service(identity)
-            ):
-                self._refuse(
-                    mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch"
-                )
-                return
         elif not broker.allow_anonymous:
             self._refuse(mqtt.NOT_AUTHORIZED, V4_NOT_AUTHORIZED, "anonymous")
+            return
+        if (
+            identity != client_id
+            and broker.acl.mode == "device"
+            and not broker.acl.is_service(identity)
+        ):
+            self._refuse(
+                mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch"
+            )
             return
 
         # Session takeover: the older connection goes (its will is published).
