@@ -140,26 +140,41 @@ class KafkaE2E:
             with contextlib.suppress(Exception):
                 await consumer.stop()
             raise
-        partitions = None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            partitions = await consumer.partitions_for_topic(self.topic)
-            if partitions:
-                break
-            await asyncio.sleep(0.2)
-        if not partitions:
-            await consumer.stop()
-            raise RuntimeError(f"Kafka topic {self.topic!r} does not exist at {self.bootstrap}")
-        tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_end(*tps)
-        for tp in tps:  # resolve the end offsets now, before anything is produced
-            await consumer.position(tp)
+        partitions = await self._partitions(consumer, wait=2.0)
+        if partitions:
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_end(*tps)
+            for tp in tps:  # resolve the end offsets now, before anything is produced
+                await consumer.position(tp)
         self._consumer = consumer
-        self._task = asyncio.get_running_loop().create_task(self._consume())
+        self._task = asyncio.get_running_loop().create_task(self._consume(not partitions))
 
-    async def _consume(self) -> None:
+    async def _partitions(self, consumer: Any, wait: float) -> set[int] | None:
+        """The topic's partitions, refreshing metadata for up to `wait` seconds."""
+        deadline = time.monotonic() + wait
+        while True:
+            # Fresh metadata: the consumer's own cache (partitions_for_topic) is not refreshed
+            # by topics() and would not see a topic created after it started (aiokafka 0.14).
+            cluster = await consumer._client.fetch_all_metadata()
+            partitions: set[int] | None = cluster.partitions_for_topic(self.topic)
+            if partitions or time.monotonic() >= deadline:
+                return partitions
+            await asyncio.sleep(0.2)
+
+    async def _consume(self, topic_is_new: bool) -> None:
+        from aiokafka import TopicPartition
+
         consumer = self._consumer
+        if topic_is_new:
+            # The topic did not exist at the start (Kafka creates it with the first record the
+            # gateway sends): everything in it is this run's, so read it from the beginning.
+            partitions = None
+            while not partitions:
+                partitions = await self._partitions(consumer, wait=0.5)
+            tps = [TopicPartition(self.topic, p) for p in sorted(partitions)]
+            consumer.assign(tps)
+            await consumer.seek_to_beginning(*tps)
         while True:
             batches = await consumer.getmany(timeout_ms=200, max_records=5000)
             now_us = time.time_ns() // 1000

@@ -506,3 +506,26 @@ def test_user_names_and_passwords_are_filled_per_client(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_kafka_end_to_end_latency_matches_every_acknowledged_telemetry_record(
+    gateway_factory: Any, tmp_path: Path, kafka_broker: Any
+) -> None:
+    import uuid
+
+    topic = f"lt{uuid.uuid4().hex[:8]}.telemetry"
+    gw = gateway_factory(allow_anonymous=True, acl="open", kafka=kafka_broker.bootstrap,
+                         kafka_topics=f"telemetry={topic}")
+    out = tmp_path / "kafka"
+    result = iotgw_load(
+        tmp_path, "--profile", "telemetry", "-H", f"mqtt://127.0.0.1:{gw.mqtt_port}",
+        "-c", "5", "-r", "100", "-d", "3s", "--headless", "--csv", str(out),
+        "--kafka", kafka_broker.bootstrap, "--kafka-topic", topic,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    stats = stats_csv(out)
+    published = count(stats, "PUBLISH", "telemetry")
+    assert published > 0 and stats[("PUBLISH", "telemetry")]["Failure Count"] == "0"
+    # Every acknowledged telemetry message was seen in Kafka (else it would be a failure).
+    assert count(stats, "KAFKA", "e2e telemetry") == published
+    assert stats[("KAFKA", "e2e telemetry")]["Failure Count"] == "0"

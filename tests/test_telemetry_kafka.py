@@ -632,3 +632,33 @@ def test_qos0_records_are_shed_and_counted_when_their_lane_is_overloaded(tmp_pat
     pipeline, metrics = asyncio.run(main())
     assert pipeline.shed == 100
     assert 'iotgw_telemetry_shed_total{kind="telemetry"} 100.0' in metrics.render().decode()
+
+
+def test_coap_telemetry_reaches_kafka_and_is_acknowledged_after_kafka(
+    gateway_factory: Any, kafka_broker: KafkaBroker
+) -> None:
+    from gateway._native import coap
+
+    topics = _topics()
+    gw = gateway_factory(
+        allow_anonymous=True, acl="open", kafka=kafka_broker.bootstrap, kafka_topics=_spec(topics)
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.settimeout(10)
+    for i in range(1, 6):
+        sock.sendto(
+            coap.encode_request(coap.CON, coap.POST, i, b"t%d" % i, "telemetry/dev-c",
+                                [(coap.CONTENT_FORMAT, coap.JSON)], b'{"i":%d}' % i),
+            ("127.0.0.1", gw.coap_port),
+        )
+        reply = coap.decode(sock.recv(2048))
+        assert (reply.mid, reply.code) == (i, coap.CHANGED)
+        # 2.04 left only after Kafka's acknowledgement: the record is already there.
+        assert end_offsets(kafka_broker.bootstrap, topics["telemetry"]) == i
+    records = read_topic(kafka_broker.bootstrap, topics["telemetry"], 5)
+    envelopes = [msgpack.unpackb(r[3], raw=False) for r in records]
+    assert [(e["device"], e["protocol"], e["topic_or_path"]) for e in envelopes] == [
+        ("dev-c", "coap", "/telemetry/dev-c")
+    ] * 5
+    assert [json.loads(e["payload"])["i"] for e in envelopes] == [1, 2, 3, 4, 5]
+    sock.close()
