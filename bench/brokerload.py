@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway._native import mqtt
+from loadtest.mqtt_client import connected_socket
 
 PAYLOAD = b"x" * 64
 
@@ -74,10 +75,8 @@ async def _connect(
     host: str = "127.0.0.1", source: str | None = None,
 ) -> Client:
     loop = asyncio.get_running_loop()
-    local = (source, 0) if source else None
-    _, client = await loop.create_connection(
-        lambda: Client(arena, client_id, on_packet), host, port, local_addr=local
-    )
+    sock = await connected_socket(host, port, (source, 0) if source else None)
+    _, client = await loop.create_connection(lambda: Client(arena, client_id, on_packet), sock=sock)
     code = await client.connack
     if code != 0:
         raise ConnectionError(f"CONNACK {code}")

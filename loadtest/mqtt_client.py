@@ -45,6 +45,31 @@ PING_TYPE = "PING"
 RECEIVE_TYPE = "RECEIVE"
 
 
+
+# Linux: bind() to a source address leaves the port to connect(), which picks one free for this
+# destination; a plain bind(ip, 0) searches for a port free for every destination, which grows
+# slow when tens of thousands are taken (or in TIME_WAIT).
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+
+
+async def connected_socket(
+    host: str, port: int, source: tuple[str, int] | None = None
+) -> socket.socket:
+    """A TCP socket connected to host:port, from `source` (an address, port 0) if given."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if source is not None:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind(source)
+        await loop.sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
 class ConnectError(Exception):
     """The connection or the CONNECT handshake failed; str() is the reason for the report."""
 
@@ -255,13 +280,12 @@ class MqttClient(asyncio.BufferedProtocol):
         self._connack = loop.create_future()
         try:
             async with asyncio.timeout(s.connect_timeout):
+                source = rt.next_source_addr()
                 await loop.create_connection(
                     lambda: self,
-                    s.mqtt_host,
-                    s.mqtt_port,
                     ssl=rt.ssl_context,
                     server_hostname=s.mqtt_host if rt.ssl_context is not None else None,
-                    local_addr=rt.next_source_addr(),
+                    sock=await connected_socket(s.mqtt_host, s.mqtt_port, source),
                 )
                 assert self.transport is not None
                 frame = mqtt.Connect(
