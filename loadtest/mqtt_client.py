@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import ssl
 import time
@@ -65,6 +66,11 @@ async def connected_socket(
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind(source)
         await loop.sock_connect(sock, (host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno:  # say why ("Connection refused"), as the system words it
+            raise type(exc)(exc.errno, f"{os.strerror(exc.errno)}: {host}:{port}") from None
+        raise
     except BaseException:
         sock.close()
         raise
