@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import secrets
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.files import write_atomically
+from gateway.files import WatchedJson
 
 ITERATIONS = 20_000
 FILE_NAME = "devices.json"
@@ -54,7 +53,7 @@ class DeviceRegistry:
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.path = Path(data_dir) / FILE_NAME
         self._devices: dict[str, Device] = {}
-        self._loaded_stamp: tuple[int, int] | None = None
+        self._file = WatchedJson(self.path)
         # Successful checks are remembered (keyed by a keyed digest, not the password) so that a
         # reconnect storm does not pay PBKDF2 for every CONNECT.
         self._cache_key = secrets.token_bytes(32)
@@ -64,16 +63,9 @@ class DeviceRegistry:
 
     def _refresh(self) -> None:
         try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            self._devices, self._loaded_stamp = {}, None
-            self._verified.clear()
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._loaded_stamp:
-            return
-        try:
-            raw = json.loads(self.path.read_text())
+            changed, raw = self._file.changed()
+            if not changed:
+                return
             devices = {
                 d["id"]: Device(
                     d["id"],
@@ -82,11 +74,12 @@ class DeviceRegistry:
                     int(d["iterations"]),
                     float(d["created"]),
                 )
-                for d in raw["devices"]
+                for d in (raw or {"devices": []})["devices"]
             }
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise RegistryError(f"device registry {self.path} is unreadable: {exc}") from None
-        self._devices, self._loaded_stamp = devices, stamp
+        self._file.accept()
+        self._devices = devices
         self._verified.clear()
 
     def list(self) -> list[Device]:
@@ -150,6 +143,5 @@ class DeviceRegistry:
                 for d in sorted(devices.values(), key=lambda d: d.device_id)
             ]
         }
-        write_atomically(self.path, json.dumps(doc, indent=1).encode())
-        self._loaded_stamp = None
+        self._file.write(doc)
         self._refresh()

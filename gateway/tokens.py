@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
 import re
 import secrets
@@ -28,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from gateway.files import write_atomically
+from gateway.files import WatchedJson
 
 FILE_NAME: Final = "tokens.json"
 ITERATIONS: Final = 20_000
@@ -98,7 +97,7 @@ class TokenStore:
         self.path = Path(data_dir) / FILE_NAME
         self._bootstrap = bootstrap.encode() if bootstrap else None
         self._tokens: dict[str, Token] = {}  # by token id
-        self._loaded_stamp: tuple[int, int] | None = None
+        self._file = WatchedJson(self.path)
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}  # token id -> keyed digest of the whole token
 
@@ -106,16 +105,9 @@ class TokenStore:
 
     def _refresh(self) -> None:
         try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            self._tokens, self._loaded_stamp = {}, None
-            self._verified.clear()
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if stamp == self._loaded_stamp:
-            return
-        try:
-            raw = json.loads(self.path.read_text())
+            changed, raw = self._file.changed()
+            if not changed:
+                return
             tokens = {
                 t["id"]: Token(
                     t["id"],
@@ -126,11 +118,12 @@ class TokenStore:
                     int(t["iterations"]),
                     float(t["created"]),
                 )
-                for t in raw["tokens"]
+                for t in (raw or {"tokens": []})["tokens"]
             }
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise TokenError(f"token file {self.path} is unreadable: {exc}") from None
-        self._tokens, self._loaded_stamp = tokens, stamp
+        self._file.accept()
+        self._tokens = tokens
         self._verified.clear()
 
     def list(self) -> list[Token]:
@@ -234,6 +227,5 @@ class TokenStore:
                 for t in sorted(tokens.values(), key=lambda t: t.name)
             ]
         }
-        write_atomically(self.path, json.dumps(doc, indent=1).encode())
-        self._loaded_stamp = None
+        self._file.write(doc)
         self._refresh()
