@@ -820,6 +820,31 @@ def _has_value(patch: JSONObject, path: Path) -> bool:
     return _value_at(patch, path) is not None
 
 
+def _next_shadow(
+    base: Shadow,
+    states: Mapping[Section, JSONObject],
+    metas: Mapping[Section, dict[Path, LeafMeta]],
+    vv: VersionVector,
+    ts_ms: int,
+    limits: Limits,
+) -> Shadow:
+    """The shadow after a write to `base`, once its state is within the size limit."""
+    size = state_size(states["desired"], states["reported"])
+    if size > limits.max_state_bytes:
+        raise ShadowTooLarge(
+            f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
+        )
+    return Shadow(
+        desired=states["desired"],
+        reported=states["reported"],
+        desired_meta=metas["desired"],
+        reported_meta=metas["reported"],
+        version=base.version + 1,
+        vv=vv,
+        ts_ms=ts_ms,
+    )
+
+
 def apply_update(
     current: Shadow | None,
     update: object,
@@ -849,28 +874,21 @@ def apply_update(
     vv = bump(merge_vv(base.vv, ctx or {}), writer)
     w = _Write(writer, vv[writer], ts_ms, ctx if concurrent else None, seq)
 
-    states = {"desired": copy_json(base.desired), "reported": copy_json(base.reported)}
-    metas = {"desired": dict(base.desired_meta), "reported": dict(base.reported_meta)}
+    states: dict[Section, JSONObject] = {
+        "desired": copy_json(base.desired),
+        "reported": copy_json(base.reported),
+    }
+    metas: dict[Section, dict[Path, LeafMeta]] = {
+        "desired": dict(base.desired_meta),
+        "reported": dict(base.reported_meta),
+    }
     applied: dict[Section, JSONObject | None] = {}
     for name, patch in parsed.sections.items():
         # clearing a section deletes each leaf, so the per-leaf rules still apply
         ops: list[_Op] = [((), _DELETE)] if patch is None else list(_patch_ops(patch))
         applied[name] = _nest(w.apply(name, states[name], metas[name], ops))
 
-    size = state_size(states["desired"], states["reported"])
-    if size > limits.max_state_bytes:
-        raise ShadowTooLarge(
-            f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
-        )
-    new = Shadow(
-        desired=states["desired"],
-        reported=states["reported"],
-        desired_meta=metas["desired"],
-        reported_meta=metas["reported"],
-        version=base.version + 1,
-        vv=vv,
-        ts_ms=ts_ms,
-    )
+    new = _next_shadow(base, states, metas, vv, ts_ms, limits)
     change_state: JSONObject = {name: patch for name, patch in applied.items()}
     token = update.get("clientToken") if isinstance(update, Mapping) else None
     return _result(base, new, applied, w, change_state, concurrent, token)
@@ -901,20 +919,7 @@ def apply_replace(
         _prune(states[name])
         m = LeafMeta(ts_ms, writer, vv[writer])
         metas[name] = {p: m for p in leaf_paths(states[name]) if p}
-    size = state_size(states["desired"], states["reported"])
-    if size > limits.max_state_bytes:
-        raise ShadowTooLarge(
-            f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
-        )
-    new = Shadow(
-        desired=states["desired"],
-        reported=states["reported"],
-        desired_meta=metas["desired"],
-        reported_meta=metas["reported"],
-        version=base.version + 1,
-        vv=vv,
-        ts_ms=ts_ms,
-    )
+    new = _next_shadow(base, states, metas, vv, ts_ms, limits)
     w = _Write(writer, vv[writer], ts_ms, None, None)
     applied: dict[Section, JSONObject | None] = {n: states[n] for n in SECTIONS}
     change_state: JSONObject = {n: diff_patch(base.section(n), states[n]) for n in SECTIONS}
