@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,7 +167,8 @@ async def run_qos0(port: int, publishers: int, seconds: float) -> dict[str, Any]
 
 async def run_connect(
     port: int, connections: int, concurrency: int = 200, hold: float = 1.0,
-    sources: list[str] | None = None, pid: int | None = None,
+    sources: list[str] | None = None, pid: int | None = None, id_prefix: str = "c-",
+    until_stdin_closes: bool = False,
 ) -> dict[str, Any]:
     arena = mqtt.ReadArena()
     sem = asyncio.Semaphore(concurrency)
@@ -176,12 +178,15 @@ async def run_connect(
     async def one(i: int) -> None:
         async with sem:
             source = sources[i % len(sources)] if sources else None
-            clients.append(await _connect(port, f"c-{i}", arena, lambda c, p: None,
+            clients.append(await _connect(port, f"{id_prefix}{i}", arena, lambda c, p: None,
                                           source=source))
 
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(connections)))
     elapsed = time.perf_counter() - started
+    if until_stdin_closes:  # several generators hold at once: the caller says when to let go
+        print(json.dumps({"ready": len(clients), "seconds": elapsed}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await asyncio.sleep(hold)
     result: dict[str, Any] = {
         "mode": "connect", "connections": len(clients), "seconds": elapsed,
@@ -225,7 +230,9 @@ def run(mode: str, port: int, pid: int | None = None, **kw: Any) -> dict[str, An
         result = uvloop.run(run_qos0(port, kw["publishers"], kw["seconds"]))
     else:
         result = uvloop.run(run_connect(port, kw["connections"], hold=kw.get("hold", 1.0),
-                                        sources=kw.get("sources"), pid=pid))
+                                        sources=kw.get("sources"), pid=pid,
+                                        id_prefix=kw.get("id_prefix", "c-"),
+                                        until_stdin_closes=kw.get("until_stdin_closes", False)))
     if pid and cpu0 is not None:
         cpu = cpu_seconds(pid) - cpu0
         result["broker_cpu_s"] = cpu
@@ -245,11 +252,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--hold", type=float, default=1.0)
     parser.add_argument("--sources", help="comma-separated local addresses (127.0.0.x)")
+    parser.add_argument("--id-prefix", default="c-", help="client ids: {prefix}{i}")
+    parser.add_argument("--until-stdin-closes", action="store_true",
+                        help="connect: print a ready line, hold until stdin closes")
     args = parser.parse_args()
     sources = args.sources.split(",") if args.sources else None
     print(json.dumps(run(args.mode, args.port, args.pid, connections=args.connections,
                          window=args.window, publishers=args.publishers, seconds=args.seconds,
-                         hold=args.hold, sources=sources)))
+                         hold=args.hold, sources=sources, id_prefix=args.id_prefix,
+                         until_stdin_closes=args.until_stdin_closes)))
 
 
 if __name__ == "__main__":

@@ -7,16 +7,20 @@ import asyncio
 import contextlib
 import gc
 import logging
+import multiprocessing
+import os
 import resource
 import signal
 import socket
 import ssl
+import time
 from pathlib import Path
 
 from gateway._native import mqtt
 from gateway.auth import DeviceRegistry
+from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.files import write_atomically
 from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
@@ -40,9 +44,18 @@ SNAPSHOT_INTERVAL = 5.0  # seconds between session snapshots while something cha
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, worker: int | None = None) -> None:
+        """`worker`: this process's index under `--workers N` (each is a cluster node with its
+        own state dir, data_dir/workers/{i}, and HTTP port, http_port + i)."""
+        if (config.cluster or config.workers > 1) and not config.redis:
+            raise ConfigError("--cluster and --workers above 1 need --redis (the nodes share it)")
         self.config = config
-        self.data_dir = Path(config.data_dir)
+        self.data_dir = Path(config.data_dir)  # shared: device registry, API tokens
+        # This process's own state: sessions, telemetry segments, the Kafka spool.
+        self.state_dir = self.data_dir
+        if worker is not None:
+            self.state_dir = self.data_dir / "workers" / str(worker)
+        self.worker = worker
         self.metrics = Metrics()
         self.registry = DeviceRegistry(self.data_dir)
         # -- telemetry sink (issue 5): Kafka + disk spool per lane with --kafka, else the file --
@@ -50,10 +63,10 @@ class Gateway:
             from gateway.telemetry.kafkasink import kafka_sinks
 
             sink: Sink | dict[str, Sink] = kafka_sinks(
-                config, self.data_dir, self.metrics.telemetry
+                config, self.state_dir, self.metrics.telemetry
             )
         else:
-            sink = FileSink(self.data_dir / "telemetry")
+            sink = FileSink(self.state_dir / "telemetry")
         self.telemetry = TelemetryPipeline(sink, metrics=self.metrics.telemetry)
         # -- end telemetry sink --
         self.broker = Broker(
@@ -68,6 +81,13 @@ class Gateway:
             telemetry=self.telemetry,
         )
         self.node_id = config.node_id or socket.gethostname()
+        if worker is not None:
+            self.node_id += f"-w{worker}"
+        self.cluster: Cluster | None = None
+        if config.cluster or worker is not None:
+            assert config.redis
+            self.cluster = Cluster(self.broker, config.redis, self.node_id, self.metrics.cluster)
+            self.broker.cluster = self.cluster
         self.shadows = ShadowService(
             self._open_shadow_store(), self._publish, node_id=self.node_id,
             on_change=self._shadow_changed,
@@ -90,16 +110,21 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         self.mqtt_port: int | None = None
         self.mqtts_port: int | None = None
-        self.snapshot_path = self.data_dir / "mqtt-state.msgpack"
+        self.snapshot_path = self.state_dir / "mqtt-state.msgpack"
         self._saved_changes = -1
 
     async def start(self) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         await self.telemetry.start()  # issue 5: replays a Kafka spool left by a previous run
+        if self.cluster is not None:
+            await self.cluster.start()
         restored = persistence.load(self.broker, self.snapshot_path)
         self._saved_changes = self.broker.changes
         if restored:
             log.info("restored %d persistent sessions", restored)
+        if self.cluster is not None:
+            for session in list(self.broker.sessions.values()):
+                self.cluster.reclaim(session)
         loop = asyncio.get_running_loop()
         arena = mqtt.ReadArena()  # one read buffer shared by every connection of this loop
         server = await loop.create_server(
@@ -136,7 +161,9 @@ class Gateway:
                 ),
             ),
             self.config.bind,
-            self.config.http_port,
+            self.config.http_port + self.worker
+            if self.worker and self.config.http_port
+            else self.config.http_port,
         )
         await self.http.start()
         log.info("HTTP listening on %s:%s", self.config.bind, self.http.port)
@@ -210,15 +237,17 @@ class Gateway:
         await self.shadows.close()
         await self.telemetry.close()
         await self.save_state()
+        if self.cluster is not None:
+            await self.cluster.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, worker: int | None = None) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully."""
-    gateway = Gateway(config)
+    gateway = Gateway(config, worker)
     await gateway.start()
     # What exists now lives as long as the process: keep the collector from walking it again,
     # and collect the young generation less often (the hot path makes few reference cycles).
@@ -241,11 +270,60 @@ def raise_file_limit() -> int:
     return hard
 
 
-def run(config: Config) -> None:
+def run(config: Config, worker: int | None = None) -> None:
     import uvloop
 
     raise_file_limit()
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvloop.run(serve(config))
+    if config.workers > 1 and worker is None:
+        supervise(config)
+        return
+    uvloop.run(serve(config, worker))
+
+
+RESTART_DELAY = 1.0  # seconds before a worker that died is started again
+
+
+def supervise(config: Config) -> None:
+    """`--workers N`: N gateway processes on the same ports (SO_REUSEPORT spreads connections
+    over them), each a cluster node; one that dies is started again. SIGINT/SIGTERM stop all.
+
+    Each process has its own open-file limit, so N workers hold N times the connections one
+    process can (and use up to N cores)."""
+    if not config.redis:
+        raise ConfigError("--workers above 1 needs --redis (the workers share it)")
+    for name, port in (("--mqtt-port", config.mqtt_port), ("--coap-port", config.coap_port)):
+        if port == 0:
+            raise ConfigError(f"{name} 0 picks a port per process: give one port to share")
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start(i: int) -> multiprocessing.process.BaseProcess:
+        process = context.Process(target=run, args=(config, i), name=f"iotgw-w{i}")
+        process.start()
+        return process
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    workers = [start(i) for i in range(config.workers)]
+    log.info("started %d workers: %s", len(workers), ", ".join(str(w.pid) for w in workers))
+    while not stopping:
+        time.sleep(0.2)
+        for i, process in enumerate(workers):
+            if not process.is_alive() and not stopping:
+                log.error("worker %d exited with %s: starting it again", i, process.exitcode)
+                time.sleep(RESTART_DELAY)
+                workers[i] = start(i)
+    for process in workers:
+        if process.pid is not None and process.is_alive():
+            os.kill(process.pid, signal.SIGTERM)
+    for process in workers:
+        process.join(30)
+        if process.is_alive():
+            process.kill()

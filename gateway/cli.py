@@ -118,18 +118,27 @@ def _record_json(record: Any) -> str:
 def _telemetry_tail(args: argparse.Namespace, cfg: config.Config) -> int:
     from gateway.telemetry.filesink import read_records
 
-    directory = Path(cfg.data_dir) / "telemetry"
-    records = list(read_records(directory))
-    shown = records[-args.lines :] if args.lines else records
-    for record in shown:
+    root = Path(cfg.data_dir)
+    # One store per gateway process: the data dir's own, and each `--workers` worker's.
+    directories = [root / "telemetry", *sorted(root.glob("workers/*/telemetry"))]
+    seen = dict.fromkeys(directories, 0)
+
+    def new_records() -> list[Any]:
+        """What was appended to any store since the last call, oldest first."""
+        fresh: list[Any] = []
+        for d in directories:
+            records = list(read_records(d)) if d.is_dir() else []
+            fresh.extend(records[seen[d] :])
+            seen[d] = len(records)
+        return sorted(fresh, key=lambda r: r.ts_ms)
+
+    records = new_records()
+    for record in records[-args.lines :] if args.lines else records:
         print(_record_json(record), flush=True)
-    seen = len(records)
     while args.follow:  # segments are append-only: poll and print what is new
         time.sleep(0.5)
-        records = list(read_records(directory))
-        for record in records[seen:]:
+        for record in new_records():
             print(_record_json(record), flush=True)
-        seen = len(records)
     return 0
 
 

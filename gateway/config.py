@@ -51,7 +51,10 @@ class Config:
     )
     redis: str | None = _opt(None, "redis://host:port for shared shadows (default: SQLite)")
     node_id: str | None = _opt(None, "this gateway's writer id in shadow version vectors "
-                               "(default: host name)")
+                               "and its name in a cluster (default: host name)")
+    cluster: bool = _opt(False, "join the other gateways sharing --redis as one MQTT broker")
+    workers: int = _opt(1, "gateway processes on this machine, sharing the ports "
+                        "(SO_REUSEPORT); more than 1 needs --redis and runs them as a cluster")
     kafka: str | None = _opt(None, "host:port[,host:port] of Kafka")
     # -- telemetry to Kafka (issue 5) --
     kafka_topics: str | None = _opt(

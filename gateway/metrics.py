@@ -144,6 +144,22 @@ _PACKET_NAMES = ["reserved", "connect", "connack", "publish", "puback", "pubrec"
                  "pingresp", "disconnect", "auth"]
 
 
+class ClusterMetrics:
+    """`iotgw_cluster_*`: what crosses between gateway nodes (gateway/cluster.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.nodes = Gauge("iotgw_cluster_nodes", "Live gateway nodes, this one included",
+                           registry=registry)
+        self.forwarded = Counter("iotgw_cluster_forwarded_messages",
+                                 "Messages sent to other nodes (one per node)", registry=registry)
+        self.received = Counter("iotgw_cluster_received_messages",
+                                "Messages other nodes routed here", registry=registry)
+        self.route_changes = Counter("iotgw_cluster_route_changes",
+                                     "Topic filters announced or withdrawn", registry=registry)
+        self.takeovers = Counter("iotgw_cluster_takeovers",
+                                 "CONNECTs of a client id another node held", registry=registry)
+
+
 class Metrics:
     """All of one gateway's metrics."""
 
@@ -151,6 +167,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.mqtt = MqttMetrics(self.registry)
         self.telemetry = TelemetryMetrics(self.registry)
+        self.cluster = ClusterMetrics(self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

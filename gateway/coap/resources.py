@@ -145,6 +145,9 @@ class Resources:
         self._auth_flushed = _monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._command_subs: dict[str, Callable[[], None]] = {}
+        # In a cluster, a shadow written on another node is heard of through its accepted
+        # messages, routed here while this node has observers of that shadow.
+        self._shadow_subs: dict[str, Callable[[], None]] = {}
         self._reply_to: dict[tuple[str, str], tuple[str, bytes | None]] = {}
         self._reply_deadlines: deque[tuple[float, tuple[str, str], str]] = deque()
         self._versions: dict[str, int] = {}  # newest shadow version heard of, while observed
@@ -376,6 +379,13 @@ class Resources:
             # Registered before the read, so that a change after it is not missed: the
             # notification task skips the observer until this response has gone out.
             obs = observers.register(kind, device, ex.addr, ex.token, now)
+            broker = self.broker
+            clustered = broker is not None and broker.cluster is not None
+            if obs is not None and clustered and device not in self._shadow_subs:
+                assert broker is not None
+                self._shadow_subs[device] = broker.subscribe_internal(
+                    f"$shadow/{device}/+/accepted", lambda _: self._mark_dirty(device)
+                )
         elif observe == 1:
             old = observers.lookup(ex.addr, ex.token)
             if old is not None:
@@ -564,6 +574,9 @@ class Resources:
                     unsubscribe()
         elif not (observers.observes(SHADOW, device) or observers.observes(DELTA, device)):
             self._versions.pop(device, None)
+            unsubscribe = self._shadow_subs.pop(device, None)
+            if unsubscribe is not None:
+                unsubscribe()
 
     # ---- commands ----------------------------------------------------------------------------
 
@@ -695,9 +708,10 @@ class Resources:
         if self.shadows is not None:
             with contextlib.suppress(ValueError):
                 self.shadows.listeners.remove(self._shadow_changed)
-        for unsubscribe in self._command_subs.values():
-            unsubscribe()
-        self._command_subs.clear()
+        for subs in (self._command_subs, self._shadow_subs):
+            for unsubscribe in subs.values():
+                unsubscribe()
+            subs.clear()
 
     async def drain(self, timeout: float) -> None:
         """Wait (at most `timeout` s) for shadow requests in progress and for telemetry

@@ -215,6 +215,18 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
     commander = require(COMMANDS_WRITE)
     waiters = CommandWaiters(ctx)
 
+    async def _where(device: str) -> tuple[str | None, bool]:
+        """(the node holding the device's connection or session, whether it is connected)."""
+        if device in ctx.broker.online:
+            return ctx.node_id, True
+        if device in ctx.broker.sessions:
+            return ctx.node_id, False
+        if ctx.broker.cluster is not None:
+            found = await ctx.broker.cluster.locate([device])
+            if device in found:
+                return found[device]
+        return None, False
+
     @router.get(
         "/devices",
         operation_id="listDevices",
@@ -236,12 +248,18 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         sessions = set(later(list(ctx.broker.sessions)))
         shadows = set(await ctx.shadows.store.list_devices(after, limit))
         # each source's first `limit` ids after `after` are enough for the union's first `limit`
+        # (in a cluster, sessions on other nodes are listed when registered or shadowed)
         page = sorted(registered | sessions | shadows)[:limit]
+        elsewhere = {}
+        if ctx.broker.cluster is not None:
+            elsewhere = await ctx.broker.cluster.locate(
+                [d for d in page if d not in ctx.broker.online]
+            )
         devices = [
             {
                 "id": d,
                 "registered": d in registered,
-                "online": d in ctx.broker.online,
+                "online": d in ctx.broker.online or elsewhere.get(d, ("", False))[1],
                 "shadow": d in shadows,
             }
             for d in page
@@ -264,13 +282,14 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         shadow = await ctx.shadows.store.get(device)
         conn = ctx.broker.online.get(device)
         session = ctx.broker.sessions.get(device)
-        if not registered and shadow is None and conn is None and session is None:
+        node, online = await _where(device)
+        if not registered and shadow is None and node is None:
             raise ApiError(404, "unknown_device", f"no device {device!r} is known here")
         body: dict[str, Any] = {
             "id": device,
             "registered": registered,
-            "online": conn is not None,
-            "node": ctx.node_id if conn is not None or session is not None else None,
+            "online": online,
+            "node": node,
             "protocol": None,
             "peer": None,
             "last_seen": None,
@@ -312,8 +331,8 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
     ) -> Response:
         device_id(device)
         broker = ctx.broker
-        online = device in broker.online
-        if not online and device not in broker.sessions:
+        node, online = await _where(device)
+        if node is None:
             raise ApiError(
                 404, "device_offline",
                 f"device {device!r} is not connected and has no persistent session",
@@ -335,7 +354,12 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         props.user_properties = [("command-id", command_id), ("issuer", principal.name)]
         expires_at = monotonic() + body.expiry_s if body.expiry_s is not None else None
         message = Message(topic, payload, 1, False, props, expires_at, "$gateway")
-        if not any(client == device for client, _ in broker.subscriptions.match(topic)):
+        if node == ctx.node_id:
+            subscribed = any(client == device for client, _ in broker.subscriptions.match(topic))
+        else:  # held by another cluster node: it has a route for the topic (maybe the device's)
+            assert broker.cluster is not None
+            subscribed = any(n == node for n, _ in broker.cluster.routes.match(topic))
+        if not subscribed:
             raise ApiError(
                 409, "not_subscribed", f"device {device!r} has no subscription matching {topic!r}"
             )

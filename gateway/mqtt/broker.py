@@ -22,6 +22,7 @@ from gateway.mqtt.topics import SubscriptionTrie, TopicTree
 from gateway.telemetry.pipeline import TelemetryPipeline
 
 if TYPE_CHECKING:
+    from gateway.cluster import Cluster
     from gateway.mqtt.connection import MqttConnection
     from gateway.shadows import ShadowService
 
@@ -50,9 +51,10 @@ class SharedGroup:
     """The members of one `$share/{group}/{filter}`: each message goes to one of them, round
     robin, preferring members that are online (5.0 4.8.2)."""
 
-    __slots__ = ("_turn", "members")
+    __slots__ = ("_turn", "filter", "members")
 
-    def __init__(self) -> None:
+    def __init__(self, topic_filter: str) -> None:
+        self.filter = topic_filter  # the whole `$share/{group}/{filter}`
         self.members: dict[str, SubOptions] = {}
         self._turn = 0
 
@@ -86,6 +88,7 @@ class Broker:
         self.limits = limits or BrokerLimits()
         self.telemetry = telemetry
         self.shadows: ShadowService | None = None  # set by the app once the store is open
+        self.cluster: Cluster | None = None  # set by the app when nodes share a Redis
         self.sessions: dict[str, Session] = {}
         self.online: dict[str, MqttConnection] = {}
         self.connecting: set[MqttConnection] = set()  # accepted, no CONNECT yet
@@ -139,17 +142,26 @@ class Broker:
                 self.pending_wills[session.client_id] = _PendingWill(now + delay, will)
         if session.expiry_interval == 0:
             self.end_session(session)
+        elif self.cluster is not None:
+            self.cluster.went_offline(session.client_id, session.cluster_epoch)
 
     def end_session(self, session: Session) -> None:
+        pending = self.drop_session(session)
+        if pending is not None:  # the will is published at the latest when the session ends
+            self.publish(pending.message)
+        if self.cluster is not None:
+            self.cluster.released(session.client_id, session.cluster_epoch)
+
+    def drop_session(self, session: Session) -> _PendingWill | None:
+        """Forget a session here (it ended, or moved to another cluster node); returns its
+        pending will, which the caller publishes or not."""
         self.changes += 1
         for topic_filter in session.subscriptions:
             self.remove_subscription(session.client_id, topic_filter)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-        pending = self.pending_wills.pop(session.client_id, None)
-        if pending is not None:  # the will is published at the latest when the session ends
-            self.publish(pending.message)
         self.metrics.sessions.set(len(self.sessions))
+        return self.pending_wills.pop(session.client_id, None)
 
     # ---- subscriptions -------------------------------------------------------------------------
 
@@ -158,28 +170,33 @@ class Broker:
         self.changes += 1
         shared = mqtt.parse_shared(topic_filter)
         if shared is None:
-            return self.subscriptions.add(topic_filter, client_id, opts)
-        group_name, inner = shared
-        group = self.shared.get(inner, group_name)
-        if group is None:
-            group = SharedGroup()
-            self.shared.add(inner, group_name, group)
-        is_new = client_id not in group.members
-        group.members[client_id] = opts
+            is_new = self.subscriptions.add(topic_filter, client_id, opts)
+        else:
+            group_name, inner = shared
+            group = self.shared.get(inner, group_name)
+            if group is None:
+                group = SharedGroup(topic_filter)
+                self.shared.add(inner, group_name, group)
+            is_new = client_id not in group.members
+            group.members[client_id] = opts
+        if is_new and self.cluster is not None:
+            self.cluster.route_added(topic_filter)
         return is_new
 
     def remove_subscription(self, client_id: str, topic_filter: str) -> bool:
         self.changes += 1
         shared = mqtt.parse_shared(topic_filter)
         if shared is None:
-            return self.subscriptions.remove(topic_filter, client_id)
-        group_name, inner = shared
-        group = self.shared.get(inner, group_name)
-        if group is None or group.members.pop(client_id, None) is None:
-            return False
-        if not group.members:
-            self.shared.remove(inner, group_name)
-        return True
+            removed = self.subscriptions.remove(topic_filter, client_id)
+        else:
+            group_name, inner = shared
+            group = self.shared.get(inner, group_name)
+            removed = group is not None and group.members.pop(client_id, None) is not None
+            if group is not None and not group.members:
+                self.shared.remove(inner, group_name)
+        if removed and self.cluster is not None:
+            self.cluster.route_removed(topic_filter)
+        return removed
 
     def subscribe_internal(
         self, topic_filter: str, callback: InternalSubscriber
@@ -189,19 +206,37 @@ class Broker:
         a callback that keeps it must copy it (`bytes(message.payload)`)."""
         key = next(self._internal_ids)
         self.internal.add(topic_filter, key, callback)
+        if self.cluster is not None:
+            self.cluster.route_added(topic_filter)
 
         def unsubscribe() -> None:
-            self.internal.remove(topic_filter, key)
+            if self.internal.remove(topic_filter, key) and self.cluster is not None:
+                self.cluster.route_removed(topic_filter)
 
         return unsubscribe
 
     # ---- routing -----------------------------------------------------------------------------
 
     def publish(self, message: Message) -> int:
-        """Route one message to every matching subscription; returns the sessions it reached."""
+        """Route one message to every matching subscription, here and on other cluster nodes;
+        returns the sessions (and nodes) it reached."""
         if message.retain:
             self._retain(message)
-        reached = self._publish_shared(message) if len(self.shared) else 0
+        if self.cluster is None:
+            return self._route_here(message, None)
+        if message.retain:
+            self.cluster.retain(message)
+        nodes, shared_here = self.cluster.forward(message)
+        return nodes + self._route_here(message, shared_here)
+
+    def deliver_forwarded(self, message: Message, shared_here: set[str]) -> None:
+        """A message another cluster node routed to us, with the shared groups it picked us for."""
+        self._route_here(message, shared_here)
+
+    def _route_here(self, message: Message, shared_here: set[str] | None) -> int:
+        """Deliver to this node's subscribers; `shared_here`: only these share groups (the
+        cluster's pick), None: every matching one."""
+        reached = self._publish_shared(message, shared_here) if len(self.shared) else 0
         if len(self.internal):
             for _, callback in self.internal.match(message.topic):
                 callback(message)
@@ -212,7 +247,7 @@ class Broker:
         if len(matches) == 1:
             client_id, opts = matches[0]
             if opts.no_local and client_id == message.origin:
-                return 0
+                return reached
             ids = (opts.identifier,) if opts.identifier else ()
             self._deliver(client_id, message, opts.qos, opts.retain_as_published, ids)
             return reached + 1
@@ -229,10 +264,12 @@ class Broker:
             self._deliver(client_id, message, qos, rap, tuple(id_list))
         return reached + len(merged)
 
-    def _publish_shared(self, message: Message) -> int:
+    def _publish_shared(self, message: Message, only: set[str] | None) -> int:
         """One delivery per matching share group, to one member of it."""
         reached = 0
         for _, group in self.shared.match(message.topic):
+            if only is not None and group.filter not in only:
+                continue
             chosen = group.pick(self.online)
             if chosen is not None:
                 client_id, opts = chosen

@@ -36,6 +36,7 @@ log = logging.getLogger("iotgw.mqtt")
 V4_REFUSED_PROTOCOL = 1
 V4_REFUSED_IDENTIFIER = 2
 V4_BAD_CREDENTIALS = 4
+V4_SERVER_UNAVAILABLE = 3
 V4_NOT_AUTHORIZED = 5
 
 
@@ -74,6 +75,10 @@ class MqttConnection(asyncio.BufferedProtocol):
         # waits for its telemetry record to be durable holds back the ones behind it.
         # Entries: [packet type, packet id, reason code, ready].
         self._acks: deque[list[int]] = deque()
+        # Cluster mode: packets that came behind a CONNECT still waiting for the cluster, and
+        # whether a newer CONNECT of the same client id on another node won meanwhile.
+        self._stash: list[Any] | None = None
+        self.taken_over = False
 
     # ---- transport callbacks -----------------------------------------------------------------
 
@@ -171,8 +176,11 @@ class MqttConnection(asyncio.BufferedProtocol):
 
     def _handle_batch(self, packets: list[Any]) -> None:
         counts = self.broker.metrics.packets_in
-        for packet in packets:
+        for i, packet in enumerate(packets):
             if self._closing:
+                return
+            if self._stash is not None:  # CONNECT waits for the cluster: keep the rest for later
+                self._stash.extend(p.detach() if p.type == mqtt.PUBLISH else p for p in packets[i:])
                 return
             counts[packet.type] += 1
             try:
@@ -205,7 +213,6 @@ class MqttConnection(asyncio.BufferedProtocol):
     def _on_connect(self, c: Any) -> None:
         broker = self.broker
         self.version = 5 if c.protocol_level == 5 else 4
-        props = c.properties if self.version == 5 else None
         client_id: str = c.client_id
         assigned = False
         if not client_id:
@@ -240,6 +247,71 @@ class MqttConnection(asyncio.BufferedProtocol):
             )
             return
 
+        cluster = broker.cluster
+        if cluster is None:
+            self._establish(c, client_id, identity, assigned, "")
+            return
+        # In a cluster the client id is claimed first (CONNACK waits for Redis): another node
+        # may hold its connection (closed there) or its session (it moves here on resume).
+        epoch = cluster.new_epoch()
+        claim = cluster.claim(client_id, epoch)
+        cluster.claiming[client_id] = (epoch, self)
+        self._stash = []
+        self.pause_reading()
+        asyncio.get_running_loop().create_task(
+            self._resume_after_claim(c, client_id, identity, assigned, epoch, claim)
+        )
+
+    async def _resume_after_claim(
+        self,
+        c: Any,
+        client_id: str,
+        identity: str,
+        assigned: bool,
+        epoch: str,
+        claim: asyncio.Future[Any],
+    ) -> None:
+        broker = self.broker
+        cluster = broker.cluster
+        assert cluster is not None
+        packed = None
+        try:
+            previous = await claim
+            packed = await cluster.take_over(previous, client_id, not c.clean_start)
+        except Exception:
+            log.exception("cluster claim of %s failed", client_id)
+            self._refuse(mqtt.SERVER_UNAVAILABLE, V4_SERVER_UNAVAILABLE, "cluster_unavailable")
+            broker.flush()
+            return
+        finally:
+            if cluster.claiming.get(client_id, ("", None))[0] == epoch:
+                del cluster.claiming[client_id]
+        if packed is not None and not self.taken_over:
+            session = cluster.import_session(packed)
+            if session is not None:
+                session.cluster_epoch = epoch
+        if self.taken_over:  # a newer CONNECT elsewhere won while this one waited
+            self.abort("session taken over on another node")
+            return
+        if self.transport is None or self._closing:  # the client left while it waited
+            kept = broker.sessions.get(client_id)
+            if kept is not None and kept.cluster_epoch == epoch:
+                cluster.went_offline(client_id, epoch)
+            else:
+                cluster.released(client_id, epoch)
+            return
+        stash, self._stash = self._stash or [], None
+        self._establish(c, client_id, identity, assigned, epoch)
+        self.resume_reading()
+        self._handle_batch(stash)
+        broker.flush()
+
+    def _establish(
+        self, c: Any, client_id: str, identity: str, assigned: bool, epoch: str
+    ) -> None:
+        """The rest of CONNECT once the client id is ours: takeover, session, CONNACK."""
+        broker = self.broker
+        props = c.properties if self.version == 5 else None
         # Session takeover: the older connection goes (its will is published).
         previous = broker.online.get(client_id)
         if previous is not None:
@@ -282,6 +354,7 @@ class MqttConnection(asyncio.BufferedProtocol):
             if will_props is not None:
                 self.will_delay = will_props.will_delay_interval or 0
 
+        session.cluster_epoch = epoch
         broker.attach(self, session)
         broker.metrics.connects.inc()
         ack_props = None

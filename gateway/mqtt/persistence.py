@@ -40,12 +40,13 @@ def _props_in(d: dict[str, Any] | None) -> Any:
     return props
 
 
-def _message_out(m: Message, now: float) -> list[Any]:
+def pack_message(m: Message, now: float) -> list[Any]:
+    """A message as msgpack-able data; its expiry travels as seconds left (from `now`)."""
     left = None if m.expires_at is None else max(0.0, m.expires_at - now)
     return [m.topic, bytes(m.payload), m.qos, m.retain, _props_out(m.properties), left, m.origin]
 
 
-def _message_in(d: list[Any], now: float) -> Message:
+def unpack_message(d: list[Any], now: float) -> Message:
     topic, payload, qos, retain, props, left, origin = d
     return Message(
         topic, payload, qos, retain, _props_in(props), None if left is None else now + left, origin
@@ -53,39 +54,58 @@ def _message_in(d: list[Any], now: float) -> Message:
 
 
 def _delivery_out(d: Delivery, now: float) -> list[Any]:
-    return [_message_out(d.message, now), d.qos, d.retain, list(d.subscription_ids), d.state]
+    return [pack_message(d.message, now), d.qos, d.retain, list(d.subscription_ids), d.state]
 
 
 def _delivery_in(d: list[Any], now: float) -> Delivery:
     message, qos, retain, ids, state = d
-    return Delivery(_message_in(message, now), qos, retain, tuple(ids), state, dup=state != 0)
+    return Delivery(unpack_message(message, now), qos, retain, tuple(ids), state, dup=state != 0)
+
+
+def pack_session(s: Session, now: float, wall: float) -> dict[str, Any]:
+    """A persistent session as msgpack-able data (snapshots, and moves between cluster nodes)."""
+    offline_for = 0.0 if s.disconnected_at is None else now - s.disconnected_at
+    return {
+        "client_id": s.client_id,
+        "version": s.version,
+        "identity": s.identity,
+        "expiry": s.expiry_interval,
+        "offline_since": wall - offline_for,
+        "subscriptions": {
+            f: [o.qos, o.no_local, o.retain_as_published, o.retain_handling, o.identifier]
+            for f, o in s.subscriptions.items()
+        },
+        "outgoing": {str(pid): _delivery_out(d, now) for pid, d in s.outgoing.items()},
+        "queue": [_delivery_out(d, now) for d in s.queue],
+        "incoming_qos2": sorted(s.incoming_qos2),
+    }
+
+
+def unpack_session(broker: Broker, d: dict[str, Any], now: float, wall: float) -> Session | None:
+    """Install a packed session (with its subscriptions) in the broker; None if it expired."""
+    session = Session(d["client_id"], d["version"], d["identity"], d["expiry"])
+    session.max_queue = broker.limits.max_queued_messages
+    session.disconnected_at = now - max(0.0, wall - d["offline_since"])
+    if session.expired(now):
+        return None
+    for topic_filter, (qos, no_local, rap, rh, ident) in d["subscriptions"].items():
+        opts = SubOptions(qos, no_local, rap, rh, ident)
+        session.subscriptions[topic_filter] = opts
+        broker.add_subscription(session.client_id, topic_filter, opts)
+    session.outgoing = {int(pid): _delivery_in(x, now) for pid, x in d["outgoing"].items()}
+    session.queue.extend(_delivery_in(x, now) for x in d["queue"])
+    session.incoming_qos2 = set(d["incoming_qos2"])
+    broker.sessions[session.client_id] = session
+    broker.metrics.sessions.set(len(broker.sessions))
+    return session
 
 
 def snapshot(broker: Broker) -> bytes:
     now = monotonic()
     wall = time.time()
-    sessions = []
-    for s in broker.sessions.values():
-        if s.expiry_interval == 0:
-            continue  # ends with its connection: nothing to keep
-        offline_for = 0.0 if s.disconnected_at is None else now - s.disconnected_at
-        sessions.append(
-            {
-                "client_id": s.client_id,
-                "version": s.version,
-                "identity": s.identity,
-                "expiry": s.expiry_interval,
-                "offline_since": wall - offline_for,
-                "subscriptions": {
-                    f: [o.qos, o.no_local, o.retain_as_published, o.retain_handling, o.identifier]
-                    for f, o in s.subscriptions.items()
-                },
-                "outgoing": {str(pid): _delivery_out(d, now) for pid, d in s.outgoing.items()},
-                "queue": [_delivery_out(d, now) for d in s.queue],
-                "incoming_qos2": sorted(s.incoming_qos2),
-            }
-        )
-    retained = [_message_out(m, now) for _, m in broker.retained.items()]
+    sessions = [pack_session(s, now, wall) for s in broker.sessions.values() if s.expiry_interval]
+    # In a cluster the retained messages live in Redis (gateway/cluster.py), not here.
+    retained = [] if broker.cluster else [pack_message(m, now) for _, m in broker.retained.items()]
     packed: bytes = msgpack.packb(
         {"format": FORMAT, "saved_at": wall, "sessions": sessions, "retained": retained},
         use_bin_type=True,
@@ -105,23 +125,13 @@ def load(broker: Broker, path: Path) -> int:
     now = monotonic()
     wall = time.time()
     for d in doc["retained"]:
-        message = _message_in(d, now)
+        message = unpack_message(d, now)
         if not message.expired(now):
             broker.retained.set(message.topic, message)
+    restored = 0
     for d in doc["sessions"]:
-        session = Session(d["client_id"], d["version"], d["identity"], d["expiry"])
-        session.max_queue = broker.limits.max_queued_messages
-        session.disconnected_at = now - max(0.0, wall - d["offline_since"])
-        if session.expired(now):
-            continue
-        for topic_filter, (qos, no_local, rap, rh, ident) in d["subscriptions"].items():
-            opts = SubOptions(qos, no_local, rap, rh, ident)
-            session.subscriptions[topic_filter] = opts
-            broker.add_subscription(session.client_id, topic_filter, opts)
-        session.outgoing = {int(pid): _delivery_in(x, now) for pid, x in d["outgoing"].items()}
-        session.queue.extend(_delivery_in(x, now) for x in d["queue"])
-        session.incoming_qos2 = set(d["incoming_qos2"])
-        broker.sessions[session.client_id] = session
+        if unpack_session(broker, d, now, wall) is not None:
+            restored += 1
     broker.metrics.sessions.set(len(broker.sessions))
     broker.metrics.retained.set(len(broker.retained))
-    return len(doc["sessions"])
+    return restored

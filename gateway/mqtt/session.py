@@ -70,6 +70,7 @@ class Session:
     max_queue: int = 1000
     disconnected_at: float | None = None
     dropped: int = 0
+    cluster_epoch: str = ""  # the claim in the cluster's client registry (gateway/cluster.py)
     _next_id: int = 0
 
     def next_packet_id(self) -> int:

@@ -1,0 +1,134 @@
+"""100k concurrent MQTT connections on this machine: `iotgw run --workers N --redis ...`.
+
+One process here may open at most 20,000 descriptors (a hard limit this sandbox will not
+raise), so 100k connections need several processes on each side: N gateway workers sharing
+the port by SO_REUSEPORT (a cluster over one Redis, gateway/cluster.py), and N raw-socket load
+generators (bench/brokerload.py) from twenty loopback source addresses. The workers and Redis
+are pinned to core 0, the generators to core 1. Every generator connects its share, reports
+ready and holds; once all are ready the test reads each worker's `iotgw_mqtt_connections`, the
+workers' RSS and CPU, and lets go. extra_info: connections held, connections/s, RSS KB per
+connection (workers' growth over the run), CPU microseconds per connect (workers + Redis).
+Under --benchmark-disable it runs with 2 workers and 600 connections.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from brokerload import _rss_kb, cpu_seconds
+from conftest import free_port, wait_for_tcp
+
+HERE = Path(__file__).parent
+
+
+def _pin(core: int) -> list[str]:
+    return ["taskset", "-c", str(core)] if shutil.which("taskset") else []
+
+
+def _workers(pid: int) -> list[int]:
+    """The gateway worker processes under the supervisor (not multiprocessing's tracker)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    pids = [int(p) for p in out.stdout.split()]
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def _connections(http_port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    match = re.search(r"^iotgw_mqtt_connections (\S+)$", text, re.M)
+    assert match, "no iotgw_mqtt_connections"
+    return int(float(match.group(1)))
+
+
+@pytest.mark.benchmark(group="broker-hold-100k")
+def test_hold_100k_connections_on_workers(benchmark: Any, tmp_path: Path) -> None:
+    workers, per_generator = (2, 300) if benchmark.disabled else (6, 16_700)
+    redis_port, port, http_port = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    redis = subprocess.Popen(
+        [*_pin(0), shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    procs.append(redis)
+    gateway = subprocess.Popen(
+        [*_pin(0), sys.executable, "-m", "gateway.cli", "run", "--workers", str(workers),
+         "--redis", f"redis://127.0.0.1:{redis_port}", "--mqtt-port", str(port),
+         "--http-port", str(http_port), "--coap-port", str(free_port()), "--allow-anonymous",
+         "--acl", "open", "--data-dir", str(tmp_path / "data"), "--log-level", "warning",
+         "--node-id", "bench"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    procs.append(gateway)
+    result: dict[str, Any] = {}
+    try:
+        wait_for_tcp(redis_port, proc=redis)
+        wait_for_tcp(port, proc=gateway, timeout=60)
+        for i in range(workers):
+            wait_for_tcp(http_port + i, proc=gateway, timeout=60)
+        pids = _workers(gateway.pid)
+        assert len(pids) == workers
+        rss_before = sum(_rss_kb(p) for p in pids)
+        cpu_before = sum(cpu_seconds(p) for p in [*pids, redis.pid])
+
+        def hold() -> None:
+            generators = [
+                subprocess.Popen(
+                    [*_pin(1), sys.executable, str(HERE / "brokerload.py"), "connect",
+                     "--port", str(port), "--connections", str(per_generator),
+                     "--id-prefix", f"g{g}-", "--until-stdin-closes", "--hold", "0",
+                     "--sources", ",".join(f"127.0.{g + 1}.{i}" for i in range(1, 5))],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                )
+                for g in range(workers)
+            ]
+            procs.extend(generators)
+            started = time.perf_counter()
+            ready = []
+            for g in generators:
+                assert g.stdout is not None
+                line = g.stdout.readline()
+                assert line, g.stderr.read().decode() if g.stderr else "generator died"
+                ready.append(json.loads(line))
+            elapsed = time.perf_counter() - started
+            held = sum(_connections(http_port + i) for i in range(workers))
+            rss_after = sum(_rss_kb(p) for p in pids)
+            cpu = sum(cpu_seconds(p) for p in [*pids, redis.pid]) - cpu_before
+            for g in generators:
+                g.communicate(b"", timeout=120)
+                assert g.returncode == 0
+            result.update(
+                workers=workers,
+                connections_held=held,
+                generators_connected=sum(r["ready"] for r in ready),
+                seconds=elapsed,
+                connections_per_s=held / elapsed,
+                rss_kb_per_connection=(rss_after - rss_before) / max(1, held),
+                workers_rss_mb=rss_after / 1024,
+                cpu_us_per_connect=cpu / max(1, held) * 1e6,
+            )
+
+        benchmark.pedantic(hold, rounds=1, iterations=1)
+        assert result["connections_held"] == workers * per_generator
+        benchmark.extra_info.update(result)
+        print(json.dumps(result))
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()

@@ -1,0 +1,587 @@
+"""Gateway nodes sharing one Redis: the MQTT broker as a cluster (DESIGN.md, "Scaling past one
+machine"). Every node (a process: `iotgw run --workers N` starts N of them on one machine, and
+machines add more) is a whole broker for the clients connected to it; Redis carries what crosses
+nodes:
+
+- Routes. Each node announces the topic filters it has subscribers for (MQTT sessions, shared
+  groups, the gateway's own internal subscribers) when a filter gains its first or loses its last
+  subscriber. Every node keeps the others' filters in a trie, so a PUBLISH is forwarded only to
+  the nodes with a matching filter, once per node, over that node's Redis pub/sub channel.
+  Announcements are ordered per node by a sequence number, so a node that joins loads the
+  current tables and then applies only newer changes. Route changes travel in milliseconds:
+  a message published elsewhere in the instant after a SUBACK may miss the new subscriber
+  (eventual consistency, as in EMQX's route replication).
+- Shared subscriptions. `$share/{group}/{filter}` is a route too; the publishing node picks one
+  node among those with members (round robin) and that node picks one member.
+- Client ids. `iotgw:client:{id}` names the node (and connection epoch) holding a client's
+  connection or persistent session. A CONNECT claims it (`SET ... GET`); if another node held
+  it, that node is told to take the old connection down (0x8E) and, when the client asked to
+  resume its session, to hand the session over (subscriptions, in-flight and queued messages).
+- Retained messages live in a Redis hash; every change is applied by a script that also
+  broadcasts it, so every node's copy sees the changes in one order.
+- Liveness. Nodes write a heartbeat; a node silent for `DEAD_AFTER` seconds is treated as gone
+  (its routes are dropped, no one waits for it to answer a takeover).
+
+Wire format: msgpack arrays on `iotgw:node:{node}` (PUB, KICK, KICKED), `iotgw:routes` and
+`iotgw:retained`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+from redis.asyncio import Redis
+
+from gateway._native import mqtt
+from gateway.mqtt import persistence
+from gateway.mqtt.session import Message, Session, monotonic
+from gateway.mqtt.topics import SubscriptionTrie
+
+if TYPE_CHECKING:
+    from gateway.metrics import ClusterMetrics
+    from gateway.mqtt.broker import Broker
+    from gateway.mqtt.connection import MqttConnection
+
+log = logging.getLogger("iotgw.cluster")
+
+PREFIX = "iotgw:"
+ROUTES_CHANNEL = PREFIX + "routes"
+RETAINED_CHANNEL = PREFIX + "retained"
+RETAINED_KEY = PREFIX + "retained"
+NODES_KEY = PREFIX + "nodes"  # hash: node -> last heartbeat, ms since the epoch
+HEARTBEAT = 1.0  # seconds
+DEAD_AFTER = 5.0  # seconds without a heartbeat
+TAKEOVER_TIMEOUT = 3.0  # seconds a CONNECT waits for another node to hand a session over
+
+PUB, KICK, KICKED = 0, 1, 2
+
+# Routes of one node: a hash of filters and a sequence number, changed and announced atomically.
+_ROUTES_SCRIPT = """
+local change = cmsgpack.unpack(ARGV[1])
+if ARGV[4] == '1' then redis.call('DEL', KEYS[1]) end
+for _, f in ipairs(change[1]) do redis.call('HSET', KEYS[1], f, 1) end
+for _, f in ipairs(change[2]) do redis.call('HDEL', KEYS[1], f) end
+local seq = redis.call('INCR', KEYS[2])
+redis.call('PUBLISH', ARGV[2], seq .. ' ' .. ARGV[3])
+return seq
+"""
+_ROUTES_READ_SCRIPT = """
+return {redis.call('GET', KEYS[2]) or '0', redis.call('HKEYS', KEYS[1])}
+"""
+_RETAIN_SCRIPT = """
+if ARGV[2] == '' then redis.call('HDEL', KEYS[1], ARGV[1])
+else redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+# The client registry's value is "{node}|{epoch}|{1 online, 0 offline session}".
+_RELEASE_SCRIPT = """
+local v = redis.call('GET', KEYS[1])
+if v and string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2]) end
+  return 1
+end
+return 0
+"""
+_RECLAIM_SCRIPT = """
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+def _routes_key(node: str) -> str:
+    return f"{PREFIX}routes:{{{node}}}"
+
+
+def _routes_seq_key(node: str) -> str:
+    return f"{PREFIX}routes-seq:{{{node}}}"
+
+
+def _client_key(client_id: str) -> str:
+    return f"{PREFIX}client:{client_id}"
+
+
+def _node_channel(node: str) -> str:
+    return f"{PREFIX}node:{node}"
+
+
+def _pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+class Cluster:
+    def __init__(
+        self, broker: Broker, redis_url: str, node_id: str, metrics: ClusterMetrics
+    ) -> None:
+        if "|" in node_id:
+            raise ValueError("a node id must not contain '|'")
+        self.broker = broker
+        self.node_id = node_id
+        self.metrics = metrics
+        self.redis: Redis = Redis.from_url(redis_url)
+        self._pubsub = self.redis.pubsub()
+        # Other nodes' routes: ordinary filters keyed by node; shared ones keyed by
+        # (node, "$share/g/f") under the inner filter.
+        self.routes: SubscriptionTrie[str, bool] = SubscriptionTrie()
+        self.shared_routes: SubscriptionTrie[tuple[str, str], str] = SubscriptionTrie()
+        self._node_filters: dict[str, set[str]] = {}
+        self._node_seq: dict[str, int] = {}
+        self.alive: dict[str, float] = {}  # node -> last heartbeat (wall seconds)
+        # Our routes: subscriber count per filter, and the changes not yet announced.
+        self._local: dict[str, int] = {}
+        self._adds: set[str] = set()
+        self._removes: set[str] = set()
+        self._turns: dict[str, int] = {}
+        # Redis commands go out in order, batched per loop turn: (args, future or None).
+        self._outbox: list[
+            tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any] | None]
+        ] = []
+        self._flushing: asyncio.Task[None] | None = None
+        self._incarnation = secrets.token_hex(4)
+        self._epochs = itertools.count(1)
+        self._requests = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._scripts: dict[str, Any] = {}
+        self.claiming: dict[str, tuple[str, MqttConnection]] = {}  # client id -> (epoch, conn)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for name, source in (
+            ("routes", _ROUTES_SCRIPT),
+            ("routes_read", _ROUTES_READ_SCRIPT),
+            ("retain", _RETAIN_SCRIPT),
+            ("release", _RELEASE_SCRIPT),
+            ("reclaim", _RECLAIM_SCRIPT),
+        ):
+            self._scripts[name] = await self.redis.script_load(source)
+        await self._pubsub.subscribe(
+            _node_channel(self.node_id), ROUTES_CHANNEL, RETAINED_CHANNEL
+        )
+        await self._heartbeat()
+        # Our own routes start empty (a restarted node announces what it restores).
+        await self.redis.evalsha(
+            self._scripts["routes"], 2, _routes_key(self.node_id), _routes_seq_key(self.node_id),
+            _pack([[], []]), ROUTES_CHANNEL, _pack([self.node_id, [], [], True]), "1",
+        )
+        await self._load_routes()
+        await self._load_retained()
+        self._spawn(self._read_forever())
+        self._spawn(self._heartbeat_forever())
+        log.info("cluster node %s joined (%d other nodes)", self.node_id, len(self._node_filters))
+
+    async def stop(self) -> None:
+        """Leave: our routes go, and other nodes stop counting on us."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+        await self._flush_now()
+        try:
+            await self.redis.evalsha(
+                self._scripts["routes"], 2, _routes_key(self.node_id),
+                _routes_seq_key(self.node_id), _pack([[], []]), ROUTES_CHANNEL,
+                _pack([self.node_id, [], [], True]), "1",
+            )
+            await self.redis.hdel(NODES_KEY, self.node_id)
+        finally:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            await self.redis.aclose()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _heartbeat(self) -> None:
+        await self.redis.hset(NODES_KEY, self.node_id, int(time.time() * 1000))
+        beats: dict[Any, Any] = await self.redis.hgetall(NODES_KEY)
+        now = time.time()
+        self.alive = {
+            k.decode(): int(v) / 1000 for k, v in beats.items() if now - int(v) / 1000 < DEAD_AFTER
+        }
+        for node in list(self._node_filters):
+            if node not in self.alive:
+                log.warning("cluster node %s is gone: dropping its routes", node)
+                self._replace_routes(node, set())
+        self.metrics.nodes.set(len(self.alive))
+
+    async def _heartbeat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            try:
+                await self._heartbeat()
+            except Exception:  # Redis away for a moment: try again at the next beat
+                log.exception("cluster heartbeat failed")
+
+    def is_alive(self, node: str) -> bool:
+        seen = self.alive.get(node)
+        return seen is not None and time.time() - seen < DEAD_AFTER
+
+    # ---- sending: one pipeline per loop turn, in order ----------------------------------------
+
+    def _send(
+        self, *args: Any, reply: bool = False, **options: Any
+    ) -> asyncio.Future[Any] | None:
+        if self._adds or self._removes:  # routes first: what follows may depend on them
+            self._announce_routes()
+        future = asyncio.get_running_loop().create_future() if reply else None
+        self._outbox.append((args, options, future))
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
+        return future
+
+    async def _flush_loop(self) -> None:
+        try:
+            while self._outbox or self._adds or self._removes:
+                await self._flush_now()
+        finally:
+            self._flushing = None
+
+    async def _flush_now(self) -> None:
+        if self._adds or self._removes:
+            self._announce_routes()
+        batch, self._outbox = self._outbox, []
+        if not batch:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for args, options, _ in batch:
+            pipe.execute_command(*args, **options)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            log.exception("cluster: a batch of %d Redis commands failed", len(batch))
+            results = [exc] * len(batch)
+        for (_, _, future), result in zip(batch, results, strict=True):
+            if future is not None and not future.done():
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    # ---- routes ------------------------------------------------------------------------------
+
+    def route_added(self, topic_filter: str) -> None:
+        count = self._local.get(topic_filter, 0)
+        self._local[topic_filter] = count + 1
+        if count == 0:
+            if topic_filter in self._removes:
+                self._removes.discard(topic_filter)
+            else:
+                self._adds.add(topic_filter)
+            self._wake()
+
+    def route_removed(self, topic_filter: str) -> None:
+        count = self._local.get(topic_filter, 0)
+        if count <= 1:
+            self._local.pop(topic_filter, None)
+            if count == 1:
+                if topic_filter in self._adds:
+                    self._adds.discard(topic_filter)
+                else:
+                    self._removes.add(topic_filter)
+                self._wake()
+        else:
+            self._local[topic_filter] = count - 1
+
+    def _wake(self) -> None:
+        if self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    def _announce_routes(self) -> None:
+        adds, removes = sorted(self._adds), sorted(self._removes)
+        self._adds.clear()
+        self._removes.clear()
+        self.metrics.route_changes.inc(len(adds) + len(removes))
+        self._outbox.append(
+            (
+                (
+                    "EVALSHA", self._scripts["routes"], 2, _routes_key(self.node_id),
+                    _routes_seq_key(self.node_id), _pack([adds, removes]), ROUTES_CHANNEL,
+                    _pack([self.node_id, adds, removes, False]), "0",
+                ),
+                {},
+                None,
+            )
+        )
+
+    async def _load_routes(self) -> None:
+        for node in self.alive:
+            if node == self.node_id:
+                continue
+            seq, filters = await self.redis.evalsha(
+                self._scripts["routes_read"], 2, _routes_key(node), _routes_seq_key(node)
+            )
+            self._replace_routes(node, {f.decode() for f in filters})
+            self._node_seq[node] = int(seq)
+
+    def _on_routes(self, data: bytes) -> None:
+        seq_text, _, body = data.partition(b" ")
+        node, adds, removes, reset = msgpack.unpackb(body, raw=False)
+        if node == self.node_id:
+            return
+        seq = int(seq_text)
+        if seq <= self._node_seq.get(node, 0):
+            return  # already in the table we loaded
+        self._node_seq[node] = seq
+        self.alive.setdefault(node, time.time())
+        if reset:
+            self._replace_routes(node, set())
+        filters = self._node_filters.setdefault(node, set())
+        for f in adds:
+            if f not in filters:
+                filters.add(f)
+                self._add_route(node, f)
+        for f in removes:
+            if f in filters:
+                filters.discard(f)
+                self._remove_route(node, f)
+
+    def _replace_routes(self, node: str, filters: set[str]) -> None:
+        for f in self._node_filters.pop(node, set()):
+            self._remove_route(node, f)
+        if filters:
+            self._node_filters[node] = filters
+            for f in filters:
+                self._add_route(node, f)
+
+    def _add_route(self, node: str, topic_filter: str) -> None:
+        shared = mqtt.parse_shared(topic_filter)
+        if shared is None:
+            self.routes.add(topic_filter, node, True)
+        else:
+            self.shared_routes.add(shared[1], (node, topic_filter), topic_filter)
+
+    def _remove_route(self, node: str, topic_filter: str) -> None:
+        shared = mqtt.parse_shared(topic_filter)
+        if shared is None:
+            self.routes.remove(topic_filter, node)
+        else:
+            self.shared_routes.remove(shared[1], (node, topic_filter))
+
+    # ---- publishing across nodes -------------------------------------------------------------
+
+    def forward(self, message: Message) -> tuple[int, set[str] | None]:
+        """Send the message to every other node with a matching route. Returns the number of
+        nodes it went to and which of our shared groups (full `$share/...` filters) were
+        picked to deliver it here (None: no shared groups involved)."""
+        nodes: set[str] = set()
+        if len(self.routes):
+            nodes.update(node for node, _ in self.routes.match(message.topic))
+        mine: set[str] | None = None
+        picked: dict[str, list[str]] = {}
+        if len(self.shared_routes) or len(self.broker.shared):
+            candidates: dict[str, list[str]] = {}
+            for (node, full), _ in self.shared_routes.match(message.topic):
+                candidates.setdefault(full, []).append(node)
+            for _, group in self.broker.shared.match(message.topic):
+                if group.members:
+                    candidates.setdefault(group.filter, []).append(self.node_id)
+            mine = set()
+            for full, among in candidates.items():
+                turn = self._turns[full] = self._turns.get(full, -1) + 1
+                chosen = sorted(among)[turn % len(among)]
+                if chosen == self.node_id:
+                    mine.add(full)
+                else:
+                    picked.setdefault(chosen, []).append(full)
+            nodes.update(picked)
+        if nodes:
+            wire = persistence.pack_message(message, monotonic())
+            for node in nodes:
+                self._send("PUBLISH", _node_channel(node), _pack([PUB, wire, picked.get(node, [])]))
+            self.metrics.forwarded.inc(len(nodes))
+        return len(nodes), mine
+
+    def retain(self, message: Message) -> None:
+        """A retained message set (or deleted, empty payload) here: store and broadcast it."""
+        wire = b""
+        if message.payload:
+            wire = _pack([persistence.pack_message(message, monotonic()), time.time()])
+        note = _pack([message.topic, wire])
+        self._send(
+            "EVALSHA", self._scripts["retain"], 1, RETAINED_KEY, message.topic, wire,
+            RETAINED_CHANNEL, note,
+        )
+
+    async def _load_retained(self) -> None:
+        stored: dict[Any, Any] = await self.redis.hgetall(RETAINED_KEY)
+        for topic, wire in stored.items():
+            self._apply_retained(topic.decode(), wire)
+        self.broker.metrics.retained.set(len(self.broker.retained))
+
+    def _apply_retained(self, topic: str, wire: bytes) -> None:
+        if not wire:
+            self.broker.retained.delete(topic)
+            return
+        packed, saved_at = msgpack.unpackb(wire, raw=False)
+        message = persistence.unpack_message(packed, monotonic() - (time.time() - saved_at))
+        if not message.expired(monotonic()):
+            self.broker.retained.set(topic, message)
+
+    # ---- client ids: claims and takeovers -----------------------------------------------------
+
+    def new_epoch(self) -> str:
+        return f"{self._incarnation}.{next(self._epochs)}"
+
+    def claim(self, client_id: str, epoch: str) -> asyncio.Future[Any]:
+        """Register this node as the holder of `client_id`; resolves to the previous holder's
+        registry value (bytes) or None."""
+        future = self._send(
+            "SET", _client_key(client_id), f"{self.node_id}|{epoch}|1", "GET", reply=True, get=True
+        )
+        assert future is not None
+        return future
+
+    def went_offline(self, client_id: str, epoch: str) -> None:
+        """The connection is gone, its persistent session stays here."""
+        mine = f"{self.node_id}|{epoch}|"
+        self._send("EVALSHA", self._scripts["release"], 1, _client_key(client_id), mine, mine + "0")
+
+    def released(self, client_id: str, epoch: str) -> None:
+        """The session ended: the registry forgets it (unless another node holds it now)."""
+        mine = f"{self.node_id}|{epoch}|"
+        self._send("EVALSHA", self._scripts["release"], 1, _client_key(client_id), mine, "")
+
+    def reclaim(self, session: Session) -> None:
+        """A session restored from our snapshot: ours again unless another node has it now."""
+        session.cluster_epoch = epoch = self.new_epoch()
+        future = self._send(
+            "EVALSHA", self._scripts["reclaim"], 1, _client_key(session.client_id),
+            f"{self.node_id}|", f"{self.node_id}|{epoch}|0", reply=True,
+        )
+        assert future is not None
+
+        def done(f: asyncio.Future[Any]) -> None:
+            if f.exception() is None and f.result() == 0 and session.cluster_epoch == epoch:
+                self.broker.drop_session(session)  # it moved on while we were down
+
+        future.add_done_callback(done)
+
+    async def take_over(self, previous: bytes | None, client_id: str, want_session: bool) -> Any:
+        """After a claim: if another live node held the client, have it close the old connection
+        and (when `want_session`) hand over the session. Returns the packed session or None."""
+        if previous is None:
+            return None
+        node, epoch, _ = previous.decode().split("|")
+        if node == self.node_id:
+            return None  # ours: the broker takes over locally
+        if not self.is_alive(node):
+            log.warning("client %s was on node %s, which is gone", client_id, node)
+            return None
+        self.metrics.takeovers.inc()
+        request = next(self._requests)
+        note = _pack([KICK, client_id, epoch, self.node_id, request, want_session])
+        if not want_session:
+            self._send("PUBLISH", _node_channel(node), note)
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[request] = future
+        self._send("PUBLISH", _node_channel(node), note)
+        try:
+            return await asyncio.wait_for(future, TAKEOVER_TIMEOUT)
+        except TimeoutError:
+            log.warning("node %s did not hand over the session of %s in time", node, client_id)
+            return None
+        finally:
+            self._waiting.pop(request, None)
+
+    def _on_kick(self, client_id: str, epoch: str, origin: str, request: int, want: bool) -> None:
+        broker = self.broker
+        packed = None
+        claiming = self.claiming.get(client_id)
+        session = broker.sessions.get(client_id)
+        if claiming is not None and claiming[0] == epoch:
+            claiming[1].taken_over = True  # the CONNECT still in progress here lost
+        elif session is not None and session.cluster_epoch == epoch:
+            conn = broker.online.get(client_id)
+            if conn is not None:
+                conn.close_with(mqtt.SESSION_TAKEN_OVER, "session taken over on another node")
+                broker.detach(conn, conn.will, 0)
+                conn.will = None
+            if broker.sessions.get(client_id) is session:
+                if want and session.expiry_interval:
+                    packed = persistence.pack_session(session, monotonic(), time.time())
+                    broker.drop_session(session)
+                else:
+                    broker.end_session(session)
+            broker.flush()
+        if want:
+            self._send("PUBLISH", _node_channel(origin), _pack([KICKED, request, packed]))
+
+    def import_session(self, packed: Any) -> Session | None:
+        existing = self.broker.sessions.get(packed["client_id"])
+        if existing is not None:
+            self.broker.drop_session(existing)
+        return persistence.unpack_session(self.broker, packed, monotonic(), time.time())
+
+    # ---- receiving ----------------------------------------------------------------------------
+
+    async def _read_forever(self) -> None:
+        pubsub = self._pubsub
+        while True:
+            try:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("cluster: reading from Redis failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            if message is None:
+                continue
+            try:
+                self._dispatch(message["channel"], message["data"])
+            except Exception:  # one bad note must not stop the cluster
+                log.exception("cluster: a note could not be handled")
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        if channel == b"iotgw:routes":
+            self._on_routes(data)
+            return
+        if channel == b"iotgw:retained":
+            topic, wire = msgpack.unpackb(data, raw=False)
+            self._apply_retained(topic, wire)
+            self.broker.metrics.retained.set(len(self.broker.retained))
+            return
+        note = msgpack.unpackb(data, raw=False)
+        kind = note[0]
+        if kind == PUB:
+            self.metrics.received.inc()
+            message = persistence.unpack_message(note[1], monotonic())
+            self.broker.deliver_forwarded(message, set(note[2]))
+            self.broker.flush()
+        elif kind == KICK:
+            self._on_kick(*note[1:])
+        elif kind == KICKED:
+            future = self._waiting.get(note[1])
+            if future is not None and not future.done():
+                future.set_result(note[2])
+
+    # ---- queries for the REST API -------------------------------------------------------------
+
+    async def locate(self, client_ids: list[str]) -> dict[str, tuple[str, bool]]:
+        """Where each client is held: (node, online). Clients nowhere are left out."""
+        if not client_ids:
+            return {}
+        values: list[Any] = await self.redis.mget([_client_key(c) for c in client_ids])
+        found: dict[str, tuple[str, bool]] = {}
+        for client_id, value in zip(client_ids, values, strict=True):
+            if value is not None:
+                node, _, flag = value.decode().split("|")
+                found[client_id] = (node, flag == "1" and self.is_alive(node))
+        return found
+

@@ -1,0 +1,272 @@
+"""Gateway nodes sharing one Redis act as one MQTT broker (gateway/cluster.py): two nodes in
+this process (each on its own event loop) with real clients on each, and `iotgw run --workers`
+as separate processes on one port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+import redis
+from conftest import free_port, wait_for_tcp
+from test_mqtt_server import PahoClient, RawClient
+
+from gateway._native import mqtt
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def nodes(gateway_factory: Any, redis_server: Any) -> tuple[Any, Any]:
+    url = f"redis://{redis_server.url}"
+    redis.Redis.from_url(url).flushall()
+    settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True}
+    a = gateway_factory(node_id="node-a", **settings)
+    b = gateway_factory(node_id="node-b", **settings)
+    return a, b
+
+
+def knows_route(node: Any, topic: str, holder: str) -> bool:
+    """Whether `node` has heard that `holder` subscribes to something matching `topic`."""
+    cluster = node.gateway.cluster
+    return bool(node.call(lambda: any(n == holder for n, _ in cluster.routes.match(topic))))
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_publish_on_one_node_reaches_a_subscriber_on_the_other(nodes: Any, qos: int) -> None:
+    a, b = nodes
+    sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
+    sub.subscribe("plant/+/temp", qos)
+    wait_until(lambda: knows_route(a, "plant/1/temp", "node-b"))
+    pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv311)
+    for i in range(20):
+        pub.publish(f"plant/{i % 3}/temp", b"%d" % i, qos)
+    got = sub.wait_messages(20)
+    assert [m.payload for m in got] == [b"%d" % i for i in range(20)]
+    assert {m.qos for m in got} == {qos}
+    assert b.call(lambda: b.gateway.metrics.cluster.received._value.get()) == 20
+    sub.close()
+    pub.close()
+
+
+def test_unsubscribe_withdraws_the_route_and_nothing_more_is_forwarded(nodes: Any) -> None:
+    a, b = nodes
+    sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
+    sub.subscribe("news/#", 1)
+    wait_until(lambda: knows_route(a, "news/x", "node-b"))
+    sub.client.unsubscribe("news/#")
+    wait_until(lambda: not knows_route(a, "news/x", "node-b"))
+    pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv5)
+    pub.publish("news/x", b"late", 1)
+    assert a.call(lambda: a.gateway.metrics.cluster.forwarded._value.get()) == 0
+    sub.close()
+    pub.close()
+
+
+def test_shared_subscription_spans_nodes_and_each_message_goes_to_one_member(
+    nodes: Any,
+) -> None:
+    a, b = nodes
+    member_a = PahoClient(a.mqtt_port, "worker-a", paho.MQTTv5)
+    member_b = PahoClient(b.mqtt_port, "worker-b", paho.MQTTv5)
+    member_a.subscribe("$share/workers/jobs/#", 1)
+    member_b.subscribe("$share/workers/jobs/#", 1)
+    wait_until(lambda: a.call(lambda: len(a.gateway.cluster.shared_routes)) == 1)
+    pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv5)
+    for i in range(20):
+        pub.publish(f"jobs/{i}", b"%d" % i, 1)
+    wait_until(lambda: len(member_a.messages) + len(member_b.messages) >= 20)
+    time.sleep(0.2)  # nothing more may come: each message went to exactly one member
+    got = sorted(int(m.payload) for m in member_a.messages + member_b.messages)
+    assert got == list(range(20))
+    assert member_a.messages and member_b.messages  # the nodes took turns
+    for c in (member_a, member_b, pub):
+        c.close()
+
+
+def test_retained_message_set_on_one_node_is_served_by_every_node(
+    nodes: Any, gateway_factory: Any, redis_server: Any
+) -> None:
+    a, b = nodes
+    pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv311)
+    pub.publish("state/lamp", b"on", 1, retain=True)
+    wait_until(lambda: b.call(lambda: len(b.gateway.broker.retained)) == 1)
+    sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv311)
+    sub.subscribe("state/#", 1)
+    (msg,) = sub.wait_messages(1)
+    assert (msg.topic, msg.payload, msg.retain) == ("state/lamp", b"on", True)
+    # A node that joins later loads them from Redis.
+    c = gateway_factory(node_id="node-c", allow_anonymous=True, acl="open",
+                        redis=f"redis://{redis_server.url}", cluster=True)
+    late = PahoClient(c.mqtt_port, "late", paho.MQTTv311)
+    late.subscribe("state/#", 1)
+    assert [m.payload for m in late.wait_messages(1)] == [b"on"]
+    # An empty retained message clears it everywhere.
+    pub.publish("state/lamp", b"", 1, retain=True)
+    for node in (a, b, c):
+        wait_until(lambda node=node: node.call(lambda: len(node.gateway.broker.retained)) == 0)
+    for client in (pub, sub, late):
+        client.close()
+
+
+def test_connecting_on_another_node_takes_the_session_over_with_0x8e(nodes: Any) -> None:
+    a, b = nodes
+    watcher = PahoClient(a.mqtt_port, "watcher", paho.MQTTv5)
+    watcher.subscribe("wills/#", 1)
+    first = RawClient(a.mqtt_port, version=5)
+    assert first.connect("dev", will=mqtt.Will("wills/dev", b"gone", 1)).reason_code == 0
+    second = RawClient(b.mqtt_port, version=5)
+    assert second.connect("dev").reason_code == 0
+    kicked = first.recv()
+    assert kicked.type == mqtt.DISCONNECT and kicked.reason_code == mqtt.SESSION_TAKEN_OVER
+    assert [m.payload for m in watcher.wait_messages(1)] == [b"gone"]  # as on one node
+    wait_until(lambda: a.call(lambda: "dev" not in a.gateway.broker.sessions))
+    assert b.call(lambda: "dev" in b.gateway.broker.online)
+    second.close()
+    watcher.close()
+
+
+def test_persistent_session_moves_with_its_queued_messages_to_the_node_it_resumes_on(
+    nodes: Any,
+) -> None:
+    a, b = nodes
+    props = mqtt.Properties(session_expiry_interval=300)
+    dev = RawClient(a.mqtt_port, version=5)
+    assert dev.connect("dev", properties=props).reason_code == 0
+    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 1)]).encode(5))
+    assert dev.recv().type == mqtt.SUBACK
+    dev.send(mqtt.Disconnect().encode(5))
+    dev.close()
+    wait_until(lambda: knows_route(b, "cmd/x", "node-a"))
+    pub = PahoClient(b.mqtt_port, "pub", paho.MQTTv5)
+    pub.publish("cmd/reboot", b"now", 1)  # routed to node a, queued in the offline session
+    wait_until(lambda: a.call(lambda: len(a.gateway.broker.sessions["dev"].queue)) == 1)
+
+    back = RawClient(b.mqtt_port, version=5)
+    # CONNECT and a PUBLISH right behind it, before the CONNACK (allowed: 5.0 3.1.4).
+    back.send(
+        mqtt.Connect(
+            client_id="dev", clean_start=False, properties=props, protocol_level=5
+        ).encode(5)
+        + mqtt.Publish("cmd/self", b"x" * 2000, 0).encode(5)
+    )
+    connack = back.recv()
+    assert connack.type == mqtt.CONNACK and connack.session_present
+    queued = back.recv()
+    assert (queued.topic, bytes(queued.payload)) == ("cmd/reboot", b"now")
+    own = back.recv()  # its own early PUBLISH, through the subscription that moved with it
+    assert (own.topic, bytes(own.payload)) == ("cmd/self", b"x" * 2000)
+    assert a.call(lambda: "dev" not in a.gateway.broker.sessions)
+    # The subscription moved too: node a now forwards cmd/# to node b.
+    wait_until(lambda: knows_route(a, "cmd/x", "node-b") and not knows_route(b, "cmd/x", "node-a"))
+    pub2 = PahoClient(a.mqtt_port, "pub2", paho.MQTTv5)
+    pub2.publish("cmd/again", b"2", 1)
+    msg = back.recv()
+    assert (msg.topic, bytes(msg.payload)) == ("cmd/again", b"2")
+    for c in (pub, pub2):
+        c.close()
+    back.close()
+
+
+def test_a_node_that_stops_takes_its_routes_with_it(nodes: Any) -> None:
+    a, b = nodes
+    sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
+    sub.subscribe("news/#", 1)
+    wait_until(lambda: knows_route(a, "news/x", "node-b"))
+    b.stop()
+    wait_until(lambda: not knows_route(a, "news/x", "node-b"))
+    assert a.call(lambda: len(a.gateway.cluster.routes)) == 0
+    sub.client.loop_stop()
+
+
+def test_rest_sees_and_commands_a_device_connected_to_another_node(
+    gateway_factory: Any, redis_server: Any
+) -> None:
+    redis.Redis.from_url(f"redis://{redis_server.url}").flushall()
+    settings = {"allow_anonymous": True, "acl": "open", "redis": f"redis://{redis_server.url}",
+                "cluster": True, "api_token": "secret"}
+    a = gateway_factory(node_id="node-a", **settings)
+    b = gateway_factory(node_id="node-b", **settings)
+    dev = PahoClient(b.mqtt_port, "dev-1", paho.MQTTv5)
+    dev.subscribe("devices/dev-1/commands/#", 1)
+    wait_until(lambda: knows_route(a, "devices/dev-1/commands/x", "node-b"))
+
+    def api(method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{a.gateway.http.port}{path}", data=data, method=method,
+            headers={"Authorization": "Bearer secret", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+
+    status, info = api("GET", "/v1/devices/dev-1")
+    assert (status, info["online"], info["node"]) == (200, True, "node-b")
+    status, sent = api("POST", "/v1/devices/dev-1/commands",
+                       {"name": "reboot", "payload": {"delay": 1}, "timeout_s": 0})
+    assert (status, sent["status"]) == (202, "delivered")
+    (msg,) = dev.wait_messages(1)
+    assert msg.topic == "devices/dev-1/commands/reboot"
+    assert json.loads(msg.payload) == {"delay": 1}
+    dev.close()
+
+
+def test_workers_share_one_port_as_one_broker(tmp_path: Path, redis_server: Any) -> None:
+    redis.Redis.from_url(f"redis://{redis_server.url}").flushall()
+    port, http_port, coap_port = free_port(), free_port(), free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "--workers", "2", "--redis", f"redis://{redis_server.url}",
+         "--mqtt-port", str(port), "--http-port", str(http_port), "--coap-port", str(coap_port),
+         "--data-dir", str(tmp_path / "data"), "--allow-anonymous", "--acl", "open",
+         "--node-id", "box"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_tcp(port, proc=proc, timeout=30)
+        for p in (http_port, http_port + 1):  # each worker serves the API on its own port
+            wait_for_tcp(p, proc=proc, timeout=30)
+        r = redis.Redis.from_url(f"redis://{redis_server.url}")
+        wait_until(lambda: r.hlen("iotgw:nodes") == 2, timeout=15)
+        # Many subscribers: SO_REUSEPORT spreads them over both workers.
+        subs = [PahoClient(port, f"s{i}", paho.MQTTv311) for i in range(16)]
+        for s in subs:
+            s.subscribe("fleet/#", 1)
+        nodes = {r.get(f"iotgw:client:s{i}").decode().split("|")[0] for i in range(16)}
+        assert nodes == {"box-w0", "box-w1"}
+        time.sleep(0.3)  # routes announced
+        pub = PahoClient(port, "pub", paho.MQTTv311)
+        for i in range(10):
+            pub.publish(f"fleet/{i}", b"%d" % i, 1)
+        for s in subs:
+            assert [m.payload for m in s.wait_messages(10)] == [b"%d" % i for i in range(10)]
+        # Telemetry from devices on both workers: each worker has its own store, tail reads all.
+        for i, s in enumerate(subs[:4]):
+            s.publish(f"devices/s{i}/telemetry", b'{"t": %d}' % i, 1)
+        tail = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", "telemetry", "--data-dir", str(tmp_path / "data"),
+             "tail", "-n", "0"], capture_output=True, text=True, timeout=30,
+        )
+        devices = sorted(json.loads(line)["device"] for line in tail.stdout.splitlines())
+        assert devices == ["s0", "s1", "s2", "s3"], tail.stderr
+        for c in [*subs, pub]:
+            c.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out.decode()[-2000:]
+    assert sorted(os.listdir(tmp_path / "data" / "workers")) == ["0", "1"]
