@@ -421,7 +421,6 @@ class Cluster:
         stored: dict[Any, Any] = await self.redis.hgetall(RETAINED_KEY)
         for topic, wire in stored.items():
             self._apply_retained(topic.decode(), wire)
-        self.broker.metrics.retained.set(len(self.broker.retained))
 
     def _apply_retained(self, topic: str, wire: bytes) -> None:
         if not wire:
@@ -470,6 +469,13 @@ class Cluster:
                 self.broker.drop_session(session)  # it moved on while we were down
 
         future.add_done_callback(done)
+
+    def held_elsewhere(self, previous: bytes | None) -> bool:
+        """Whether a claim's previous registry value names another node that is alive."""
+        if previous is None:
+            return False
+        node = previous.decode().split("|", 1)[0]
+        return node != self.node_id and self.is_alive(node)
 
     async def take_over(self, previous: bytes | None, client_id: str, want_session: bool) -> Any:
         """After a claim: if another live node held the client, have it close the old connection
@@ -555,7 +561,6 @@ class Cluster:
         if channel == b"iotgw:retained":
             topic, wire = msgpack.unpackb(data, raw=False)
             self._apply_retained(topic, wire)
-            self.broker.metrics.retained.set(len(self.broker.retained))
             return
         note = msgpack.unpackb(data, raw=False)
         kind = note[0]

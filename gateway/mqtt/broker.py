@@ -102,6 +102,9 @@ class Broker:
         self.pending_wills: dict[str, _PendingWill] = {}
         self._dirty: set[MqttConnection] = set()
         self.changes = 0  # bumped by every change a snapshot must keep (persistence.py)
+        # Counted when scraped: a gauge's set() on every CONNECT costs more than it tells.
+        metrics.sessions.set_function(lambda: len(self.sessions))
+        metrics.retained.set_function(lambda: len(self.retained))
 
     # ---- output batching -------------------------------------------------------------------
 
@@ -123,7 +126,6 @@ class Broker:
         self.sessions[session.client_id] = session
         self.pending_wills.pop(session.client_id, None)  # a will delayed for this session is off
         session.disconnected_at = None
-        self.metrics.sessions.set(len(self.sessions))
 
     def detach(self, conn: MqttConnection, will: Message | None, will_delay: int) -> None:
         """The connection is gone: keep or end its session, publish or schedule its will."""
@@ -160,7 +162,6 @@ class Broker:
             self.remove_subscription(session.client_id, topic_filter)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
-        self.metrics.sessions.set(len(self.sessions))
         return self.pending_wills.pop(session.client_id, None)
 
     # ---- subscriptions -------------------------------------------------------------------------
@@ -288,7 +289,6 @@ class Broker:
             self.retained.set(message.topic, message)
         else:  # a retained message with an empty payload deletes the retained one
             self.retained.delete(message.topic)
-        self.metrics.retained.set(len(self.retained))
 
     def _deliver(
         self, client_id: str, message: Message, sub_qos: int, rap: bool, ids: tuple[int, ...]

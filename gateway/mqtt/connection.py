@@ -78,6 +78,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         # Cluster mode: packets that came behind a CONNECT still waiting for the cluster, and
         # whether a newer CONNECT of the same client id on another node won meanwhile.
         self._stash: list[Any] | None = None
+        self._pending_connect: tuple[Any, str, str, bool, str] | None = None
         self.taken_over = False
 
     # ---- transport callbacks -----------------------------------------------------------------
@@ -256,36 +257,52 @@ class MqttConnection(asyncio.BufferedProtocol):
         epoch = cluster.new_epoch()
         claim = cluster.claim(client_id, epoch)
         cluster.claiming[client_id] = (epoch, self)
+        self._pending_connect = (c, client_id, identity, assigned, epoch)
         self._stash = []
         self.pause_reading()
-        asyncio.get_running_loop().create_task(
-            self._resume_after_claim(c, client_id, identity, assigned, epoch, claim)
-        )
+        claim.add_done_callback(self._claimed)
 
-    async def _resume_after_claim(
-        self,
-        c: Any,
-        client_id: str,
-        identity: str,
-        assigned: bool,
-        epoch: str,
-        claim: asyncio.Future[Any],
-    ) -> None:
+    def _claimed(self, claim: asyncio.Future[Any]) -> None:
+        """The claim is in: finish CONNECT now, or after another node let the client go."""
+        cluster = self.broker.cluster
+        assert cluster is not None and self._pending_connect is not None
+        c, client_id = self._pending_connect[:2]
+        try:
+            previous = claim.result()
+        except Exception:
+            self._claim_failed()
+            return
+        if not cluster.held_elsewhere(previous):
+            self._finish_claim(None)
+            return
+
+        async def take_over() -> None:
+            try:
+                packed = await cluster.take_over(previous, client_id, not c.clean_start)
+            except Exception:
+                self._claim_failed()
+                return
+            self._finish_claim(packed)
+
+        asyncio.get_running_loop().create_task(take_over())
+
+    def _claim_failed(self) -> None:
+        assert self._pending_connect is not None
+        log.exception("cluster claim of %s failed", self._pending_connect[1])
+        self._finish_claim(None, failed=True)
+
+    def _finish_claim(self, packed: Any, failed: bool = False) -> None:
         broker = self.broker
         cluster = broker.cluster
-        assert cluster is not None
-        packed = None
-        try:
-            previous = await claim
-            packed = await cluster.take_over(previous, client_id, not c.clean_start)
-        except Exception:
-            log.exception("cluster claim of %s failed", client_id)
+        assert cluster is not None and self._pending_connect is not None
+        c, client_id, identity, assigned, epoch = self._pending_connect
+        self._pending_connect = None
+        if cluster.claiming.get(client_id, ("", None))[0] == epoch:
+            del cluster.claiming[client_id]
+        if failed:
             self._refuse(mqtt.SERVER_UNAVAILABLE, V4_SERVER_UNAVAILABLE, "cluster_unavailable")
             broker.flush()
             return
-        finally:
-            if cluster.claiming.get(client_id, ("", None))[0] == epoch:
-                del cluster.claiming[client_id]
         if packed is not None and not self.taken_over:
             session = cluster.import_session(packed)
             if session is not None:

@@ -96,7 +96,6 @@ def unpack_session(broker: Broker, d: dict[str, Any], now: float, wall: float) -
     session.queue.extend(_delivery_in(x, now) for x in d["queue"])
     session.incoming_qos2 = set(d["incoming_qos2"])
     broker.sessions[session.client_id] = session
-    broker.metrics.sessions.set(len(broker.sessions))
     return session
 
 
@@ -132,6 +131,4 @@ def load(broker: Broker, path: Path) -> int:
     for d in doc["sessions"]:
         if unpack_session(broker, d, now, wall) is not None:
             restored += 1
-    broker.metrics.sessions.set(len(broker.sessions))
-    broker.metrics.retained.set(len(broker.retained))
     return restored
