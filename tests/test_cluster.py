@@ -183,6 +183,61 @@ def test_persistent_session_moves_with_its_queued_messages_to_the_node_it_resume
     back.close()
 
 
+def test_simultaneous_connects_of_one_client_id_on_two_nodes_leave_one_connection(
+    nodes: Any,
+) -> None:
+    a, b = nodes
+    for attempt in range(10):
+        client_id = f"twin-{attempt}"
+        first, second = RawClient(a.mqtt_port, version=5), RawClient(b.mqtt_port, version=5)
+        connect = mqtt.Connect(client_id=client_id, protocol_level=5).encode(5)
+        first.send(connect)
+        second.send(connect)
+
+        def holders(client_id: str = client_id) -> int:
+            return sum(
+                n.call(lambda n=n: client_id in n.gateway.broker.online) for n in (a, b)
+            )
+
+        wait_until(lambda: holders() == 1)
+        time.sleep(0.05)
+        assert holders() == 1
+        first.close()
+        second.close()
+
+
+def test_restarted_node_keeps_its_persistent_sessions_and_hands_them_over(
+    gateway_factory: Any, redis_server: Any, tmp_path: Path
+) -> None:
+    url = f"redis://{redis_server.url}"
+    redis.Redis.from_url(url).flushall()
+    settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True}
+    a = gateway_factory(node_id="node-a", data_dir=str(tmp_path / "a"), **settings)
+    b = gateway_factory(node_id="node-b", **settings)
+    props = mqtt.Properties(session_expiry_interval=300)
+    dev = RawClient(a.mqtt_port, version=5)
+    assert dev.connect("dev", properties=props).reason_code == 0
+    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 1)]).encode(5))
+    assert dev.recv().type == mqtt.SUBACK
+    dev.send(mqtt.Disconnect().encode(5))
+    dev.close()
+    wait_until(lambda: a.call(lambda: "dev" not in a.gateway.broker.online))
+    a.stop()  # snapshot written; its routes withdrawn
+    wait_until(lambda: not knows_route(b, "cmd/x", "node-a"))
+    a2 = gateway_factory(node_id="node-a", data_dir=str(tmp_path / "a"), **settings)
+    assert a2.call(lambda: "dev" in a2.gateway.broker.sessions)
+    wait_until(lambda: knows_route(b, "cmd/x", "node-a"))  # announced again
+    pub = PahoClient(b.mqtt_port, "pub", paho.MQTTv5)
+    pub.publish("cmd/one", b"1", 1)
+    wait_until(lambda: a2.call(lambda: len(a2.gateway.broker.sessions["dev"].queue)) == 1)
+    back = RawClient(b.mqtt_port, version=5)
+    assert back.connect("dev", clean_start=False, properties=props).session_present
+    msg = back.recv()
+    assert (msg.topic, bytes(msg.payload)) == ("cmd/one", b"1")
+    pub.close()
+    back.close()
+
+
 def test_a_node_that_stops_takes_its_routes_with_it(nodes: Any) -> None:
     a, b = nodes
     sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
