@@ -44,13 +44,20 @@ class Broker:
             )
             binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
             cmd = [binary, "-c", str(conf)]
-        elif kind == "amqtt":
+        elif kind == "amqtt":  # lean: the anonymous-auth plugin only
             conf = tmp / "amqtt.yaml"
             conf.write_text(
                 f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{self.port}\n"
                 "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
                 "    allow_anonymous: true\n"
             )
+            cmd = [str(Path(sys.executable).parent / "amqtt"), "-c", str(conf)]
+        elif kind == "amqtt-default":  # the configuration amqtt ships (loggers, $SYS plugin)
+            import amqtt.scripts
+
+            shipped = (Path(amqtt.scripts.__file__).parent / "default_broker.yaml").read_text()
+            conf = tmp / "amqtt-default.yaml"
+            conf.write_text(shipped.replace("0.0.0.0:1883", f"127.0.0.1:{self.port}"))
             cmd = [str(Path(sys.executable).parent / "amqtt"), "-c", str(conf)]
         else:
             cmd = [
@@ -106,7 +113,7 @@ def _scenario(benchmark: Any, start_broker: Any, kind: str, mode: str, *args: st
     print(kind, json.dumps(holder))
 
 
-BROKERS = ["mosquitto", "amqtt", "iotgw"]
+BROKERS = ["mosquitto", "amqtt", "amqtt-default", "iotgw"]
 
 
 @pytest.mark.benchmark(group="broker-qos1-100conn-window10")
