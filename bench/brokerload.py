@@ -123,8 +123,11 @@ async def run_qos1(port: int, connections: int, window: int, seconds: float) -> 
     return {"mode": "qos1", "messages": done, "seconds": elapsed, "rate": done / elapsed}
 
 
-async def run_qos0(port: int, publishers: int, seconds: float) -> dict[str, Any]:
-    """P publishers -> 1 subscriber; the rate is what the subscriber receives."""
+async def run_qos0(
+    port: int, publishers: int, seconds: float, sub_port: int | None = None
+) -> dict[str, Any]:
+    """P publishers -> 1 subscriber (on `sub_port`: another node of a cluster); the rate is
+    what the subscriber receives."""
     arena = mqtt.ReadArena()
     stats = Stats()
 
@@ -132,10 +135,10 @@ async def run_qos0(port: int, publishers: int, seconds: float) -> dict[str, Any]
         if p.type == mqtt.PUBLISH:
             stats.received += 1
 
-    sub = await _connect(port, "q0-sub", arena, count)
+    sub = await _connect(sub_port or port, "q0-sub", arena, count)
     assert sub.transport is not None
     sub.transport.write(mqtt.Subscribe(1, [mqtt.Subscription("bench/qos0", 0)]).encode())
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.5)  # the subscription (and, in a cluster, its route) is in place
     pubs = [await _connect(port, f"q0-pub{i}", arena, lambda c, p: None) for i in range(publishers)]
     batch = bytearray()
     for _ in range(100):
@@ -227,7 +230,7 @@ def run(mode: str, port: int, pid: int | None = None, **kw: Any) -> dict[str, An
     if mode == "qos1":
         result = uvloop.run(run_qos1(port, kw["connections"], kw["window"], kw["seconds"]))
     elif mode == "qos0":
-        result = uvloop.run(run_qos0(port, kw["publishers"], kw["seconds"]))
+        result = uvloop.run(run_qos0(port, kw["publishers"], kw["seconds"], kw.get("sub_port")))
     else:
         result = uvloop.run(run_connect(port, kw["connections"], hold=kw.get("hold", 1.0),
                                         sources=kw.get("sources"), pid=pid,
@@ -252,6 +255,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--hold", type=float, default=1.0)
     parser.add_argument("--sources", help="comma-separated local addresses (127.0.0.x)")
+    parser.add_argument("--sub-port", type=int, help="qos0: the subscriber's port (another node)")
     parser.add_argument("--id-prefix", default="c-", help="client ids: {prefix}{i}")
     parser.add_argument("--until-stdin-closes", action="store_true",
                         help="connect: print a ready line, hold until stdin closes")
@@ -260,7 +264,7 @@ def main() -> None:
     print(json.dumps(run(args.mode, args.port, args.pid, connections=args.connections,
                          window=args.window, publishers=args.publishers, seconds=args.seconds,
                          hold=args.hold, sources=sources, id_prefix=args.id_prefix,
-                         until_stdin_closes=args.until_stdin_closes)))
+                         until_stdin_closes=args.until_stdin_closes, sub_port=args.sub_port)))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ ready and holds; once all are ready the test reads each worker's `iotgw_mqtt_con
 workers' RSS and CPU, and lets go. extra_info: connections held, connections/s, RSS KB per
 connection (workers' growth over the run), CPU microseconds per connect (workers + Redis).
 Under --benchmark-disable it runs with 2 workers and 600 connections.
+
+Also: QoS 0 from 10 publishers on one node to a subscriber on another (every message crosses
+Redis pub/sub), with the CPU of both nodes and Redis per delivered message.
 """
 
 from __future__ import annotations
@@ -49,6 +52,56 @@ def _connections(http_port: int) -> int:
     match = re.search(r"^iotgw_mqtt_connections (\S+)$", text, re.M)
     assert match, "no iotgw_mqtt_connections"
     return int(float(match.group(1)))
+
+
+def _start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([*_pin(0), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_tcp(port, proc=proc, timeout=60)
+    return proc
+
+
+def _redis(port: int) -> list[str]:
+    return [shutil.which("redis-server") or "redis-server", "--port", str(port),
+            "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+
+
+def _node(redis_port: int, port: int, node: str, data: Path) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", "run", "--cluster", "--node-id", node,
+            "--redis", f"redis://127.0.0.1:{redis_port}", "--mqtt-port", str(port),
+            "--http-port", "0", "--coap-port", "0", "--allow-anonymous", "--acl", "open",
+            "--data-dir", str(data), "--log-level", "warning"]
+
+
+@pytest.mark.benchmark(group="cluster-qos0-cross-node")
+def test_qos0_from_one_node_to_a_subscriber_on_another(benchmark: Any, tmp_path: Path) -> None:
+    redis_port, port_a, port_b = free_port(), free_port(), free_port()
+    procs = [_start(_redis(redis_port), redis_port)]
+    try:
+        procs.append(_start(_node(redis_port, port_a, "a", tmp_path / "a"), port_a))
+        procs.append(_start(_node(redis_port, port_b, "b", tmp_path / "b"), port_b))
+        seconds = "0.5" if benchmark.disabled else "5"
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+            out = subprocess.run(
+                [*_pin(1), sys.executable, str(HERE / "brokerload.py"), "qos0", "--port",
+                 str(port_a), "--sub-port", str(port_b), "--publishers", "10",
+                 "--seconds", seconds], capture_output=True, text=True, timeout=300,
+            )
+            assert out.returncode == 0, out.stderr
+            result.update(json.loads(out.stdout.strip().splitlines()[-1]))
+            cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
+            result["cpu_us_per_msg_nodes_and_redis"] = cpu / max(1, result["messages"]) * 1e6
+
+        benchmark.pedantic(run, rounds=1, iterations=1)
+        assert result["messages"] > 0
+        benchmark.extra_info.update(result)
+        print(json.dumps(result))
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            proc.wait(60)
 
 
 @pytest.mark.benchmark(group="broker-hold-100k")

@@ -22,7 +22,13 @@ nodes:
 - Liveness. Nodes write a heartbeat; a node silent for `DEAD_AFTER` seconds is treated as gone
   (its routes are dropped, no one waits for it to answer a takeover).
 
-Wire format: msgpack arrays on `iotgw:node:{node}` (PUB, KICK, KICKED), `iotgw:routes` and
+- Flow control. A node confirms now and then how many bytes of forwarded messages it has
+  handled from each other node; a node with too much unconfirmed towards another stops reading
+  from its publishing clients until the other catches up (pub/sub has no backpressure).
+
+Redis is spoken in RESP directly (`shadow/resp.py`): one pipeline of commands per event-loop
+turn, one subscriber connection whose messages are handled a read at a time. Wire format:
+msgpack arrays on `iotgw:node:{node}` (PUB, KICK, KICKED, CREDIT), `iotgw:routes` and
 `iotgw:retained`.
 """
 
@@ -35,13 +41,15 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+import hiredis
 import msgpack
 from redis.asyncio import Redis
 
 from gateway._native import mqtt
 from gateway.mqtt import persistence
 from gateway.mqtt.session import Message, Session, monotonic
-from gateway.mqtt.topics import SubscriptionTrie
+from gateway.mqtt.topics import SubscriptionTrie, TopicTree
+from shadow import resp
 
 if TYPE_CHECKING:
     from gateway.metrics import ClusterMetrics
@@ -58,8 +66,14 @@ NODES_KEY = PREFIX + "nodes"  # hash: node -> last heartbeat, ms since the epoch
 HEARTBEAT = 1.0  # seconds
 DEAD_AFTER = 5.0  # seconds without a heartbeat
 TAKEOVER_TIMEOUT = 3.0  # seconds a CONNECT waits for another node to hand a session over
+# Flow control: bytes sent to one node that it has not yet confirmed handling. Above the high
+# mark the connections publishing here stop being read until it is below the low one (Redis
+# would otherwise buffer without bound, and at 32 MB drop the slow node's subscription).
+HIGH_WATER = 4 << 20
+LOW_WATER = 1 << 20
+CREDIT_EVERY = 256 << 10  # confirm after handling this many bytes from one node (or a beat)
 
-PUB, KICK, KICKED = 0, 1, 2
+PUB, KICK, KICKED, CREDIT = 0, 1, 2, 3
 
 # Routes of one node: a hash of filters and a sequence number, changed and announced atomically.
 _ROUTES_SCRIPT = """
@@ -99,6 +113,19 @@ return 0
 """
 
 
+_SCRIPTS = {
+    "routes": _ROUTES_SCRIPT,
+    "routes_read": _ROUTES_READ_SCRIPT,
+    "retain": _RETAIN_SCRIPT,
+    "release": _RELEASE_SCRIPT,
+    "reclaim": _RECLAIM_SCRIPT,
+}
+
+
+def _noscript(reply: Any) -> bool:
+    return isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT")
+
+
 def _routes_key(node: str) -> str:
     return f"{PREFIX}routes:{{{node}}}"
 
@@ -130,7 +157,17 @@ class Cluster:
         self.node_id = node_id
         self.metrics = metrics
         self.redis: Redis = Redis.from_url(redis_url)
-        self._pubsub = self.redis.pubsub()
+        self._pipe = resp.Pipe(self.redis)
+        self._subscriber = resp.Subscriber(
+            self.redis, [_node_channel(self.node_id), ROUTES_CHANNEL, RETAINED_CHANNEL]
+        )
+        # Flow control (bytes): sent to / confirmed by each node; handled from / confirmed to.
+        self._sent: dict[str, int] = {}
+        self._confirmed: dict[str, int] = {}
+        self._handled: dict[str, int] = {}
+        self._credited: dict[str, int] = {}
+        self.blocked = False  # some node is over HIGH_WATER
+        self._held: set[MqttConnection] = set()
         # Other nodes' routes: ordinary filters keyed by node; shared ones keyed by
         # (node, "$share/g/f") under the inner filter.
         self.routes: SubscriptionTrie[str, bool] = SubscriptionTrie()
@@ -144,9 +181,7 @@ class Cluster:
         self._removes: set[str] = set()
         self._turns: dict[str, int] = {}
         # Redis commands go out in order, batched per loop turn: (args, future or None).
-        self._outbox: list[
-            tuple[tuple[Any, ...], dict[str, Any], asyncio.Future[Any] | None]
-        ] = []
+        self._outbox: list[tuple[bytes, asyncio.Future[Any] | None]] = []
         self._flushing: asyncio.Task[None] | None = None
         self._incarnation = secrets.token_hex(4)
         self._epochs = itertools.count(1)
@@ -159,17 +194,8 @@ class Cluster:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        for name, source in (
-            ("routes", _ROUTES_SCRIPT),
-            ("routes_read", _ROUTES_READ_SCRIPT),
-            ("retain", _RETAIN_SCRIPT),
-            ("release", _RELEASE_SCRIPT),
-            ("reclaim", _RECLAIM_SCRIPT),
-        ):
-            self._scripts[name] = await self.redis.script_load(source)
-        await self._pubsub.subscribe(
-            _node_channel(self.node_id), ROUTES_CHANNEL, RETAINED_CHANNEL
-        )
+        await self._load_scripts()
+        await self._subscriber.subscribe()
         await self._heartbeat()
         # Our own routes start empty (a restarted node announces what it restores).
         await self.redis.evalsha(
@@ -198,7 +224,8 @@ class Cluster:
             )
             await self.redis.hdel(NODES_KEY, self.node_id)
         finally:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._subscriber.close()
+            self._pipe.close()
             await self.redis.aclose()
 
     def _spawn(self, coro: Any) -> None:
@@ -217,6 +244,12 @@ class Cluster:
             if node not in self.alive:
                 log.warning("cluster node %s is gone: dropping its routes", node)
                 self._replace_routes(node, set())
+        for node in list(self._sent):
+            if node not in self.alive:  # what it did not confirm will not be confirmed
+                del self._sent[node]
+                self._confirmed.pop(node, None)
+        self._send_credits(0)
+        self._check_flow()
         self.metrics.nodes.set(len(self.alive))
 
     async def _heartbeat_forever(self) -> None:
@@ -233,13 +266,11 @@ class Cluster:
 
     # ---- sending: one pipeline per loop turn, in order ----------------------------------------
 
-    def _send(
-        self, *args: Any, reply: bool = False, **options: Any
-    ) -> asyncio.Future[Any] | None:
+    def _send(self, *args: Any, reply: bool = False) -> asyncio.Future[Any] | None:
         if self._adds or self._removes:  # routes first: what follows may depend on them
             self._announce_routes()
         future = asyncio.get_running_loop().create_future() if reply else None
-        self._outbox.append((args, options, future))
+        self._outbox.append((resp.pack(*args), future))
         if self._flushing is None:
             self._flushing = asyncio.get_running_loop().create_task(self._flush_loop())
         return future
@@ -257,20 +288,27 @@ class Cluster:
         batch, self._outbox = self._outbox, []
         if not batch:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for args, options, _ in batch:
-            pipe.execute_command(*args, **options)
         try:
-            results = await pipe.execute(raise_on_error=False)
+            replies = await self._pipe.execute([command for command, _ in batch])
+            if any(_noscript(r) for r in replies):  # Redis restarted: load them and resend
+                await self._load_scripts()
+                again = [i for i, r in enumerate(replies) if _noscript(r)]
+                for i, r in zip(again, await self._pipe.execute([batch[i][0] for i in again]),
+                                strict=True):
+                    replies[i] = r
         except Exception as exc:
             log.exception("cluster: a batch of %d Redis commands failed", len(batch))
-            results = [exc] * len(batch)
-        for (_, _, future), result in zip(batch, results, strict=True):
+            replies = [exc] * len(batch)
+        for (_, future), reply in zip(batch, replies, strict=True):
             if future is not None and not future.done():
-                if isinstance(result, Exception):
-                    future.set_exception(result)
+                if isinstance(reply, Exception):
+                    future.set_exception(reply)
                 else:
-                    future.set_result(result)
+                    future.set_result(reply)
+
+    async def _load_scripts(self) -> None:
+        for name, source in _SCRIPTS.items():
+            self._scripts[name] = await self.redis.script_load(source)
 
     # ---- routes ------------------------------------------------------------------------------
 
@@ -306,17 +344,12 @@ class Cluster:
         self._adds.clear()
         self._removes.clear()
         self.metrics.route_changes.inc(len(adds) + len(removes))
-        self._outbox.append(
-            (
-                (
-                    "EVALSHA", self._scripts["routes"], 2, _routes_key(self.node_id),
-                    _routes_seq_key(self.node_id), _pack([adds, removes]), ROUTES_CHANNEL,
-                    _pack([self.node_id, adds, removes, False]), "0",
-                ),
-                {},
-                None,
-            )
+        command = resp.pack(
+            "EVALSHA", self._scripts["routes"], 2, _routes_key(self.node_id),
+            _routes_seq_key(self.node_id), _pack([adds, removes]), ROUTES_CHANNEL,
+            _pack([self.node_id, adds, removes, False]), "0",
         )
+        self._outbox.append((command, None))
 
     async def _load_routes(self) -> None:
         for node in self.alive:
@@ -401,10 +434,44 @@ class Cluster:
             nodes.update(picked)
         if nodes:
             wire = persistence.pack_message(message, monotonic())
+            sent = self._sent
             for node in nodes:
-                self._send("PUBLISH", _node_channel(node), _pack([PUB, wire, picked.get(node, [])]))
+                note = _pack([PUB, wire, picked.get(node, []), self.node_id])
+                self._send("PUBLISH", _node_channel(node), note)
+                total = sent[node] = sent.get(node, 0) + len(note)
+                if total - self._confirmed.get(node, 0) > HIGH_WATER:
+                    self.blocked = True
             self.metrics.forwarded.inc(len(nodes))
         return len(nodes), mine
+
+    # ---- flow control ------------------------------------------------------------------------
+
+    def hold(self, conn: MqttConnection) -> None:
+        """A publisher while some node is behind: stop reading it until it caught up."""
+        self._held.add(conn)
+        conn.pause_reading()
+
+    def forget(self, conn: MqttConnection) -> None:
+        self._held.discard(conn)
+
+    def _check_flow(self) -> None:
+        if not self.blocked:
+            return
+        confirmed = self._confirmed
+        behind = max((n - confirmed.get(node, 0) for node, n in self._sent.items()), default=0)
+        if behind < LOW_WATER:
+            self.blocked = False
+            held, self._held = self._held, set()
+            for conn in held:
+                conn.resume_reading()
+
+    def _send_credits(self, threshold: int) -> None:
+        """Tell the nodes whose messages we handled how far we got (totals: a lost note is
+        made good by the next)."""
+        for origin, handled in self._handled.items():
+            if handled - self._credited.get(origin, 0) > threshold:
+                self._credited[origin] = handled
+                self._send("PUBLISH", _node_channel(origin), _pack([CREDIT, self.node_id, handled]))
 
     def retain(self, message: Message) -> None:
         """A retained message set (or deleted, empty payload) here: store and broadcast it."""
@@ -419,6 +486,7 @@ class Cluster:
 
     async def _load_retained(self) -> None:
         stored: dict[Any, Any] = await self.redis.hgetall(RETAINED_KEY)
+        self.broker.retained = TopicTree()
         for topic, wire in stored.items():
             self._apply_retained(topic.decode(), wire)
 
@@ -440,7 +508,7 @@ class Cluster:
         """Register this node as the holder of `client_id`; resolves to the previous holder's
         registry value (bytes) or None."""
         future = self._send(
-            "SET", _client_key(client_id), f"{self.node_id}|{epoch}|1", "GET", reply=True, get=True
+            "SET", _client_key(client_id), f"{self.node_id}|{epoch}|1", "GET", reply=True
         )
         assert future is not None
         return future
@@ -537,22 +605,30 @@ class Cluster:
     # ---- receiving ----------------------------------------------------------------------------
 
     async def _read_forever(self) -> None:
-        pubsub = self._pubsub
+        subscriber = self._subscriber
         while True:
-            try:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("cluster: reading from Redis failed; retrying")
-                await asyncio.sleep(0.5)
-                continue
-            if message is None:
-                continue
-            try:
-                self._dispatch(message["channel"], message["data"])
-            except Exception:  # one bad note must not stop the cluster
-                log.exception("cluster: a note could not be handled")
+            async for batch in subscriber.messages():
+                for channel, data in batch:
+                    try:
+                        self._dispatch(channel, data)
+                    except Exception:  # one bad note must not stop the cluster
+                        log.exception("cluster: a note could not be handled")
+                self.broker.flush()
+                self._send_credits(CREDIT_EVERY)
+            # The subscription was lost: what was published meanwhile is gone. Subscribe again
+            # and reload what the notes would have told (routes, retained messages).
+            self.metrics.resubscribes.inc()
+            log.error("cluster: the Redis subscription was lost; subscribing again")
+            while True:
+                try:
+                    await subscriber.subscribe()
+                    await self._heartbeat()
+                    await self._load_routes()
+                    await self._load_retained()
+                    break
+                except Exception:
+                    log.exception("cluster: subscribing again failed; retrying")
+                    await asyncio.sleep(1.0)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         if channel == b"iotgw:routes":
@@ -568,7 +644,13 @@ class Cluster:
             self.metrics.received.inc()
             message = persistence.unpack_message(note[1], monotonic())
             self.broker.deliver_forwarded(message, set(note[2]))
-            self.broker.flush()
+            origin = note[3]
+            self._handled[origin] = self._handled.get(origin, 0) + len(data)
+        elif kind == CREDIT:
+            node, handled = note[1], note[2]
+            if handled > self._confirmed.get(node, 0):
+                self._confirmed[node] = handled
+                self._check_flow()
         elif kind == KICK:
             self._on_kick(*note[1:])
         elif kind == KICKED:

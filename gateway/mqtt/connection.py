@@ -121,6 +121,8 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.broker.metrics.connections.dec()
         if self.broker.telemetry is not None:
             self.broker.telemetry.forget(self)
+        if self.broker.cluster is not None:
+            self.broker.cluster.forget(self)
         will = self.will
         self.will = None
         self.broker.detach(self, will, self.will_delay)
@@ -550,6 +552,9 @@ class MqttConnection(asyncio.BufferedProtocol):
                 session.client_id,
             )
         reached = self.broker.publish(message)
+        cluster = self.broker.cluster
+        if cluster is not None and cluster.blocked:  # another node is behind: wait for it
+            cluster.hold(self)
         reason = mqtt.SUCCESS if reached or self.version == 4 else mqtt.NO_MATCHING_SUBSCRIBERS
         ack_type = mqtt.PUBACK if qos == 1 else mqtt.PUBREC
         if qos == 2:
