@@ -93,6 +93,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeAlias
 
+import msgpack
+
 JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
 JSONObject: TypeAlias = dict[str, JSON]
 Path: TypeAlias = tuple[str, ...]
@@ -101,6 +103,8 @@ VersionVector: TypeAlias = dict[str, int]
 
 SECTIONS: Final[tuple[Section, Section]] = ("desired", "reported")
 _UPDATE_KEYS: Final = frozenset({"state", "version", "clientToken"})
+_CONTAINERS: Final = (dict, list)
+_COMPACT_UTF8: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------- errors
@@ -237,6 +241,42 @@ class Shadow:
             separators=(",", ":"),
         )
 
+    def to_bytes(self) -> bytes:
+        """The compact storage form: msgpack, or ``to_json()`` for what msgpack cannot hold
+        (integers beyond 64 bits, strings with lone surrogates). ``from_bytes`` reads both."""
+        try:
+            return _pack(
+                [
+                    self.desired,
+                    self.reported,
+                    [[p, *m] for p, m in self.desired_meta.items()],
+                    [[p, *m] for p, m in self.reported_meta.items()],
+                    self.version,
+                    self.vv,
+                    self.ts_ms,
+                    self.deleted,
+                ]
+            )
+        except (OverflowError, UnicodeEncodeError):
+            return self.to_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Shadow:
+        """Reads ``to_bytes()`` or ``to_json()`` output (a JSON document starts with ``{``)."""
+        if raw[:1] == b"{":
+            return cls.from_json(raw)
+        desired, reported, dmeta, rmeta, version, vv, ts_ms, deleted = _unpack(raw)
+        return cls(
+            desired,
+            reported,
+            {tuple(e[0]): LeafMeta(e[1], e[2], e[3], e[4]) for e in dmeta},
+            {tuple(e[0]): LeafMeta(e[1], e[2], e[3], e[4]) for e in rmeta},
+            version,
+            vv,
+            ts_ms,
+            deleted,
+        )
+
     @classmethod
     def from_json(cls, raw: str | bytes) -> Shadow:
         d = json.loads(raw)
@@ -278,6 +318,19 @@ class ChangeRecord:
             [self.version, self.writer, self.ts_ms, self.state, self.delta],
             separators=(",", ":"),
         )
+
+    def to_bytes(self) -> bytes:
+        """msgpack, or ``to_json()`` when msgpack cannot hold it (see ``Shadow.to_bytes``)."""
+        try:
+            return _pack([self.version, self.writer, self.ts_ms, self.state, self.delta])
+        except (OverflowError, UnicodeEncodeError):
+            return self.to_json().encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> ChangeRecord:
+        """Reads ``to_bytes()`` or ``to_json()`` output (a JSON record starts with ``[``)."""
+        version, writer, ts_ms, state, delta = json.loads(raw) if raw[:1] == b"[" else _unpack(raw)
+        return cls(version, writer, ts_ms, state, delta)
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> ChangeRecord:
@@ -325,12 +378,21 @@ class UpdateResult:
 # --------------------------------------------------------------------------- JSON helpers
 
 
+def _pack(value: object) -> bytes:
+    packed: bytes = msgpack.packb(value)
+    return packed
+
+
+def _unpack(raw: bytes) -> Any:
+    return msgpack.unpackb(raw)
+
+
 def copy_json(value: JSON) -> Any:
     """A deep copy of a JSON value (much cheaper than copy.deepcopy)."""
     if isinstance(value, dict):
-        return {k: copy_json(v) for k, v in value.items()}
+        return {k: copy_json(v) if isinstance(v, _CONTAINERS) else v for k, v in value.items()}
     if isinstance(value, list):
-        return [copy_json(v) for v in value]
+        return [copy_json(v) if isinstance(v, _CONTAINERS) else v for v in value]
     return value
 
 
@@ -415,9 +477,7 @@ def diff_patch(old: JSONObject, new: JSONObject) -> JSONObject:
 
 def state_size(desired: JSONObject, reported: JSONObject) -> int:
     """Bytes of the compact UTF-8 JSON of both sections: what the size limit measures."""
-    text = json.dumps(
-        {"desired": desired, "reported": reported}, separators=(",", ":"), ensure_ascii=False
-    )
+    text = _COMPACT_UTF8.encode({"desired": desired, "reported": reported})
     return len(text.encode("utf-8", "surrogatepass"))
 
 
@@ -500,10 +560,13 @@ def _check_tree(value: object, where: str, depth: int, limits: Limits, nulls: bo
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidUpdate(f"{where}: keys must be strings")
-            if _utf8_len(key, where) > limits.max_key_bytes:
+            if (len(key) if key.isascii() else _utf8_len(key, where)) > limits.max_key_bytes:
                 raise KeyTooLong(
                     f"{where}: key {key[:16]!r}... is longer than {limits.max_key_bytes} bytes"
                 )
+            kind = type(item)
+            if kind is str or kind is int or kind is bool or (item is None and nulls):
+                continue  # the common leaves, without a call (floats may be infinite)
             _check_tree(item, f"{where}/{key}", depth + 1, limits, nulls)
     elif isinstance(value, list):
         if depth > limits.max_depth:
@@ -534,8 +597,8 @@ def parse_update(
     """Validates an update (or, with ``nulls=False``, a replace) document."""
     if not isinstance(doc, Mapping):
         raise InvalidUpdate("the update must be a JSON object")
-    unknown = set(doc) - _UPDATE_KEYS
-    if unknown:
+    if not _UPDATE_KEYS.issuperset(doc):
+        unknown = set(doc) - _UPDATE_KEYS
         raise InvalidUpdate(
             f"unknown top-level keys {sorted(map(str, unknown))}; allowed: {sorted(_UPDATE_KEYS)}"
         )
@@ -615,6 +678,8 @@ def _affected(state: JSONObject, path: Path, *, writing: bool) -> list[Path]:
         if key not in node:
             return []
         node = node[key]
+    if not isinstance(node, dict):
+        return [path]
     return list(leaf_paths(node, path))
 
 
@@ -633,7 +698,7 @@ def _set(state: JSONObject, path: Path, value: JSON) -> None:
         if not isinstance(child, dict):
             child = node[key] = {}
         node = child
-    node[path[-1]] = copy_json(value)
+    node[path[-1]] = copy_json(value) if isinstance(value, _CONTAINERS) else value
 
 
 def _remove(state: JSONObject, path: Path) -> None:
@@ -713,13 +778,14 @@ class _Write:
         value: JSON,
     ) -> bool:
         affected = _affected(state, path, writing=True)
-        where = pointer(section, path)
-        if any(self._stale(section, meta[q]) for q in affected):
-            self.suppressed.append(where)
-            return False
+        for q in affected:
+            if self._stale(section, meta[q]):
+                self.suppressed.append(pointer(section, path))
+                return False
         if self.context is not None:
             rivals = [q for q in affected if not covers(self.context, meta[q])]
             if rivals:
+                where = pointer(section, path)
                 self.conflicting.append(where)
                 mine = (self.ts_ms, self.writer, value)
                 if not all(
@@ -728,10 +794,11 @@ class _Write:
                     self.overruled.append(where)
                     return False
         # the new leaf keeps the highest seq applied to what it replaces
-        seqs = [meta.pop(q).seq for q in affected]
-        if section == "reported":
-            seqs.append(self.seq)
-        seq = max((s for s in seqs if s is not None), default=None)
+        seq = self.seq if section == "reported" else None
+        for q in affected:
+            old = meta.pop(q).seq
+            if old is not None and (seq is None or old > seq):
+                seq = old
         _set(state, path, value)
         meta[path] = LeafMeta(self.ts_ms, self.writer, self.counter, seq)
         return True
@@ -784,8 +851,7 @@ def _result(
     for name, patch in applied.items():
         accepted_state[name] = copy_json(patch)  # the change record holds the original
         if patch:
-            set_paths = [p for p in leaf_paths(patch) if _has_value(patch, p)]
-            accepted_meta[name] = nest_metadata(new.meta(name), set_paths)
+            accepted_meta[name] = nest_metadata(new.meta(name), _value_paths(patch))
     accepted: JSONObject = {
         "state": accepted_state,
         "metadata": accepted_meta,
@@ -816,8 +882,13 @@ def _result(
     )
 
 
-def _has_value(patch: JSONObject, path: Path) -> bool:
-    return _value_at(patch, path) is not None
+def _value_paths(patch: JSONObject, prefix: Path = ()) -> Iterator[Path]:
+    """The leaves of a merge patch that set a value (not the nulls that delete)."""
+    for key, value in patch.items():
+        if isinstance(value, dict):
+            yield from _value_paths(value, (*prefix, key))
+        elif value is not None:
+            yield (*prefix, key)
 
 
 def _next_shadow(
@@ -874,19 +945,19 @@ def apply_update(
     vv = bump(merge_vv(base.vv, ctx or {}), writer)
     w = _Write(writer, vv[writer], ts_ms, ctx if concurrent else None, seq)
 
-    states: dict[Section, JSONObject] = {
-        "desired": copy_json(base.desired),
-        "reported": copy_json(base.reported),
-    }
+    # a section the update does not name is shared with `base` (shadows are immutable)
+    states: dict[Section, JSONObject] = {"desired": base.desired, "reported": base.reported}
     metas: dict[Section, dict[Path, LeafMeta]] = {
-        "desired": dict(base.desired_meta),
-        "reported": dict(base.reported_meta),
+        "desired": base.desired_meta,
+        "reported": base.reported_meta,
     }
     applied: dict[Section, JSONObject | None] = {}
     for name, patch in parsed.sections.items():
+        states[name] = state = copy_json(states[name])
+        metas[name] = meta = dict(metas[name])
         # clearing a section deletes each leaf, so the per-leaf rules still apply
         ops: list[_Op] = [((), _DELETE)] if patch is None else list(_patch_ops(patch))
-        applied[name] = _nest(w.apply(name, states[name], metas[name], ops))
+        applied[name] = _nest(w.apply(name, state, meta, ops))
 
     new = _next_shadow(base, states, metas, vv, ts_ms, limits)
     change_state: JSONObject = {name: patch for name, patch in applied.items()}

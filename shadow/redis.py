@@ -3,9 +3,11 @@
 Keys (``prefix`` defaults to ``iotgw``), hash-tagged by device so that a shadow and its history
 live in one slot and the store runs on Redis Cluster:
 
-* ``{prefix}:shadow:{<device>}``: a hash with ``v`` (version), ``d`` ("1" for a tombstone)
-  and ``doc`` (``Shadow.to_json()``);
-* ``{prefix}:shadow:{<device>}:changes``: a list of the last ``limits.history`` change records;
+* ``{prefix}:shadow:{<device>}``: a hash with ``v`` (version), ``d`` ("1" for a tombstone),
+  ``t`` (a token unique to the write that stored it) and ``doc`` (``Shadow.to_bytes()``:
+  msgpack; documents stored as ``Shadow.to_json()`` by earlier versions are still read);
+* ``{prefix}:shadow:{<device>}:changes``: a list of the last ``limits.history`` change records
+  (``ChangeRecord.to_bytes()``, or JSON from earlier versions);
 * ``{prefix}:shadows``: a sorted set of device ids (all scores 0, read by lex range) for
   ``list_devices``. It cannot share a slot with every device, so it is updated next to the
   write rather than inside the script (see below).
@@ -17,16 +19,38 @@ Why optimistic CAS and not a server-side merge
 ----------------------------------------------
 The merge (JSON merge patch, per-leaf version-vector conflicts, seq suppression, limits) is
 the subtle part of the shadow. Writing it a second time in Lua would give two implementations
-to keep identical. So the store reads the document (one round trip), merges in Python with
-``shadow.model`` (shared with the SQLite store), and writes with a small Lua script (one round
-trip) that sets the document only if the stored version is still the one that was read, then
-appends the change record and trims the history, atomically. If the version moved, the write
-is redone from a fresh read (``stats.cas_retries``); a write that named ``expected_version``
-then fails with ``VersionConflict`` carrying the fresh document. Nothing is lost: the only way
-to change a document is the compare-and-set. This costs two round trips per write. Under
-contention on one device it costs retries, but shadows are written by one device and a few
-apps, so contention is rare and short. ``update_many`` batches both round trips over any
-number of devices: one pipeline of reads, one pipeline of compare-and-sets.
+to keep identical, and Lua cannot even hold the same values (it has no integer/float
+distinction, no key order, no 64-bit integers, and cannot reproduce Python's float text, which
+the size limit measures). It would also move the merge's CPU time into the one Redis process
+that every gateway node shares. So the store merges in Python with ``shadow.model`` (shared
+with the SQLite store) and writes with a small Lua script that sets the document only if the
+stored version and write token are still those the merge started from, then appends the
+change record and trims the history, atomically. If they moved, the script answers with the
+stored document instead, and the write is redone on it. Nothing is lost: the only way to
+change a document is the compare-and-set.
+
+One round trip per write, usually
+---------------------------------
+The store remembers the last document it wrote or read per device (``cache_size`` devices,
+least recently used dropped first; about 2 KB each for a small shadow, up to ~50 KB at the
+size limit) with its token, and merges on that without reading. A device's shadow is mostly
+written through the node that holds its connection, so the remembered document is usually
+current; when it is not (another node wrote), the compare-and-set fails and returns the
+current document, and the write is redone on it: the same two round trips as reading first.
+A device the store does not remember is read first. The token (not only the version) makes
+the check safe when a version number comes back with different content (a flushed or
+failed-over Redis). An outcome that does not write (a refusal such as a stale
+``expected_version``, or a delete of nothing) is only final when it was computed on a document
+just read from Redis; computed on a remembered one, the document is read and the mutation run
+again. ``stats.cas_retries`` counts only writes redone on a document that had been read from
+Redis, not stale remembered ones.
+
+Batching: each call queues its writes and every call made in the same event-loop turn goes
+out together: one pipeline of compare-and-sets (plus the reads that are needed) over any
+number of devices, so concurrent ``update`` calls share round trips as ``update_many`` does.
+Two writes to the same device in one batch go out in successive rounds, in order. The write
+path talks RESP directly (``hiredis`` packs commands and parses replies, on connections of its
+own); reads other than the document use the ``redis`` client.
 
 The script is sent with EVALSHA (its SHA-1 is computed locally). After a ``NOSCRIPT`` reply
 (the server restarted, or ran ``SCRIPT FLUSH``) it is loaded once with ``SCRIPT LOAD`` and the
@@ -41,13 +65,18 @@ creating write lost its compare-and-set to a delete.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
+import os
 from collections.abc import Sequence
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.exceptions import ResponseError
 
+from shadow import resp
 from shadow.model import (
     DEFAULT_LIMITS,
     ChangeLog,
@@ -61,28 +90,41 @@ from shadow.model import (
 from shadow.store import BaseShadowStore, Mutation, Outcome, Write
 
 # KEYS[1] shadow hash, KEYS[2] its change list.
-# ARGV: [1] version the caller read (0: none), [2] new version, [3] "1" for a tombstone,
-#       [4] document, [5] change record ("" clears the history), [6] history length.
-# Returns -1 when written, else the stored version (the caller read a stale document).
+# ARGV: [1] version the merge started from (0: none), [2] its token ("" : none), [3] new
+#       version, [4] "1" for a tombstone, [5] new token, [6] document, [7] change record (""
+#       clears the history), [8] history length.
+# Returns 1 when written, else {stored document or nil, its token or nil}.
 _CAS_SCRIPT = """
-local stored = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
-if stored ~= tonumber(ARGV[1]) then
-  return stored
+local cur = redis.call('HMGET', KEYS[1], 'v', 't')
+if (tonumber(cur[1]) or 0) ~= tonumber(ARGV[1]) or (cur[2] or '') ~= ARGV[2] then
+  return {redis.call('HGET', KEYS[1], 'doc'), cur[2]}
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[2], 'd', ARGV[3], 'doc', ARGV[4])
-if ARGV[5] == '' then
+redis.call('HSET', KEYS[1], 'v', ARGV[3], 'd', ARGV[4], 't', ARGV[5], 'doc', ARGV[6])
+if ARGV[7] == '' then
   redis.call('DEL', KEYS[2])
 else
-  redis.call('RPUSH', KEYS[2], ARGV[5])
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
+  redis.call('RPUSH', KEYS[2], ARGV[7])
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
 end
-return -1
+return 1
 """
 _CAS_SHA = hashlib.sha1(_CAS_SCRIPT.encode()).hexdigest()
+# Queued writes go out at the end of the event-loop turn, or as soon as this many are queued
+# (so that big batches do not wait, and several pipelines can be in flight at once).
+_BATCH = 64
+
+
+# one compare-and-set: item index, the document the merge started from and its token, whether
+# that document was just read from Redis (rather than remembered), the write
+_Cas = tuple[int, Shadow | None, bytes, bool, Write]
 
 
 def _tag(device: str) -> str:
     return device.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def _decode(raw: bytes | None) -> Shadow | None:
+    return Shadow.from_bytes(raw) if raw is not None else None
 
 
 class RedisShadowStore(BaseShadowStore):
@@ -93,100 +135,202 @@ class RedisShadowStore(BaseShadowStore):
         prefix: str = "iotgw",
         limits: Limits = DEFAULT_LIMITS,
         max_cas_retries: int = 100,
+        cache_size: int = 10_000,
     ) -> None:
-        """``url``: ``redis://host:port/db`` or just ``host:port``."""
+        """``url``: ``redis://host:port/db`` (or ``rediss://``, ``unix://``) or just
+        ``host:port``. ``cache_size``: how many devices' last documents to remember (0: read
+        before every write)."""
         super().__init__(limits)
         self.prefix = prefix
         self.max_cas_retries = max_cas_retries
+        self.cache_size = cache_size
         self._redis: Redis = Redis.from_url(url if "://" in url else f"redis://{url}")
+        self._pipe = resp.Pipe(self._redis)
         self._index = f"{prefix}:shadows"
+        self._cache: dict[str, tuple[Shadow, bytes]] = {}  # device -> (document, token)
+        instance = os.urandom(6).hex()
+        self._tokens = (f"{instance}.{n:x}".encode() for n in itertools.count())
+        self._queue: list[tuple[Sequence[tuple[str, Mutation]], asyncio.Future[list[Outcome]]]]
+        self._queue = []
+        self._queued = 0  # writes in the queue
+        self._flushes: set[asyncio.Task[None]] = set()
 
     def _key(self, device: str) -> str:
         return f"{self.prefix}:shadow:{{{_tag(device)}}}"
 
-    async def _read(self, device: str) -> Shadow | None:
-        raw = await self._redis.hget(self._key(device), "doc")
-        return Shadow.from_json(raw) if raw is not None else None
+    def _remember(self, device: str, shadow: Shadow | None, token: bytes) -> None:
+        cache = self._cache
+        cache.pop(device, None)
+        if shadow is None or self.cache_size <= 0:
+            return
+        cache[device] = (shadow, token)
+        if len(cache) > self.cache_size:
+            del cache[next(iter(cache))]
 
-    # -- writes
+    async def _read_many(self, devices: Sequence[str]) -> list[tuple[Shadow | None, bytes]]:
+        commands = [resp.pack("HMGET", self._key(d), "doc", "t") for d in devices]
+        replies = await self._pipe.execute(commands)
+        out: list[tuple[Shadow | None, bytes]] = []
+        for device, reply in zip(devices, replies, strict=True):
+            if isinstance(reply, hiredis.ReplyError):
+                raise ResponseError(str(reply))
+            shadow, token = _decode(reply[0]), reply[1] or b""
+            self._remember(device, shadow, token)
+            out.append((shadow, token))
+        return out
+
+    # -- writes: every call of one event-loop turn goes out together
 
     async def _write_many(self, items: Sequence[tuple[str, Mutation]]) -> list[Outcome]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Outcome]] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((items, future))
+        self._queued += len(items)
+        if self._queued >= _BATCH:
+            self._flush()
+        return await future
+
+    def _flush(self) -> None:
+        if not self._queue:
+            return
+        queue, self._queue, self._queued = self._queue, [], 0
+        task = asyncio.ensure_future(self._write_queued(queue))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _write_queued(
+        self, queue: list[tuple[Sequence[tuple[str, Mutation]], asyncio.Future[list[Outcome]]]]
+    ) -> None:
+        try:
+            outcomes = await self._write_now([item for items, _ in queue for item in items])
+        except BaseException as exc:
+            for _, future in queue:
+                if future.done():
+                    continue
+                if isinstance(exc, asyncio.CancelledError):
+                    future.cancel()
+                else:
+                    future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        start = 0
+        for items, future in queue:
+            if not future.done():
+                future.set_result(outcomes[start : start + len(items)])
+            start += len(items)
+
+    async def _write_now(self, items: Sequence[tuple[str, Mutation]]) -> list[Outcome]:
         out: list[Outcome] = [None] * len(items)
         retries = [0] * len(items)
+        fresh: dict[int, tuple[Shadow | None, bytes]] = {}  # just read from Redis, per item
         pending = list(range(len(items)))
         while pending:
-            # round trip 1: read every pending document
-            pipe = self._redis.pipeline(transaction=False)
+            later: list[int] = []
+            devices: set[str] = set()
+            bases: dict[int, tuple[Shadow | None, bytes, bool]] = {}  # document, token, read?
+            unknown: list[int] = []
             for i in pending:
-                pipe.hget(self._key(items[i][0]), "doc")
-            raws = await pipe.execute()
-
-            # merge in Python, outside any lock
-            cas: list[tuple[int, int, bool, Write]] = []  # index, version read, creates, write
-            for i, raw in zip(pending, raws, strict=True):
-                current = Shadow.from_json(raw) if raw is not None else None
-                try:
-                    w = items[i][1](current)
-                except ShadowError as exc:
-                    out[i] = exc
+                device = items[i][0]
+                if device in devices:  # one write per device per round, in order
+                    later.append(i)
                     continue
-                out[i] = w
-                if w is not None:
+                devices.add(device)
+                if i in fresh:
+                    bases[i] = (*fresh.pop(i), True)
+                elif (known := self._cache.get(device)) is not None:
+                    bases[i] = (*known, False)
+                else:
+                    unknown.append(i)
+            if unknown:
+                docs = await self._read_many([items[i][0] for i in unknown])
+                for i, (shadow, token) in zip(unknown, docs, strict=True):
+                    bases[i] = (shadow, token, True)
+            cas: list[_Cas] = []
+            for i, (current, token, was_read) in bases.items():
+                try:
+                    w: Outcome = items[i][1](current)
+                except ShadowError as exc:
+                    w = exc
+                if isinstance(w, Write):
                     w.retries = retries[i]
-                    base = current.version if current is not None else 0
-                    creates = current is None or current.deleted
-                    cas.append((i, base, creates, w))
-
-            # round trip 2: compare-and-set them all
-            stale = await self._compare_and_set(items, cas)
-            pending = []
-            for i in stale:
+                    out[i] = w
+                    cas.append((i, current, token, was_read, w))
+                elif was_read:
+                    out[i] = w
+                else:  # refused, or nothing to write, on a remembered document: read, decide again
+                    self._cache.pop(items[i][0], None)
+                    later.append(i)
+            for i, stored, token, was_read in await self._compare_and_set(items, cas):
+                if not was_read:
+                    fresh[i] = (stored, token)  # the remembered document was stale: no retry
+                    later.append(i)
+                    continue
                 retries[i] += 1
                 self.stats.cas_retries += 1
                 if retries[i] > self.max_cas_retries:
-                    current = await self._read(items[i][0])
                     out[i] = VersionConflict(
                         f"gave up after {self.max_cas_retries} concurrent modifications",
-                        current if current is not None and not current.deleted else None,
-                        current.version if current is not None else 0,
+                        stored if stored is not None and not stored.deleted else None,
+                        stored.version if stored is not None else 0,
                     )
                 else:
-                    pending.append(i)
+                    fresh[i] = (stored, token)
+                    later.append(i)
+            pending = sorted(later)
 
         await self._unindex_deleted(items, out)
         return out
 
     async def _compare_and_set(
-        self, items: Sequence[tuple[str, Mutation]], cas: list[tuple[int, int, bool, Write]]
-    ) -> list[int]:
-        """Sends the writes; returns the indexes whose document changed since it was read."""
-        stale: list[int] = []
+        self, items: Sequence[tuple[str, Mutation]], cas: list[_Cas]
+    ) -> list[tuple[int, Shadow | None, bytes, bool]]:
+        """Sends the writes. Returns, for each whose document moved since it was read or
+        remembered: its index, the stored document and token, and whether it had been read."""
+        stale: list[tuple[int, Shadow | None, bytes, bool]] = []
         todo = cas
+        history = self.limits.history
         for _ in range(2):  # a second pass only after NOSCRIPT
             if not todo:
                 break
-            pipe = self._redis.pipeline(transaction=False)
+            commands: list[bytes] = []
             slots: list[int] = []  # position in the replies of each EVALSHA
-            for i, base, creates, w in todo:
-                key = self._key(items[i][0])
-                slots.append(len(pipe))
-                pipe.evalsha(
-                    _CAS_SHA, 2, key, f"{key}:changes",
-                    base, w.shadow.version, int(w.shadow.deleted), w.shadow.to_json(),
-                    w.change_json or "", self.limits.history,
-                )  # fmt: skip
-                if creates and not w.shadow.deleted:
-                    pipe.zadd(self._index, {items[i][0]: 0})
-            replies = await pipe.execute(raise_on_error=False)
-            missing: list[tuple[int, int, bool, Write]] = []
-            for entry, slot in zip(todo, slots, strict=True):
+            tokens: list[bytes] = []
+            for i, base, token, _, w in todo:
+                device = items[i][0]
+                key = self._key(device)
+                new_token = next(self._tokens)
+                s = w.shadow
+                slots.append(len(commands))
+                tokens.append(new_token)
+                commands.append(resp.pack(
+                    "EVALSHA", _CAS_SHA, 2, key, f"{key}:changes",
+                    base.version if base is not None else 0, token,
+                    s.version, int(s.deleted), new_token, s.to_bytes(),
+                    w.change.to_bytes() if w.change is not None else b"", history,
+                ))  # fmt: skip
+                if (base is None or base.deleted) and not s.deleted:
+                    commands.append(resp.pack("ZADD", self._index, 0, device))
+            replies = await self._pipe.execute(commands)
+            missing: list[_Cas] = []
+            for entry, slot, new_token in zip(todo, slots, tokens, strict=True):
+                i, _, _, was_read, w = entry
                 reply = replies[slot]
-                if isinstance(reply, NoScriptError):
+                if reply == 1:
+                    self._remember(items[i][0], w.shadow, new_token)
+                elif isinstance(reply, list):
+                    stored = _decode(reply[0])
+                    self._remember(items[i][0], stored, reply[1] or b"")
+                    stale.append((i, stored, reply[1] or b"", was_read))
+                elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
                     missing.append(entry)
-                elif isinstance(reply, Exception):
-                    raise reply
-                elif int(reply) != -1:
-                    stale.append(entry[0])
+                else:
+                    raise ResponseError(str(reply))
+            for reply in replies:  # ZADD
+                if isinstance(reply, hiredis.ReplyError) and not str(reply).startswith("NOSCRIPT"):
+                    raise ResponseError(str(reply))
             if missing:
                 await self._redis.script_load(_CAS_SCRIPT)
             todo = missing
@@ -214,7 +358,7 @@ class RedisShadowStore(BaseShadowStore):
     # -- reads
 
     async def get(self, device: str) -> Shadow | None:
-        shadow = await self._read(device)
+        ((shadow, _),) = await self._read_many([device])
         return None if shadow is None or shadow.deleted else shadow
 
     async def changes_since(self, device: str, version: int) -> ChangeLog | None:
@@ -225,10 +369,10 @@ class RedisShadowStore(BaseShadowStore):
         raw, rows = await pipe.execute()
         if raw is None:
             return None
-        shadow = Shadow.from_json(raw)
+        shadow = Shadow.from_bytes(raw)
         if shadow.deleted:
             return None
-        records = [ChangeRecord.from_json(r) for r in rows]
+        records = [ChangeRecord.from_bytes(r) for r in rows]
         return select_changes(shadow.version, records, version)
 
     async def list_devices(self, after: str | None = None, limit: int = 100) -> list[str]:
@@ -249,4 +393,7 @@ class RedisShadowStore(BaseShadowStore):
         return out
 
     async def close(self) -> None:
+        if self._flushes:
+            await asyncio.gather(*self._flushes, return_exceptions=True)
+        self._pipe.close()
         await self._redis.aclose()

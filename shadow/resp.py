@@ -88,7 +88,15 @@ class Pipe:
         self._idle: list[Streams] = []
 
     async def execute(self, commands: list[bytes]) -> list[Any]:
-        reader, writer = self._idle.pop() if self._idle else await connect(self._redis)
+        """Sends the commands at once and returns their replies. Not retried: a write whose
+        reply was lost may have been applied."""
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not reader.at_eof():
+                break
+            writer.close()  # the server closed it while it was idle (restart, timeout, kill)
+        else:
+            reader, writer = await connect(self._redis)
         try:
             replies = await _roundtrip(reader, writer, commands)
         except OSError as exc:

@@ -123,12 +123,12 @@ class SqliteShadowStore(BaseShadowStore):
             " version = excluded.version, deleted = excluded.deleted, doc = excluded.doc",
             (device, s.version, int(s.deleted), s.to_json()),
         )
-        if w.change_json is None:
+        if w.change is None:
             conn.execute("DELETE FROM changes WHERE device = ?", (device,))
             return
         conn.execute(
             "INSERT INTO changes (device, version, record) VALUES (?, ?, ?)",
-            (device, s.version, w.change_json),
+            (device, s.version, w.change.to_json()),
         )
         conn.execute(
             "DELETE FROM changes WHERE device = ? AND version <= ?",

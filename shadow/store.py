@@ -38,6 +38,7 @@ from typing import Protocol, Self
 from shadow.model import (
     DEFAULT_LIMITS,
     ChangeLog,
+    ChangeRecord,
     InvalidUpdate,
     Limits,
     Shadow,
@@ -153,7 +154,7 @@ class Write:
     (None for a delete, which clears the history)."""
 
     shadow: Shadow
-    change_json: str | None
+    change: ChangeRecord | None
     result: UpdateResult | None
     retries: int = 0
 
@@ -230,7 +231,7 @@ class BaseShadowStore(ABC):
                     seq=r.seq,
                     limits=self.limits,
                 )
-                return Write(result.shadow, result.change.to_json(), result)
+                return Write(result.shadow, result.change, result)
 
             return mutate
 
@@ -256,7 +257,7 @@ class BaseShadowStore(ABC):
                 expected_version=expected_version,
                 limits=self.limits,
             )
-            return Write(result.shadow, result.change.to_json(), result)
+            return Write(result.shadow, result.change, result)
 
         (outcome,) = await self._results([(device, mutate)])
         if isinstance(outcome, ShadowError):

@@ -406,6 +406,23 @@ def test_storage_json_round_trips() -> None:
     assert ChangeRecord.from_json(s.change.to_json()) == s.change
 
 
+def test_storage_bytes_are_msgpack_and_read_the_json_form_too() -> None:
+    s = write(None, {"state": {"desired": {"a": [1, {"b": None}]}, "reported": {"x": 1.0}}}, seq=3)
+    assert s.shadow.to_bytes()[:1] != b"{" and s.change.to_bytes()[:1] != b"["
+    for raw in (s.shadow.to_bytes(), s.shadow.to_json().encode()):
+        assert Shadow.from_bytes(raw).to_json() == s.shadow.to_json()  # 1.0 stays a float
+    for raw in (s.change.to_bytes(), s.change.to_json().encode()):
+        assert ChangeRecord.from_bytes(raw) == s.change
+
+
+def test_storage_bytes_fall_back_to_json_for_what_msgpack_cannot_hold() -> None:
+    for value in (2**70, -(2**64), "lone \ud800 surrogate"):
+        s = write(None, reported({"v": value}))
+        assert s.shadow.to_bytes()[:1] == b"{" and s.change.to_bytes()[:1] == b"["
+        assert Shadow.from_bytes(s.shadow.to_bytes()).reported == {"v": value}
+        assert ChangeRecord.from_bytes(s.change.to_bytes()) == s.change
+
+
 # --------------------------------------------------------------------------- properties
 
 KEYS = st.sampled_from(["a", "b", "c", "d"])
@@ -481,6 +498,7 @@ def test_applying_an_update_twice_reads_the_same_as_once(d: Any, r: Any, patch: 
     assert (twice.desired, twice.reported) == (once.desired, once.reported)
     stored = Shadow.from_json(once.to_json())
     assert stored == once and stored.document() == once.document()
+    assert Shadow.from_bytes(once.to_bytes()).to_json() == once.to_json()
 
 
 @given(PATCHES, PATCHES, PATCHES, PATCHES)

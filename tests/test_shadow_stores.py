@@ -1,6 +1,7 @@
 """One contract suite for both shadow stores: embedded SQLite and Redis (a real redis-server).
 
-Every test in the first part runs against each store (the ``backend`` fixture). The tests are
+Every test in the first part runs against each store (the ``backend`` fixture; Redis twice:
+remembering documents between writes, and reading before every write). The tests are
 synchronous and drive the stores with ``asyncio.run``.
 """
 
@@ -27,6 +28,7 @@ from shadow.model import (
     ShadowTooLarge,
     UpdateResult,
     VersionConflict,
+    apply_update,
 )
 from shadow.redis import RedisShadowStore
 from shadow.sqlite import SqliteShadowStore
@@ -54,7 +56,7 @@ class Backend:
         asyncio.run(main())
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-uncached"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     if request.param == "sqlite":
         path = tmp_path / "shadows.db"
@@ -62,7 +64,10 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         return
     server = request.getfixturevalue("redis_server")
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    yield Backend("redis", lambda **kw: RedisShadowStore(server.url, prefix=prefix, **kw))
+    cache = {"cache_size": 0} if request.param == "redis-uncached" else {}
+    yield Backend(
+        "redis", lambda **kw: RedisShadowStore(server.url, prefix=prefix, **cache, **kw)
+    )
     client = redis.Redis(host="127.0.0.1", port=server.port)
     try:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
@@ -401,6 +406,53 @@ def test_a_new_store_instance_sees_the_data_after_close(backend: Backend) -> Non
     backend.run(read)
 
 
+def test_concurrent_updates_to_one_device_apply_in_call_order(backend: Backend) -> None:
+    async def body(store: BaseShadowStore) -> None:
+        results = await asyncio.gather(
+            *(store.update("d", desired({"n": i, f"k{i}": i}), writer="app") for i in range(20))
+        )
+        assert [r.version for r in results] == list(range(1, 21))
+        shadow = await store.get("d")
+        assert shadow is not None and shadow.version == 20 and shadow.desired["n"] == 19
+        assert store.stats.cas_retries == 0
+
+    backend.run(body)
+
+
+def test_a_node_writes_on_top_of_what_another_node_wrote_since(backend: Backend) -> None:
+    async def body(node1: BaseShadowStore, node2: BaseShadowStore) -> None:
+        await node1.update("d", desired({"a": 1}), writer="n1")
+        await node2.update("d", desired({"b": 2}), writer="n2")
+        r = await node1.update("d", desired({"c": 3}), writer="n1", expected_version=2)
+        assert r.version == 3 and r.shadow.desired == {"a": 1, "b": 2, "c": 3}
+        with pytest.raises(VersionConflict) as err:
+            await node2.update("d", desired({"c": 4}), writer="n2", expected_version=2)
+        assert err.value.current_version == 3
+        assert await node2.delete("d") == 4
+        assert await node1.delete("d") is None
+        assert await node1.get("d") is None
+        r = await node1.update("d", desired({"e": 5}), writer="n1")
+        assert r.version == 5 and r.shadow.desired == {"e": 5}
+        assert await node2.list_devices() == ["d"]
+        assert node1.stats.cas_retries == node2.stats.cas_retries == 0
+
+    backend.run(body, stores=2)
+
+
+def test_integers_beyond_64_bits_and_floats_keep_their_type(backend: Backend) -> None:
+    async def body(store: BaseShadowStore) -> None:
+        await store.update("d", reported({"big": 2**70, "f": 1.0, "i": 1}), writer="dev")
+        await store.update("d", desired({"neg": -(2**65)}), writer="app")
+        shadow = await store.get("d")
+        assert shadow is not None and shadow.reported == {"big": 2**70, "f": 1.0, "i": 1}
+        assert [type(v) for v in shadow.reported.values()] == [int, float, int]
+        assert shadow.desired == {"neg": -(2**65)}
+        log = await store.changes_since("d", 0)
+        assert log is not None and log.changes[0].state == {"reported": shadow.reported}
+
+    backend.run(body)
+
+
 # --------------------------------------------------------------------------- store specific
 
 
@@ -482,3 +534,84 @@ def test_redis_store_reloads_its_script_after_a_script_flush(redis_server: Any) 
             assert all(isinstance(r, UpdateResult) for r in results)
 
     asyncio.run(body())
+
+
+def test_redis_store_reads_shadows_stored_as_json_by_earlier_versions(redis_server: Any) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    old = apply_update(None, desired({"a": 1}), writer="old-node", ts_ms=1_000)
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    key = f"{prefix}:shadow:{{d}}"
+    client.hset(key, mapping={"v": 1, "d": 0, "doc": old.shadow.to_json()})
+    client.rpush(f"{key}:changes", old.change.to_json())
+    client.zadd(f"{prefix}:shadows", {"d": 0})
+
+    async def body() -> None:
+        async with RedisShadowStore(redis_server.url, prefix=prefix) as store:
+            assert await store.get("d") == old.shadow
+            r = await store.update("d", desired({"b": 2}), writer="app", expected_version=1)
+            assert r.shadow.desired == {"a": 1, "b": 2} and r.version == 2
+            log = await store.changes_since("d", 0)
+            assert log is not None and [c.version for c in log.changes] == [1, 2]
+            assert log.changes[0] == old.change
+
+    try:
+        asyncio.run(body())
+    finally:
+        client.delete(key, f"{key}:changes", f"{prefix}:shadows")
+        client.close()
+
+
+def test_redis_store_redoes_a_write_when_the_shadow_was_replaced_behind_its_back(
+    redis_server: Any,
+) -> None:
+    """A remembered document whose version number comes back with other content (keys
+    flushed, failover) is caught by the write token, not taken for current."""
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+
+    async def body() -> None:
+        async with (
+            RedisShadowStore(redis_server.url, prefix=prefix) as node1,
+            RedisShadowStore(redis_server.url, prefix=prefix) as node2,
+        ):
+            await node1.update("d", desired({"a": 1}), writer="n1")
+            await node1.update("e", desired({"a": 1}), writer="n1")
+            client.delete(*client.keys(f"{prefix}:*"))
+            await node2.update("d", desired({"b": 2}), writer="n2")
+            r = await node1.update("d", desired({"c": 3}), writer="n1")
+            assert r.version == 2 and r.shadow.desired == {"b": 2, "c": 3}
+            r = await node1.update("e", desired({"c": 3}), writer="n1")  # gone: created anew
+            assert r.version == 1 and r.shadow.desired == {"c": 3}
+            assert node1.stats.cas_retries == 0
+
+    try:
+        asyncio.run(body())
+    finally:
+        keys = client.keys(f"{prefix}:*")
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def test_redis_store_reconnects_after_the_server_closed_its_idle_connections(
+    redis_server: Any,
+) -> None:
+    prefix = f"test-{uuid.uuid4().hex[:12]}"
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+
+    async def body() -> None:
+        async with RedisShadowStore(redis_server.url, prefix=prefix) as store:
+            await store.update("d", desired({"a": 1}), writer="app")
+            client.client_kill_filter(_type="normal", skipme=True)
+            await asyncio.sleep(0.1)  # the store's loop sees the connections close
+            r = await store.update("d", desired({"a": 2}), writer="app")
+            assert r.version == 2
+            assert await store.get("d") == r.shadow
+
+    try:
+        asyncio.run(body())
+    finally:
+        keys = client.keys(f"{prefix}:*")
+        if keys:
+            client.delete(*keys)
+        client.close()
