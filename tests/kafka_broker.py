@@ -157,8 +157,9 @@ class KafkaBroker:
     def _format(self) -> None:
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         done = subprocess.run(
-            self._java(
-                "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties)
+            self._java(  # `-t=ID`: an id starting with "-" would otherwise read as an option
+                "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                "-c", str(self.properties)
             ),
             capture_output=True,
             timeout=120,
