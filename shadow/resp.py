@@ -32,21 +32,21 @@ def pack(*args: str | int | bytes) -> bytes:
     return packed
 
 
+async def _reply(reader: asyncio.StreamReader, parser: hiredis.Reader) -> Any:
+    """The next reply, reading as much as it takes."""
+    while (reply := parser.gets()) is False:
+        data = await reader.read(1 << 16)
+        if not data:
+            raise RedisConnectionError("Redis closed the connection")
+        parser.feed(data)
+    return reply
+
+
 async def _roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      commands: list[bytes]) -> list[Any]:
     writer.write(b"".join(commands))
     parser = hiredis.Reader()
-    replies: list[Any] = []
-    while len(replies) < len(commands):
-        reply = parser.gets()
-        if reply is False:
-            data = await reader.read(1 << 16)
-            if not data:
-                raise RedisConnectionError("Redis closed the connection")
-            parser.feed(data)
-        else:
-            replies.append(reply)
-    return replies
+    return [await _reply(reader, parser) for _ in commands]
 
 
 async def connect(redis: Redis) -> Streams:
@@ -130,13 +130,8 @@ class Subscriber:
         parser = hiredis.Reader()
         confirmed = 0
         while confirmed < len(self.channels):
-            reply = parser.gets()
-            if reply is False:
-                data = await reader.read(1 << 16)
-                if not data:
-                    raise RedisConnectionError("Redis closed the connection")
-                parser.feed(data)
-            elif isinstance(reply, list) and reply[0] == b"subscribe":
+            reply = await _reply(reader, parser)
+            if isinstance(reply, list) and reply[0] == b"subscribe":
                 confirmed += 1
         self._streams = reader, writer
         self._parser = parser  # it may already hold messages that came behind the confirmations
