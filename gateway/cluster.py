@@ -448,8 +448,10 @@ class Cluster:
 
     def hold(self, conn: MqttConnection) -> None:
         """A publisher while some node is behind: stop reading it until it caught up."""
-        self._held.add(conn)
-        conn.pause_reading()
+        if conn not in self._held:
+            self._held.add(conn)
+            self.metrics.held_publishers.inc()
+            conn.pause_reading()
 
     def forget(self, conn: MqttConnection) -> None:
         self._held.discard(conn)

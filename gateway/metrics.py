@@ -158,6 +158,11 @@ class ClusterMetrics:
                                      "Topic filters announced or withdrawn", registry=registry)
         self.takeovers = Counter("iotgw_cluster_takeovers",
                                  "CONNECTs of a client id another node held", registry=registry)
+        self.held_publishers = Counter(
+            "iotgw_cluster_held_publishers",
+            "Times a publishing connection stopped being read while another node caught up",
+            registry=registry,
+        )
         self.resubscribes = Counter(
             "iotgw_cluster_resubscribes",
             "Times the Redis subscription was lost (what was published meanwhile is lost)",

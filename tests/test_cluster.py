@@ -64,6 +64,34 @@ def test_publish_on_one_node_reaches_a_subscriber_on_the_other(nodes: Any, qos: 
     pub.close()
 
 
+def test_a_node_ahead_of_another_holds_its_publishers_and_loses_nothing(
+    nodes: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.cluster
+
+    monkeypatch.setattr(gateway.cluster, "HIGH_WATER", 2000)  # a few dozen messages ahead
+    monkeypatch.setattr(gateway.cluster, "LOW_WATER", 1000)
+    a, b = nodes
+    sub = RawClient(b.mqtt_port, version=4)
+    assert sub.connect("sub").type == mqtt.CONNACK
+    sub.send(mqtt.Subscribe(1, [mqtt.Subscription("flood/#", 1)]).encode(4))
+    assert sub.recv().type == mqtt.SUBACK
+    wait_until(lambda: knows_route(a, "flood/x", "node-b"))
+    pub = RawClient(a.mqtt_port, version=4)
+    pub.connect("pub")
+    frames = b"".join(
+        mqtt.encode_publish(f"flood/{i}", b"%d" % i, qos=1, packet_id=i + 1) for i in range(500)
+    )
+    pub.send(frames)  # in one go: node a reads them faster than node b is told of them
+    got = [sub.recv() for _ in range(500)]
+    assert [bytes(p.payload) for p in got] == [b"%d" % i for i in range(500)]
+    assert a.call(lambda: a.gateway.metrics.cluster.held_publishers._value.get()) > 0
+    acks = {pub.recv().packet_id for _ in range(500)}
+    assert acks == set(range(1, 501))
+    sub.close()
+    pub.close()
+
+
 def test_unsubscribe_withdraws_the_route_and_nothing_more_is_forwarded(nodes: Any) -> None:
     a, b = nodes
     sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
