@@ -277,6 +277,44 @@ def test_a_node_that_stops_takes_its_routes_with_it(nodes: Any) -> None:
     sub.client.loop_stop()
 
 
+def test_a_node_that_dies_is_forgotten_and_its_clients_can_connect_elsewhere(
+    gateway_factory: Any, redis_server: Any, tmp_path: Path
+) -> None:
+    url = f"redis://{redis_server.url}"
+    redis.Redis.from_url(url).flushall()
+    a = gateway_factory(node_id="node-a", allow_anonymous=True, acl="open", redis=url,
+                        cluster=True)
+    port = free_port()
+    b = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "run", "--cluster", "--node-id", "node-b",
+         "--redis", url, "--mqtt-port", str(port), "--http-port", "0", "--coap-port", "0",
+         "--data-dir", str(tmp_path / "b"), "--allow-anonymous", "--acl", "open"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_tcp(port, proc=b, timeout=30)
+        dev = RawClient(port, version=5)
+        props = mqtt.Properties(session_expiry_interval=300)
+        assert dev.connect("dev", properties=props).reason_code == 0
+        dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 1)]).encode(5))
+        assert dev.recv().type == mqtt.SUBACK
+        wait_until(lambda: knows_route(a, "cmd/x", "node-b"))
+        b.send_signal(signal.SIGKILL)  # no goodbye: only its silence tells
+        b.wait()
+        dev.close()
+        wait_until(lambda: not knows_route(a, "cmd/x", "node-b"), timeout=10)
+        started = time.monotonic()
+        back = RawClient(a.mqtt_port, version=5)
+        connack = back.connect("dev", clean_start=False, properties=props)
+        assert connack.reason_code == 0 and not connack.session_present  # it died with node b
+        assert time.monotonic() - started < 1.0  # nobody waited for the dead node
+        back.close()
+    finally:
+        if b.poll() is None:
+            b.kill()
+            b.wait()
+
+
 def test_rest_sees_and_commands_a_device_connected_to_another_node(
     gateway_factory: Any, redis_server: Any
 ) -> None:
