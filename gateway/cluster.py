@@ -44,6 +44,9 @@ from typing import TYPE_CHECKING, Any
 import hiredis
 import msgpack
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway._native import mqtt
 from gateway.mqtt import persistence
@@ -156,7 +159,12 @@ class Cluster:
         self.broker = broker
         self.node_id = node_id
         self.metrics = metrics
-        self.redis: Redis = Redis.from_url(redis_url)
+        # A connection Redis closed (a restart) is retried on a new one, a few times.
+        self.redis: Redis = Redis.from_url(
+            redis_url,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+            retry_on_error=[RedisConnectionError, ConnectionError, TimeoutError],
+        )
         self._pipe = resp.Pipe(self.redis)
         self._subscriber = resp.Subscriber(
             self.redis, [_node_channel(self.node_id), ROUTES_CHANNEL, RETAINED_CHANNEL]
@@ -167,6 +175,7 @@ class Cluster:
         self._handled: dict[str, int] = {}
         self._credited: dict[str, int] = {}
         self.blocked = False  # some node is over HIGH_WATER
+        self.subscribed = False  # the Redis subscription is up (notes are coming in)
         self._held: set[MqttConnection] = set()
         # Other nodes' routes: ordinary filters keyed by node; shared ones keyed by
         # (node, "$share/g/f") under the inner filter.
@@ -196,12 +205,9 @@ class Cluster:
     async def start(self) -> None:
         await self._load_scripts()
         await self._subscriber.subscribe()
+        self.subscribed = True
         await self._heartbeat()
-        # Our own routes start empty (a restarted node announces what it restores).
-        await self.redis.evalsha(
-            self._scripts["routes"], 2, _routes_key(self.node_id), _routes_seq_key(self.node_id),
-            _pack([[], []]), ROUTES_CHANNEL, _pack([self.node_id, [], [], True]), "1",
-        )
+        await self._set_routes([])  # a restarted node then announces what it restores
         await self._load_routes()
         await self._load_retained()
         self._spawn(self._read_forever())
@@ -217,12 +223,10 @@ class Cluster:
             await asyncio.gather(self._flushing, return_exceptions=True)
         await self._flush_now()
         try:
-            await self.redis.evalsha(
-                self._scripts["routes"], 2, _routes_key(self.node_id),
-                _routes_seq_key(self.node_id), _pack([[], []]), ROUTES_CHANNEL,
-                _pack([self.node_id, [], [], True]), "1",
-            )
+            await self._set_routes([])
             await self.redis.hdel(NODES_KEY, self.node_id)
+        except Exception:  # Redis is away: the others will notice our silence instead
+            log.warning("cluster: could not say goodbye to Redis", exc_info=True)
         finally:
             self._subscriber.close()
             self._pipe.close()
@@ -350,6 +354,15 @@ class Cluster:
             _pack([self.node_id, adds, removes, False]), "0",
         )
         self._outbox.append((command, None))
+
+    async def _set_routes(self, filters: list[str]) -> None:
+        """Replace our whole route table in Redis (and tell the others), at once."""
+        self._adds.clear()
+        self._removes.clear()
+        await self.redis.evalsha(
+            self._scripts["routes"], 2, _routes_key(self.node_id), _routes_seq_key(self.node_id),
+            _pack([filters, []]), ROUTES_CHANNEL, _pack([self.node_id, filters, [], True]), "1",
+        )
 
     async def _load_routes(self) -> None:
         for node in self.alive:
@@ -617,16 +630,22 @@ class Cluster:
                         log.exception("cluster: a note could not be handled")
                 self.broker.flush()
                 self._send_credits(CREDIT_EVERY)
-            # The subscription was lost: what was published meanwhile is gone. Subscribe again
-            # and reload what the notes would have told (routes, retained messages).
+            # The subscription was lost: what was published meanwhile is gone. Subscribe again,
+            # announce our routes whole (Redis may have restarted empty) and reload what the
+            # notes would have told (the others' routes, retained messages).
+            self.subscribed = False
             self.metrics.resubscribes.inc()
             log.error("cluster: the Redis subscription was lost; subscribing again")
             while True:
                 try:
                     await subscriber.subscribe()
+                    await self._load_scripts()
                     await self._heartbeat()
+                    await self._set_routes(sorted(self._local))
+                    self._node_seq.clear()  # a restarted Redis numbers announcements anew
                     await self._load_routes()
                     await self._load_retained()
+                    self.subscribed = True
                     break
                 except Exception:
                     log.exception("cluster: subscribing again failed; retrying")

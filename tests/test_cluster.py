@@ -315,6 +315,41 @@ def test_a_node_that_dies_is_forgotten_and_its_clients_can_connect_elsewhere(
             b.wait()
 
 
+def test_nodes_recover_when_redis_restarts_empty(gateway_factory: Any, tmp_path: Path) -> None:
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+           "--appendonly", "no", "--dir", str(tmp_path)]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_tcp(port, proc=server)
+        url = f"redis://127.0.0.1:{port}"
+        settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True}
+        a = gateway_factory(node_id="node-a", **settings)
+        b = gateway_factory(node_id="node-b", **settings)
+        sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
+        sub.subscribe("news/#", 1)
+        wait_until(lambda: knows_route(a, "news/x", "node-b"))
+        server.terminate()
+        server.wait()
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_tcp(port, proc=server)
+        for node in (a, b):  # each noticed, subscribed again and announced its routes whole
+            cluster = node.gateway.cluster
+            wait_until(lambda node=node, cluster=cluster: node.call(
+                lambda: cluster.metrics.resubscribes._value.get() >= 1 and cluster.subscribed
+            ), timeout=10)
+        wait_until(lambda: knows_route(a, "news/x", "node-b"), timeout=10)
+        pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv5)
+        assert pub.connack[1] == 0  # the client registry works again
+        pub.publish("news/x", b"after", 1)
+        assert [m.payload for m in sub.wait_messages(1)] == [b"after"]
+        pub.close()
+        sub.close()
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def test_rest_sees_and_commands_a_device_connected_to_another_node(
     gateway_factory: Any, redis_server: Any
 ) -> None:
