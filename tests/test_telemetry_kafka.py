@@ -354,6 +354,10 @@ def test_kafka_stopped_and_restarted_mid_stream_loses_no_acknowledged_record(
         d.close()
 
 
+def _spooled_bytes(data_dir: Path) -> int:
+    return sum(p.stat().st_size for p in (data_dir / "spool").rglob("*.seg"))
+
+
 def _run_gateway(data_dir: Path, port: int, bootstrap: str, topics: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
@@ -399,7 +403,10 @@ def test_gateway_sigkilled_mid_stream_replays_its_spool_on_restart(
     try:
         time.sleep(1.5)  # to Kafka directly
         kafka_broker.stop()
-        time.sleep(2.5)  # into the spool
+        deadline = time.monotonic() + 30  # into the spool (sooner or later on a busy machine)
+        while not _spooled_bytes(data_dir) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(10)
         for t in threads:
@@ -412,8 +419,7 @@ def test_gateway_sigkilled_mid_stream_replays_its_spool_on_restart(
             gateway.kill()
     acked = {d.device_id: list(d.acked) for d in devices}
     total = sum(map(len, acked.values()))
-    spooled = sum(p.stat().st_size for p in (data_dir / "spool").rglob("*.seg"))
-    assert spooled > 0  # acknowledged records were waiting in the spool when it died
+    assert _spooled_bytes(data_dir) > 0  # acknowledged records were in the spool when it died
     for d in devices:
         d.close()
 
