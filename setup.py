@@ -1,4 +1,5 @@
-"""Builds the Cython extensions in gateway/_native/ (cythonized at build time, never committed).
+"""Builds the Cython extensions in gateway/_native/ and compiles shadow/model.py with Cython
+(cythonized at build time, never committed; the .py stays the source and imports uncompiled).
 
 Set IOTGW_DEBUG=1 for a debug build: bounds checks on, line tracing and annotated HTML.
 Set IOTGW_BUILD_ONLY=mqtt (a module name) to rebuild just that extension while developing it:
@@ -36,5 +37,27 @@ extensions = [
     for pyx in sorted(native.glob("*.pyx"))
     if ONLY is None or pyx.stem == ONLY
 ]
+# The shadow model is plain Python compiled as is (pure-Python mode): Python indexing and
+# annotations not turned into C types, so the compiled module behaves exactly like the
+# source, which stays importable uncompiled.
+pure = [
+    Extension(
+        "shadow.model",
+        [str(Path("shadow") / "model.py")],
+        define_macros=macros,
+        extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
+    )
+]
+pure = [ext for ext in pure if ONLY is None or ext.name.rsplit(".", 1)[1] == ONLY]
+pure_directives = {
+    **directives,
+    "boundscheck": True,
+    "wraparound": True,  # negative indexes as in Python
+    "annotation_typing": False,
+    "binding": True,
+}
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=DEBUG))
+setup(
+    ext_modules=cythonize(extensions, compiler_directives=directives, annotate=DEBUG)
+    + (cythonize(pure, compiler_directives=pure_directives, annotate=DEBUG) if pure else [])
+)

@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeAlias
@@ -103,8 +104,20 @@ VersionVector: TypeAlias = dict[str, int]
 
 SECTIONS: Final[tuple[Section, Section]] = ("desired", "reported")
 _UPDATE_KEYS: Final = frozenset({"state", "version", "clientToken"})
-_CONTAINERS: Final = (dict, list)
 _COMPACT_UTF8: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# The C encoder behind ``_COMPACT_UTF8.encode`` made once (that method builds one per call);
+# no circular check: state trees are validated, finite in depth.
+_c_make_encoder = getattr(json.encoder, "c_make_encoder", None)
+_compact_utf8_chunks: Final = (
+    _c_make_encoder(
+        None, _COMPACT_UTF8.default, json.encoder.encode_basestring, None, ":", ",",
+        False, False, True,
+    )
+    if _c_make_encoder is not None
+    else None
+)  # fmt: skip
+_new: Final = object.__new__
+_setattr: Final = object.__setattr__
 
 
 # --------------------------------------------------------------------------- errors
@@ -378,8 +391,16 @@ class UpdateResult:
 # --------------------------------------------------------------------------- JSON helpers
 
 
+_packers = threading.local()
+
+
 def _pack(value: object) -> bytes:
-    packed: bytes = msgpack.packb(value)
+    """``msgpack.packb(value)`` with a Packer per thread instead of a new one per call."""
+    try:
+        packer = _packers.packer
+    except AttributeError:
+        packer = _packers.packer = msgpack.Packer()
+    packed: bytes = packer.pack(value)  # on an error the Packer resets itself
     return packed
 
 
@@ -390,9 +411,9 @@ def _unpack(raw: bytes) -> Any:
 def copy_json(value: JSON) -> Any:
     """A deep copy of a JSON value (much cheaper than copy.deepcopy)."""
     if isinstance(value, dict):
-        return {k: copy_json(v) if isinstance(v, _CONTAINERS) else v for k, v in value.items()}
+        return {k: copy_json(v) if isinstance(v, (dict, list)) else v for k, v in value.items()}
     if isinstance(value, list):
-        return [copy_json(v) if isinstance(v, _CONTAINERS) else v for v in value]
+        return [copy_json(v) if isinstance(v, (dict, list)) else v for v in value]
     return value
 
 
@@ -400,7 +421,7 @@ def json_equal(a: JSON, b: JSON) -> bool:
     """JSON equality: ``true`` is not ``1`` (unlike Python), ``1`` equals ``1.0``."""
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
-    if isinstance(a, int | float) and isinstance(b, int | float):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a == b
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(json_equal(v, b[k]) for k, v in a.items())
@@ -477,8 +498,12 @@ def diff_patch(old: JSONObject, new: JSONObject) -> JSONObject:
 
 def state_size(desired: JSONObject, reported: JSONObject) -> int:
     """Bytes of the compact UTF-8 JSON of both sections: what the size limit measures."""
-    text = _COMPACT_UTF8.encode({"desired": desired, "reported": reported})
-    return len(text.encode("utf-8", "surrogatepass"))
+    both = {"desired": desired, "reported": reported}
+    if _compact_utf8_chunks is None:  # pragma: no cover - Python without the C accelerator
+        text = _COMPACT_UTF8.encode(both)
+    else:
+        text = "".join(_compact_utf8_chunks(both, 0))
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
 # --------------------------------------------------------------------------- version vectors
@@ -530,7 +555,7 @@ def check_id(value: object, what: str, limits: Limits = DEFAULT_LIMITS) -> str:
     """A device or writer id: a non-empty string of at most ``max_id_bytes``."""
     if not isinstance(value, str) or not value:
         raise InvalidUpdate(f"{what} must be a non-empty string")
-    if _utf8_len(value, what) > limits.max_id_bytes:
+    if (len(value) if value.isascii() else _utf8_len(value, what)) > limits.max_id_bytes:
         raise InvalidUpdate(f"{what} is longer than {limits.max_id_bytes} bytes")
     return value
 
@@ -579,7 +604,7 @@ def _check_tree(value: object, where: str, depth: int, limits: Limits, nulls: bo
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidUpdate(f"{where}: numbers must be finite")
-    elif not isinstance(value, str | int):  # bool is an int
+    elif not isinstance(value, (str, int)):  # bool is an int
         raise InvalidUpdate(f"{where}: {type(value).__name__} is not a JSON value")
 
 
@@ -595,7 +620,7 @@ def parse_update(
     doc: object, limits: Limits = DEFAULT_LIMITS, *, nulls: bool = True
 ) -> ParsedUpdate:
     """Validates an update (or, with ``nulls=False``, a replace) document."""
-    if not isinstance(doc, Mapping):
+    if type(doc) is not dict and not isinstance(doc, Mapping):
         raise InvalidUpdate("the update must be a JSON object")
     if not _UPDATE_KEYS.issuperset(doc):
         unknown = set(doc) - _UPDATE_KEYS
@@ -612,8 +637,8 @@ def parse_update(
         raise InvalidUpdate('the update has no "state"')
     state = doc["state"]
     if state is None:
-        return ParsedUpdate({"desired": None, "reported": None}, version)
-    if not isinstance(state, Mapping):
+        return _parsed({"desired": None, "reported": None}, version)
+    if type(state) is not dict and not isinstance(state, Mapping):
         raise InvalidUpdate('"state" must be an object or null')
     sections: dict[Section, JSONObject | None] = {}
     for key, value in state.items():
@@ -624,7 +649,15 @@ def parse_update(
                 raise InvalidUpdate(f'"state.{key}" must be an object or null')
             _check_tree(value, f"/state/{key}", 1, limits, nulls)
         sections[key] = value
-    return ParsedUpdate(sections, version)
+    return _parsed(sections, version)
+
+
+def _parsed(sections: dict[Section, JSONObject | None], version: int | None) -> ParsedUpdate:
+    """``ParsedUpdate(sections, version)``, without the frozen dataclass's slower __init__."""
+    p: ParsedUpdate = _new(ParsedUpdate)
+    _setattr(p, "sections", sections)
+    _setattr(p, "version", version)
+    return p
 
 
 def check_version(current: Shadow | None, expected: int | None) -> None:
@@ -656,16 +689,19 @@ _DELETE: Final = _Deleted()
 _Op: TypeAlias = tuple[Path, "JSON | _Deleted"]
 
 
-def _patch_ops(patch: JSONObject, prefix: Path = ()) -> Iterator[_Op]:
-    """Flattens a merge patch into leaf operations; empty objects yield nothing."""
+def _patch_ops(patch: JSONObject, prefix: Path = (), ops: list[_Op] | None = None) -> list[_Op]:
+    """Flattens a merge patch into leaf operations; empty objects give none."""
+    if ops is None:
+        ops = []
     for key, value in patch.items():
         path = (*prefix, key)
         if value is None:
-            yield path, _DELETE
+            ops.append((path, _DELETE))
         elif isinstance(value, dict):
-            yield from _patch_ops(value, path)
+            _patch_ops(value, path, ops)
         else:
-            yield path, value
+            ops.append((path, value))
+    return ops
 
 
 def _affected(state: JSONObject, path: Path, *, writing: bool) -> list[Path]:
@@ -698,7 +734,7 @@ def _set(state: JSONObject, path: Path, value: JSON) -> None:
         if not isinstance(child, dict):
             child = node[key] = {}
         node = child
-    node[path[-1]] = copy_json(value) if isinstance(value, _CONTAINERS) else value
+    node[path[-1]] = copy_json(value) if isinstance(value, (dict, list)) else value
 
 
 def _remove(state: JSONObject, path: Path) -> None:
@@ -737,18 +773,28 @@ def _nest(ops: list[_Op]) -> JSONObject | None:
 # --------------------------------------------------------------------------- writes
 
 
-@dataclass(slots=True)
 class _Write:
     """The mutable working state of one write."""
 
-    writer: str
-    counter: int
-    ts_ms: int
-    context: VersionVector | None  # set only when the write is concurrent
-    seq: int | None
-    conflicting: list[str] = field(default_factory=list)
-    overruled: list[str] = field(default_factory=list)
-    suppressed: list[str] = field(default_factory=list)
+    __slots__ = ("conflicting", "context", "counter", "overruled", "seq", "suppressed", "ts_ms",
+                 "writer")  # fmt: skip
+
+    def __init__(
+        self,
+        writer: str,
+        counter: int,
+        ts_ms: int,
+        context: VersionVector | None,  # set only when the write is concurrent
+        seq: int | None,
+    ) -> None:
+        self.writer = writer
+        self.counter = counter
+        self.ts_ms = ts_ms
+        self.context = context
+        self.seq = seq
+        self.conflicting: list[str] = []
+        self.overruled: list[str] = []
+        self.suppressed: list[str] = []
 
     def apply(
         self, section: Section, state: JSONObject, meta: dict[Path, LeafMeta], ops: list[_Op]
@@ -845,7 +891,12 @@ def _result(
 ) -> UpdateResult:
     """Builds the accepted and delta payloads and the change record of a write."""
     delta = new.delta
-    change = ChangeRecord(new.version, w.writer, w.ts_ms, change_state, delta)
+    change: ChangeRecord = _new(ChangeRecord)  # without the frozen dataclass's slower __init__
+    _setattr(change, "version", new.version)
+    _setattr(change, "writer", w.writer)
+    _setattr(change, "ts_ms", w.ts_ms)
+    _setattr(change, "state", change_state)
+    _setattr(change, "delta", delta)
     accepted_state: JSONObject = {}
     accepted_meta: JSONObject = {}
     for name, patch in applied.items():
@@ -870,25 +921,29 @@ def _result(
         accepted["clientToken"] = client_token
         if delta_doc is not None:
             delta_doc["clientToken"] = client_token
-    return UpdateResult(
-        shadow=new,
-        change=change,
-        accepted=accepted,
-        delta=delta_doc,
-        concurrent=concurrent,
-        conflicting_fields=tuple(w.conflicting),
-        overruled_fields=tuple(w.overruled),
-        suppressed_fields=tuple(w.suppressed),
-    )
+    result: UpdateResult = _new(UpdateResult)  # without the frozen dataclass's slower __init__
+    _setattr(result, "shadow", new)
+    _setattr(result, "change", change)
+    _setattr(result, "accepted", accepted)
+    _setattr(result, "delta", delta_doc)
+    _setattr(result, "concurrent", concurrent)
+    _setattr(result, "conflicting_fields", tuple(w.conflicting))
+    _setattr(result, "overruled_fields", tuple(w.overruled))
+    _setattr(result, "suppressed_fields", tuple(w.suppressed))
+    _setattr(result, "cas_retries", 0)
+    return result
 
 
-def _value_paths(patch: JSONObject, prefix: Path = ()) -> Iterator[Path]:
+def _value_paths(patch: JSONObject, prefix: Path = (), out: list[Path] | None = None) -> list[Path]:
     """The leaves of a merge patch that set a value (not the nulls that delete)."""
+    if out is None:
+        out = []
     for key, value in patch.items():
         if isinstance(value, dict):
-            yield from _value_paths(value, (*prefix, key))
+            _value_paths(value, (*prefix, key), out)
         elif value is not None:
-            yield (*prefix, key)
+            out.append((*prefix, key))
+    return out
 
 
 def _next_shadow(
@@ -905,15 +960,16 @@ def _next_shadow(
         raise ShadowTooLarge(
             f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
         )
-    return Shadow(
-        desired=states["desired"],
-        reported=states["reported"],
-        desired_meta=metas["desired"],
-        reported_meta=metas["reported"],
-        version=base.version + 1,
-        vv=vv,
-        ts_ms=ts_ms,
-    )
+    s: Shadow = _new(Shadow)  # Shadow(...) without the frozen dataclass's slower __init__
+    _setattr(s, "desired", states["desired"])
+    _setattr(s, "reported", states["reported"])
+    _setattr(s, "desired_meta", metas["desired"])
+    _setattr(s, "reported_meta", metas["reported"])
+    _setattr(s, "version", base.version + 1)
+    _setattr(s, "vv", vv)
+    _setattr(s, "ts_ms", ts_ms)
+    _setattr(s, "deleted", False)
+    return s
 
 
 def apply_update(
@@ -956,12 +1012,12 @@ def apply_update(
         states[name] = state = copy_json(states[name])
         metas[name] = meta = dict(metas[name])
         # clearing a section deletes each leaf, so the per-leaf rules still apply
-        ops: list[_Op] = [((), _DELETE)] if patch is None else list(_patch_ops(patch))
+        ops: list[_Op] = [((), _DELETE)] if patch is None else _patch_ops(patch)
         applied[name] = _nest(w.apply(name, state, meta, ops))
 
     new = _next_shadow(base, states, metas, vv, ts_ms, limits)
     change_state: JSONObject = {name: patch for name, patch in applied.items()}
-    token = update.get("clientToken") if isinstance(update, Mapping) else None
+    token = update.get("clientToken")  # type: ignore[attr-defined]  # parse_update: a Mapping
     return _result(base, new, applied, w, change_state, concurrent, token)
 
 
