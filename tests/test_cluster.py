@@ -47,6 +47,15 @@ def knows_route(node: Any, topic: str, holder: str) -> bool:
     return bool(node.call(lambda: any(n == holder for n, _ in cluster.routes.match(topic))))
 
 
+def news_subscriber(node: Any, seen_by: Any) -> PahoClient:
+    """A client on `node` subscribed to news/#, once the node `seen_by` has heard of it."""
+    sub = PahoClient(node.mqtt_port, "sub", paho.MQTTv5)
+    sub.subscribe("news/#", 1)
+    holder = node.gateway.cluster.node_id
+    wait_until(lambda: knows_route(seen_by, "news/x", holder))
+    return sub
+
+
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_publish_on_one_node_reaches_a_subscriber_on_the_other(nodes: Any, qos: int) -> None:
     a, b = nodes
@@ -94,9 +103,7 @@ def test_a_node_ahead_of_another_holds_its_publishers_and_loses_nothing(
 
 def test_unsubscribe_withdraws_the_route_and_nothing_more_is_forwarded(nodes: Any) -> None:
     a, b = nodes
-    sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
-    sub.subscribe("news/#", 1)
-    wait_until(lambda: knows_route(a, "news/x", "node-b"))
+    sub = news_subscriber(b, seen_by=a)
     sub.client.unsubscribe("news/#")
     wait_until(lambda: not knows_route(a, "news/x", "node-b"))
     pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv5)
@@ -268,9 +275,7 @@ def test_restarted_node_keeps_its_persistent_sessions_and_hands_them_over(
 
 def test_a_node_that_stops_takes_its_routes_with_it(nodes: Any) -> None:
     a, b = nodes
-    sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
-    sub.subscribe("news/#", 1)
-    wait_until(lambda: knows_route(a, "news/x", "node-b"))
+    sub = news_subscriber(b, seen_by=a)
     b.stop()
     wait_until(lambda: not knows_route(a, "news/x", "node-b"))
     assert a.call(lambda: len(a.gateway.cluster.routes)) == 0
@@ -326,9 +331,7 @@ def test_nodes_recover_when_redis_restarts_empty(gateway_factory: Any, tmp_path:
         settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True}
         a = gateway_factory(node_id="node-a", **settings)
         b = gateway_factory(node_id="node-b", **settings)
-        sub = PahoClient(b.mqtt_port, "sub", paho.MQTTv5)
-        sub.subscribe("news/#", 1)
-        wait_until(lambda: knows_route(a, "news/x", "node-b"))
+        sub = news_subscriber(b, seen_by=a)
         server.terminate()
         server.wait()
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
