@@ -20,7 +20,7 @@ from gateway._native import mqtt
 from gateway.auth import DeviceRegistry
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
-from gateway.config import Config, ConfigError
+from gateway.config import Config
 from gateway.files import write_atomically
 from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
@@ -47,8 +47,6 @@ class Gateway:
     def __init__(self, config: Config, worker: int | None = None) -> None:
         """`worker`: this process's index under `--workers N` (each is a cluster node with its
         own state dir, data_dir/workers/{i}, and HTTP port, http_port + i)."""
-        if (config.cluster or config.workers > 1) and not config.redis:
-            raise ConfigError("--cluster and --workers above 1 need --redis (the nodes share it)")
         self.config = config
         self.data_dir = Path(config.data_dir)  # shared: device registry, API tokens
         # This process's own state: sessions, telemetry segments, the Kafka spool.
@@ -292,11 +290,6 @@ def supervise(config: Config) -> None:
 
     Each process has its own open-file limit, so N workers hold N times the connections one
     process can (and use up to N cores)."""
-    if not config.redis:
-        raise ConfigError("--workers above 1 needs --redis (the workers share it)")
-    for name, port in (("--mqtt-port", config.mqtt_port), ("--coap-port", config.coap_port)):
-        if port == 0:
-            raise ConfigError(f"{name} 0 picks a port per process: give one port to share")
     context = multiprocessing.get_context("spawn")
     stopping = False
 

@@ -72,6 +72,15 @@ class Config:
     api_token: str | None = _opt(None, "bootstrap admin API token")
     log_level: str = _opt("info", "debug, info, warning or error")
 
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"workers: {self.workers} is not a number of processes (>= 1)")
+        if (self.cluster or self.workers > 1) and not self.redis:
+            raise ConfigError("--cluster and --workers above 1 need --redis (the nodes share it)")
+        if self.workers > 1 and (self.mqtt_port == 0 or self.coap_port == 0):
+            raise ConfigError("--workers above 1 share their ports: give --mqtt-port and "
+                              "--coap-port (0 would pick one port per process)")
+
 
 def _field_type(f: dataclasses.Field[Any]) -> Any:
     return typing.get_type_hints(Config)[f.name]
