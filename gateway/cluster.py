@@ -88,6 +88,13 @@ local seq = redis.call('INCR', KEYS[2])
 redis.call('PUBLISH', ARGV[2], seq .. ' ' .. ARGV[3])
 return seq
 """
+# Heartbeats in Redis's clock, so that nodes on machines whose clocks differ agree on who is alive.
+_HEARTBEAT_SCRIPT = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now)
+return {now, redis.call('HGETALL', KEYS[1])}
+"""
 _ROUTES_READ_SCRIPT = """
 return {redis.call('GET', KEYS[2]) or '0', redis.call('HKEYS', KEYS[1])}
 """
@@ -117,6 +124,7 @@ return 0
 
 
 _SCRIPTS = {
+    "heartbeat": _HEARTBEAT_SCRIPT,
     "routes": _ROUTES_SCRIPT,
     "routes_read": _ROUTES_READ_SCRIPT,
     "retain": _RETAIN_SCRIPT,
@@ -183,7 +191,8 @@ class Cluster:
         self.shared_routes: SubscriptionTrie[tuple[str, str], str] = SubscriptionTrie()
         self._node_filters: dict[str, set[str]] = {}
         self._node_seq: dict[str, int] = {}
-        self.alive: dict[str, float] = {}  # node -> last heartbeat (wall seconds)
+        self.alive: dict[str, float] = {}  # node -> last heartbeat (Redis clock, seconds)
+        self._clock_offset = 0.0  # Redis's clock minus ours
         # Our routes: subscriber count per filter, and the changes not yet announced.
         self._local: dict[str, int] = {}
         self._adds: set[str] = set()
@@ -238,12 +247,13 @@ class Cluster:
         task.add_done_callback(self._tasks.discard)
 
     async def _heartbeat(self) -> None:
-        await self.redis.hset(NODES_KEY, self.node_id, int(time.time() * 1000))
-        beats: dict[Any, Any] = await self.redis.hgetall(NODES_KEY)
-        now = time.time()
-        self.alive = {
-            k.decode(): int(v) / 1000 for k, v in beats.items() if now - int(v) / 1000 < DEAD_AFTER
-        }
+        now_ms, flat = await self.redis.evalsha(
+            self._scripts["heartbeat"], 1, NODES_KEY, self.node_id
+        )
+        now = int(now_ms) / 1000
+        self._clock_offset = now - time.time()
+        beats = {flat[i].decode(): int(flat[i + 1]) / 1000 for i in range(0, len(flat), 2)}
+        self.alive = {node: beat for node, beat in beats.items() if now - beat < DEAD_AFTER}
         for node in list(self._node_filters):
             if node not in self.alive:
                 log.warning("cluster node %s is gone: dropping its routes", node)
@@ -264,9 +274,13 @@ class Cluster:
             except Exception:  # Redis away for a moment: try again at the next beat
                 log.exception("cluster heartbeat failed")
 
+    def wall(self) -> float:
+        """Now in Redis's clock (the nodes' shared time: heartbeats, times in shared state)."""
+        return time.time() + self._clock_offset
+
     def is_alive(self, node: str) -> bool:
         seen = self.alive.get(node)
-        return seen is not None and time.time() - seen < DEAD_AFTER
+        return seen is not None and self.wall() - seen < DEAD_AFTER
 
     # ---- sending: one pipeline per loop turn, in order ----------------------------------------
 
@@ -383,7 +397,7 @@ class Cluster:
         if seq <= self._node_seq.get(node, 0):
             return  # already in the table we loaded
         self._node_seq[node] = seq
-        self.alive.setdefault(node, time.time())
+        self.alive.setdefault(node, self.wall())
         if reset:
             self._replace_routes(node, set())
         filters = self._node_filters.setdefault(node, set())
@@ -492,7 +506,7 @@ class Cluster:
         """A retained message set (or deleted, empty payload) here: store and broadcast it."""
         wire = b""
         if message.payload:
-            wire = _pack([persistence.pack_message(message, monotonic()), time.time()])
+            wire = _pack([persistence.pack_message(message, monotonic()), self.wall()])
         note = _pack([message.topic, wire])
         self._send(
             "EVALSHA", self._scripts["retain"], 1, RETAINED_KEY, message.topic, wire,
@@ -510,7 +524,7 @@ class Cluster:
             self.broker.retained.delete(topic)
             return
         packed, saved_at = msgpack.unpackb(wire, raw=False)
-        message = persistence.unpack_message(packed, monotonic() - (time.time() - saved_at))
+        message = persistence.unpack_message(packed, monotonic() - (self.wall() - saved_at))
         if not message.expired(monotonic()):
             self.broker.retained.set(topic, message)
 
@@ -603,7 +617,7 @@ class Cluster:
                 conn.will = None
             if broker.sessions.get(client_id) is session:
                 if want and session.expiry_interval:
-                    packed = persistence.pack_session(session, monotonic(), time.time())
+                    packed = persistence.pack_session(session, monotonic(), self.wall())
                     broker.drop_session(session)
                 else:
                     broker.end_session(session)
@@ -615,7 +629,7 @@ class Cluster:
         existing = self.broker.sessions.get(packed["client_id"])
         if existing is not None:
             self.broker.drop_session(existing)
-        return persistence.unpack_session(self.broker, packed, monotonic(), time.time())
+        return persistence.unpack_session(self.broker, packed, monotonic(), self.wall())
 
     # ---- receiving ----------------------------------------------------------------------------
 
