@@ -603,25 +603,42 @@ class Cluster:
             self._waiting.pop(request, None)
 
     def _on_kick(self, client_id: str, epoch: str, origin: str, request: int, want: bool) -> None:
-        broker = self.broker
-        packed = None
+        """A newer claim elsewhere names ours (epoch): our connection goes, and the session
+        goes with the client (`want`) or ends."""
         claiming = self.claiming.get(client_id)
-        session = broker.sessions.get(client_id)
         if claiming is not None and claiming[0] == epoch:
-            claiming[1].taken_over = True  # the CONNECT still in progress here lost
-        elif session is not None and session.cluster_epoch == epoch:
-            conn = broker.online.get(client_id)
-            if conn is not None:
-                conn.close_with(mqtt.SESSION_TAKEN_OVER, "session taken over on another node")
-                broker.detach(conn, conn.will, 0)
-                conn.will = None
-            if broker.sessions.get(client_id) is session:
-                if want and session.expiry_interval:
-                    packed = persistence.pack_session(session, monotonic(), self.wall())
-                    broker.drop_session(session)
-                else:
-                    broker.end_session(session)
-            broker.flush()
+            # A CONNECT of ours still waiting for its own claim lost: it answers once that
+            # claim is settled, with whatever session it was bringing here (`surrender`).
+            claiming[1].taken_over = (origin, request, want)
+            return
+        session = self.broker.sessions.get(client_id)
+        if session is not None and session.cluster_epoch == epoch:
+            self.surrender(client_id, None, origin, request, want)
+        elif want:
+            self._send("PUBLISH", _node_channel(origin), _pack([KICKED, request, None]))
+
+    def surrender(
+        self, client_id: str, packed: Any, origin: str, request: int, want: bool
+    ) -> None:
+        """Let a client go to the node that claimed it last: close its connection here (0x8E,
+        its will published), and hand over its session (`want`) or end it. `packed`: a session
+        that was on its way here (it goes on to the winner; one held here is stale then)."""
+        broker = self.broker
+        conn = broker.online.get(client_id)
+        if conn is not None:
+            conn.close_with(mqtt.SESSION_TAKEN_OVER, "session taken over on another node")
+            broker.detach(conn, conn.will, 0)
+            conn.will = None
+        session = broker.sessions.get(client_id)
+        if session is not None:
+            if packed is None and want and session.expiry_interval:
+                packed = persistence.pack_session(session, monotonic(), self.wall())
+                broker.drop_session(session)
+            elif packed is not None:
+                broker.drop_session(session)
+            else:
+                broker.end_session(session)
+        broker.flush()
         if want:
             self._send("PUBLISH", _node_channel(origin), _pack([KICKED, request, packed]))
 

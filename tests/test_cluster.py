@@ -22,6 +22,7 @@ from conftest import free_port, wait_for_tcp
 from test_mqtt_server import PahoClient, RawClient
 
 from gateway._native import mqtt
+from gateway.mqtt.session import Message
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
@@ -237,6 +238,56 @@ def test_simultaneous_connects_of_one_client_id_on_two_nodes_leave_one_connectio
         wait_until(lambda: holders() == 1)
         time.sleep(0.05)
         assert holders() == 1
+        first.close()
+        second.close()
+
+
+def _drain(client: RawClient, quiet: float = 1.5) -> list[Any]:
+    """Every packet until the server closes (the list then ends with None) or goes quiet."""
+    got: list[Any] = []
+    try:
+        while (packet := client.recv(timeout=quiet)) is not None:
+            got.append(packet)
+        got.append(None)
+    except TimeoutError:
+        pass
+    return got
+
+
+def test_racing_resumes_on_two_nodes_leave_one_connection_with_the_session(nodes: Any) -> None:
+    a, b = nodes
+    props = mqtt.Properties(session_expiry_interval=300)
+    dev = RawClient(a.mqtt_port, version=5)
+    assert dev.connect("dev", properties=props).reason_code == 0
+    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 1)]).encode(5))
+    assert dev.recv().type == mqtt.SUBACK
+    dev.send(mqtt.Disconnect().encode(5))
+    dev.close()
+    resume = mqtt.Connect(
+        client_id="dev", clean_start=False, properties=props, protocol_level=5
+    ).encode(5)
+    for attempt in range(5):
+        wait_until(lambda: not any(n.call(lambda n=n: "dev" in n.gateway.broker.online)
+                                   for n in (a, b)))
+        (holder,) = [n for n in (a, b) if n.call(lambda n=n: "dev" in n.gateway.broker.sessions)]
+
+        def queue(holder: Any = holder, attempt: int = attempt) -> None:
+            holder.gateway.broker.publish(Message(f"cmd/{attempt}", b"%d" % attempt, 1, False))
+            holder.gateway.broker.flush()
+
+        holder.call(queue)
+        first, second = RawClient(a.mqtt_port, version=5), RawClient(b.mqtt_port, version=5)
+        first.send(resume)
+        second.send(resume)
+        seen = [_drain(first), _drain(second)]
+        open_ones = [packets for packets in seen if not packets or packets[-1] is not None]
+        assert len(open_ones) == 1, seen  # one connection stays, the other was closed
+        (winner,) = open_ones
+        assert winner[0].type == mqtt.CONNACK and winner[0].session_present, (attempt, seen)
+        payloads = {bytes(p.payload) for p in winner[1:] if p.type == mqtt.PUBLISH}
+        assert b"%d" % attempt in payloads  # the message queued in the session came along
+        client = first if seen[0] is winner else second
+        client.send(mqtt.Disconnect().encode(5))
         first.close()
         second.close()
 

@@ -79,7 +79,9 @@ class MqttConnection(asyncio.BufferedProtocol):
         # whether a newer CONNECT of the same client id on another node won meanwhile.
         self._stash: list[Any] | None = None
         self._pending_connect: tuple[Any, str, str, bool, str] | None = None
-        self.taken_over = False
+        # Set by the cluster when a newer CONNECT elsewhere won before this one finished: the
+        # (node, request, wants the session) to answer once this one's own claim is settled.
+        self.taken_over: tuple[str, int, bool] | None = None
 
     # ---- transport callbacks -----------------------------------------------------------------
 
@@ -301,17 +303,18 @@ class MqttConnection(asyncio.BufferedProtocol):
         self._pending_connect = None
         if cluster.claiming.get(client_id, ("", None))[0] == epoch:
             del cluster.claiming[client_id]
+        if self.taken_over is not None:  # a newer CONNECT elsewhere won while this one waited
+            cluster.surrender(client_id, packed, *self.taken_over)
+            self.abort("session taken over on another node")
+            return
         if failed:
             self._refuse(mqtt.SERVER_UNAVAILABLE, V4_SERVER_UNAVAILABLE, "cluster_unavailable")
             broker.flush()
             return
-        if packed is not None and not self.taken_over:
+        if packed is not None:
             session = cluster.import_session(packed)
             if session is not None:
                 session.cluster_epoch = epoch
-        if self.taken_over:  # a newer CONNECT elsewhere won while this one waited
-            self.abort("session taken over on another node")
-            return
         if self.transport is None or self._closing:  # the client left while it waited
             kept = broker.sessions.get(client_id)
             if kept is not None and kept.cluster_epoch == epoch:
