@@ -223,10 +223,10 @@ class Broker:
         returns the sessions (and nodes) it reached."""
         if message.retain:
             self._retain(message)
+            if self.cluster is not None:
+                self.cluster.retain(message)
         if self.cluster is None:
             return self._route_here(message, None)
-        if message.retain:
-            self.cluster.retain(message)
         nodes, shared_here = self.cluster.forward(message)
         return nodes + self._route_here(message, shared_here)
 

@@ -180,12 +180,12 @@ class MqttConnection(asyncio.BufferedProtocol):
     # ---- packets -----------------------------------------------------------------------------
 
     def _handle_batch(self, packets: list[Any]) -> None:
+        if self._stash is not None:  # CONNECT still waits for the cluster: these wait too
+            self._keep(packets)
+            return
         counts = self.broker.metrics.packets_in
-        for i, packet in enumerate(packets):
+        for packet in packets:
             if self._closing:
-                return
-            if self._stash is not None:  # CONNECT waits for the cluster: keep the rest for later
-                self._stash.extend(p.detach() if p.type == mqtt.PUBLISH else p for p in packets[i:])
                 return
             counts[packet.type] += 1
             try:
@@ -193,6 +193,10 @@ class MqttConnection(asyncio.BufferedProtocol):
                     if packet.type != mqtt.CONNECT:
                         raise ProtocolViolation(mqtt.PROTOCOL_ERROR, "first packet is not CONNECT")
                     self._on_connect(packet)
+                    if self._stash is not None:
+                        # Anything before a CONNECT closed the connection: it came first.
+                        self._keep(packets[1:])
+                        return
                     continue
                 handler = self._HANDLERS.get(packet.type)
                 if handler is None:
@@ -201,6 +205,11 @@ class MqttConnection(asyncio.BufferedProtocol):
                 handler(self, packet)
             except ProtocolViolation as exc:
                 self.close_with(exc.reason_code, str(exc))
+
+    def _keep(self, packets: list[Any]) -> None:
+        """Stash packets for after CONNECT; a PUBLISH payload may be a view of the read buffer."""
+        assert self._stash is not None
+        self._stash.extend(p.detach() if p.type == mqtt.PUBLISH else p for p in packets)
 
     def _connack(self, reason: int, properties: Any = None, present: bool = False) -> None:
         self._send(
