@@ -3,6 +3,7 @@ started by the tests themselves, never by hand."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -35,6 +36,22 @@ def wait_for_tcp(
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def pinned(core: int) -> list[str]:
+    """A command prefix running the command on one core (benchmarks: the server on one, its
+    load on the other); nothing where taskset or a second core is missing."""
+    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
+        return ["taskset", "-c", str(core)]
+    return []
+
+
+def worker_pids(supervisor: int) -> list[int]:
+    """The worker processes of `iotgw run --workers N` (not multiprocessing's resource
+    tracker), in pid order."""
+    out = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True)
+    pids = sorted(int(p) for p in out.stdout.split())
+    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 @dataclass

@@ -4,6 +4,7 @@ as separate processes on one port."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -15,10 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiocoap
 import paho.mqtt.client as paho
 import pytest
 import redis
-from conftest import free_port, wait_for_tcp
+from conftest import free_port, wait_for_tcp, worker_pids
+from test_coap_endpoint import _base, _coap
 from test_mqtt_server import PahoClient, RawClient
 
 from gateway._native import mqtt
@@ -46,6 +49,19 @@ def knows_route(node: Any, topic: str, holder: str) -> bool:
     """Whether `node` has heard that `holder` subscribes to something matching `topic`."""
     cluster = node.gateway.cluster
     return bool(node.call(lambda: any(n == holder for n, _ in cluster.routes.match(topic))))
+
+
+def park_session(node: Any, client_id: str = "dev") -> Any:
+    """Leave a persistent session subscribed to cmd/# offline on `node`; returns the CONNECT
+    properties to resume it with."""
+    props = mqtt.Properties(session_expiry_interval=300)
+    dev = RawClient(node.mqtt_port, version=5)
+    assert dev.connect(client_id, properties=props).reason_code == 0
+    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 1)]).encode(5))
+    assert dev.recv().type == mqtt.SUBACK
+    dev.send(mqtt.Disconnect().encode(5))
+    dev.close()
+    return props
 
 
 def news_subscriber(node: Any, seen_by: Any) -> PahoClient:
@@ -181,13 +197,7 @@ def test_persistent_session_moves_with_its_queued_messages_to_the_node_it_resume
     nodes: Any,
 ) -> None:
     a, b = nodes
-    props = mqtt.Properties(session_expiry_interval=300)
-    dev = RawClient(a.mqtt_port, version=5)
-    assert dev.connect("dev", properties=props).reason_code == 0
-    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 1)]).encode(5))
-    assert dev.recv().type == mqtt.SUBACK
-    dev.send(mqtt.Disconnect().encode(5))
-    dev.close()
+    props = park_session(a)
     wait_until(lambda: knows_route(b, "cmd/x", "node-a"))
     pub = PahoClient(b.mqtt_port, "pub", paho.MQTTv5)
     pub.publish("cmd/reboot", b"now", 1)  # routed to node a, queued in the offline session
@@ -256,13 +266,7 @@ def _drain(client: RawClient, quiet: float = 1.5) -> list[Any]:
 
 def test_racing_resumes_on_two_nodes_leave_one_connection_with_the_session(nodes: Any) -> None:
     a, b = nodes
-    props = mqtt.Properties(session_expiry_interval=300)
-    dev = RawClient(a.mqtt_port, version=5)
-    assert dev.connect("dev", properties=props).reason_code == 0
-    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 1)]).encode(5))
-    assert dev.recv().type == mqtt.SUBACK
-    dev.send(mqtt.Disconnect().encode(5))
-    dev.close()
+    props = park_session(a)
     resume = mqtt.Connect(
         client_id="dev", clean_start=False, properties=props, protocol_level=5
     ).encode(5)
@@ -300,13 +304,7 @@ def test_restarted_node_keeps_its_persistent_sessions_and_hands_them_over(
     settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True}
     a = gateway_factory(node_id="node-a", data_dir=str(tmp_path / "a"), **settings)
     b = gateway_factory(node_id="node-b", **settings)
-    props = mqtt.Properties(session_expiry_interval=300)
-    dev = RawClient(a.mqtt_port, version=5)
-    assert dev.connect("dev", properties=props).reason_code == 0
-    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 1)]).encode(5))
-    assert dev.recv().type == mqtt.SUBACK
-    dev.send(mqtt.Disconnect().encode(5))
-    dev.close()
+    props = park_session(a)
     wait_until(lambda: a.call(lambda: "dev" not in a.gateway.broker.online))
     a.stop()  # snapshot written; its routes withdrawn
     wait_until(lambda: not knows_route(b, "cmd/x", "node-a"))
@@ -385,6 +383,10 @@ def test_nodes_recover_when_redis_restarts_empty(gateway_factory: Any, tmp_path:
         sub = news_subscriber(b, seen_by=a)
         server.terminate()
         server.wait()
+        # Meanwhile a CONNECT cannot claim its client id: refused as Server unavailable.
+        lonely = RawClient(a.mqtt_port, version=5)
+        assert lonely.connect("lonely").reason_code == mqtt.SERVER_UNAVAILABLE
+        lonely.close()
         server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_tcp(port, proc=server)
         for node in (a, b):  # each noticed, subscribed again and announced its routes whole
@@ -402,6 +404,31 @@ def test_nodes_recover_when_redis_restarts_empty(gateway_factory: Any, tmp_path:
     finally:
         server.terminate()
         server.wait()
+
+
+def test_coap_observer_on_one_node_hears_of_a_shadow_write_on_the_other(nodes: Any) -> None:
+    a, b = nodes
+
+    def write_on_a(state: dict[str, Any]) -> Any:
+        update = a.gateway.shadows.update("lamp", {"state": {"desired": state}})
+        return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(update, a.loop))
+
+    async def run(ctx: Any) -> tuple[Any, Any]:
+        await write_on_a({"on": False})
+        msg = aiocoap.Message(code=aiocoap.GET, uri=f"{_base(b)}/shadow/lamp", observe=0)
+        pr = ctx.request(msg)
+        first = await asyncio.wait_for(pr.response, 10)
+        notifications = pr.observation.__aiter__()
+        await write_on_a({"on": True})
+        note = await asyncio.wait_for(notifications.__anext__(), 10)
+        pr.observation.cancel()
+        return first, note
+
+    first, note = _coap(run)
+    assert first.code == aiocoap.CONTENT and first.opt.observe is not None
+    assert json.loads(first.payload)["state"]["desired"] == {"on": False}
+    assert note.code == aiocoap.CONTENT
+    assert json.loads(note.payload)["state"]["desired"] == {"on": True}
 
 
 def test_rest_sees_and_commands_a_device_connected_to_another_node(
@@ -475,6 +502,11 @@ def test_workers_share_one_port_as_one_broker(tmp_path: Path, redis_server: Any)
         assert devices == ["s0", "s1", "s2", "s3"], tail.stderr
         for c in [*subs, pub]:
             c.close()
+        # A worker that dies is started again by the supervisor, and rejoins.
+        before = worker_pids(proc.pid)
+        os.kill(before[1], signal.SIGKILL)
+        wait_until(lambda: len(set(worker_pids(proc.pid)) - set(before)) == 1, timeout=15)
+        wait_for_tcp(http_port + 1, timeout=30)
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)

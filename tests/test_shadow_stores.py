@@ -56,25 +56,30 @@ class Backend:
         asyncio.run(main())
 
 
-@pytest.fixture(params=["sqlite", "redis", "redis-uncached"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "sqlite":
-        path = tmp_path / "shadows.db"
-        yield Backend("sqlite", lambda **kw: SqliteShadowStore(path, **kw))
-        return
-    server = request.getfixturevalue("redis_server")
+@pytest.fixture
+def redis_space(redis_server: Any) -> Iterator[tuple[str, redis.Redis]]:
+    """A key prefix of its own in the tests' Redis and a client to it; its keys go after."""
     prefix = f"test-{uuid.uuid4().hex[:12]}"
-    cache = {"cache_size": 0} if request.param == "redis-uncached" else {}
-    yield Backend(
-        "redis", lambda **kw: RedisShadowStore(server.url, prefix=prefix, **cache, **kw)
-    )
-    client = redis.Redis(host="127.0.0.1", port=server.port)
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    yield prefix, client
     try:
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)
     finally:
         client.close()
+
+
+@pytest.fixture(params=["sqlite", "redis", "redis-uncached"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    if request.param == "sqlite":
+        path = tmp_path / "shadows.db"
+        yield Backend("sqlite", lambda **kw: SqliteShadowStore(path, **kw))
+        return
+    url = request.getfixturevalue("redis_server").url
+    prefix, _ = request.getfixturevalue("redis_space")
+    cache = {"cache_size": 0} if request.param == "redis-uncached" else {}
+    yield Backend("redis", lambda **kw: RedisShadowStore(url, prefix=prefix, **cache, **kw))
 
 
 def desired(patch: Any, **extra: Any) -> dict[str, Any]:
@@ -495,8 +500,10 @@ def test_sqlite_writers_in_two_processes_lose_no_update(tmp_path: Path) -> None:
     asyncio.run(check())
 
 
-def test_redis_keys_are_hash_tagged_per_device(redis_server: Any) -> None:
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+def test_redis_keys_are_hash_tagged_per_device(
+    redis_server: Any, redis_space: tuple[str, redis.Redis]
+) -> None:
+    prefix, client = redis_space
 
     async def body() -> None:
         async with RedisShadowStore(redis_server.url, prefix=prefix) as store:
@@ -504,23 +511,20 @@ def test_redis_keys_are_hash_tagged_per_device(redis_server: Any) -> None:
             await store.update("odd{id}%", desired({"a": 1}), writer="app")
 
     asyncio.run(body())
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
-    try:
-        keys = set(client.scan_iter(match=f"{prefix}:*"))
-        assert keys == {
-            f"{prefix}:shadows",
-            f"{prefix}:shadow:{{dev1}}",
-            f"{prefix}:shadow:{{dev1}}:changes",
-            f"{prefix}:shadow:{{odd%7Bid%7D%25}}",
-            f"{prefix}:shadow:{{odd%7Bid%7D%25}}:changes",
-        }
-        client.delete(*keys)
-    finally:
-        client.close()
+    keys = {k.decode() for k in client.scan_iter(match=f"{prefix}:*")}
+    assert keys == {
+        f"{prefix}:shadows",
+        f"{prefix}:shadow:{{dev1}}",
+        f"{prefix}:shadow:{{dev1}}:changes",
+        f"{prefix}:shadow:{{odd%7Bid%7D%25}}",
+        f"{prefix}:shadow:{{odd%7Bid%7D%25}}:changes",
+    }
 
 
-def test_redis_store_reloads_its_script_after_a_script_flush(redis_server: Any) -> None:
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+def test_redis_store_reloads_its_script_after_a_script_flush(
+    redis_server: Any, redis_space: tuple[str, redis.Redis]
+) -> None:
+    prefix, _ = redis_space
 
     async def body() -> None:
         async with RedisShadowStore(redis_server.url, prefix=prefix) as store:
@@ -536,10 +540,11 @@ def test_redis_store_reloads_its_script_after_a_script_flush(redis_server: Any) 
     asyncio.run(body())
 
 
-def test_redis_store_reads_shadows_stored_as_json_by_earlier_versions(redis_server: Any) -> None:
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
+def test_redis_store_reads_shadows_stored_as_json_by_earlier_versions(
+    redis_server: Any, redis_space: tuple[str, redis.Redis]
+) -> None:
+    prefix, client = redis_space
     old = apply_update(None, desired({"a": 1}), writer="old-node", ts_ms=1_000)
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     key = f"{prefix}:shadow:{{d}}"
     client.hset(key, mapping={"v": 1, "d": 0, "doc": old.shadow.to_json()})
     client.rpush(f"{key}:changes", old.change.to_json())
@@ -554,20 +559,15 @@ def test_redis_store_reads_shadows_stored_as_json_by_earlier_versions(redis_serv
             assert log is not None and [c.version for c in log.changes] == [1, 2]
             assert log.changes[0] == old.change
 
-    try:
-        asyncio.run(body())
-    finally:
-        client.delete(key, f"{key}:changes", f"{prefix}:shadows")
-        client.close()
+    asyncio.run(body())
 
 
 def test_redis_store_redoes_a_write_when_the_shadow_was_replaced_behind_its_back(
-    redis_server: Any,
+    redis_server: Any, redis_space: tuple[str, redis.Redis]
 ) -> None:
     """A remembered document whose version number comes back with other content (keys
     flushed, failover) is caught by the write token, not taken for current."""
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    prefix, client = redis_space
 
     async def body() -> None:
         async with (
@@ -584,20 +584,13 @@ def test_redis_store_redoes_a_write_when_the_shadow_was_replaced_behind_its_back
             assert r.version == 1 and r.shadow.desired == {"c": 3}
             assert node1.stats.cas_retries == 0
 
-    try:
-        asyncio.run(body())
-    finally:
-        keys = client.keys(f"{prefix}:*")
-        if keys:
-            client.delete(*keys)
-        client.close()
+    asyncio.run(body())
 
 
 def test_redis_store_reconnects_after_the_server_closed_its_idle_connections(
-    redis_server: Any,
+    redis_server: Any, redis_space: tuple[str, redis.Redis]
 ) -> None:
-    prefix = f"test-{uuid.uuid4().hex[:12]}"
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
+    prefix, client = redis_space
 
     async def body() -> None:
         async with RedisShadowStore(redis_server.url, prefix=prefix) as store:
@@ -608,10 +601,4 @@ def test_redis_store_reconnects_after_the_server_closed_its_idle_connections(
             assert r.version == 2
             assert await store.get("d") == r.shadow
 
-    try:
-        asyncio.run(body())
-    finally:
-        keys = client.keys(f"{prefix}:*")
-        if keys:
-            client.delete(*keys)
-        client.close()
+    asyncio.run(body())
