@@ -20,16 +20,12 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from conftest import free_port, wait_for_tcp
+from conftest import free_port, pinned, wait_for_tcp
 
 HERE = Path(__file__).parent
 # Connections one process can hold: the hard limit on open files (20,000 in this sandbox, which
 # drops CAP_SYS_RESOURCE so it cannot be raised), less some for listeners, logs and the loop.
 HOLD = resource.getrlimit(resource.RLIMIT_NOFILE)[1] - 200
-
-
-def _pin(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if shutil.which("taskset") else []
 
 
 class Broker:
@@ -66,7 +62,7 @@ class Broker:
                 "--data-dir", str(tmp / "iotgw"), "--log-level", "warning",
             ]
         self.proc = subprocess.Popen(
-            [*_pin(0), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [*pinned(0), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for_tcp(self.port, proc=self.proc)  # type: ignore[arg-type]
 
@@ -95,7 +91,7 @@ def start_broker(tmp_path: Path) -> Iterator[Any]:
 
 def _load(mode: str, broker: Broker, *args: str) -> dict[str, Any]:
     out = subprocess.run(
-        [*_pin(1), sys.executable, str(HERE / "brokerload.py"), mode,
+        [*pinned(1), sys.executable, str(HERE / "brokerload.py"), mode,
          "--port", str(broker.port), "--pid", str(broker.proc.pid), *args],
         capture_output=True, text=True, timeout=600,
     )

@@ -3,11 +3,12 @@
 One process here may open at most 20,000 descriptors (a hard limit this sandbox will not
 raise), so 100k connections need several processes on each side: N gateway workers sharing
 the port by SO_REUSEPORT (a cluster over one Redis, gateway/cluster.py), and N raw-socket load
-generators (bench/brokerload.py) from twenty loopback source addresses. The workers and Redis
-are pinned to core 0, the generators to core 1. Every generator connects its share, reports
-ready and holds; once all are ready the test reads each worker's `iotgw_mqtt_connections`, the
-workers' RSS and CPU, and lets go. extra_info: connections held, connections/s, RSS KB per
-connection (workers' growth over the run), CPU microseconds per connect (workers + Redis).
+generators (bench/brokerload.py), each from four loopback source addresses of its own. The
+workers and Redis are pinned to core 0, the generators to core 1. Every generator connects its
+share, reports ready and holds; once all are ready the test reads each worker's
+`iotgw_mqtt_connections`, the workers' RSS and CPU, and lets go. extra_info: connections
+held, connections/s, RSS KB per connection (workers' growth over the run), CPU microseconds
+per connect (workers + Redis).
 Under --benchmark-disable it runs with 2 workers and 600 connections.
 
 Also: QoS 0 from 10 publishers on one node to a subscriber on another (every message crosses
@@ -30,20 +31,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from brokerload import _rss_kb, cpu_seconds
-from conftest import free_port, wait_for_tcp
+from conftest import free_port, pinned, wait_for_tcp, worker_pids
 
 HERE = Path(__file__).parent
-
-
-def _pin(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if shutil.which("taskset") else []
-
-
-def _workers(pid: int) -> list[int]:
-    """The gateway worker processes under the supervisor (not multiprocessing's tracker)."""
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
-    pids = [int(p) for p in out.stdout.split()]
-    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def _connections(http_port: int) -> int:
@@ -55,7 +45,10 @@ def _connections(http_port: int) -> int:
 
 
 def _start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([*_pin(0), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """A server on core 0, once it listens on `port`."""
+    proc = subprocess.Popen(
+        [*pinned(0), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     wait_for_tcp(port, proc=proc, timeout=60)
     return proc
 
@@ -85,7 +78,7 @@ def test_qos0_from_one_node_to_a_subscriber_on_another(benchmark: Any, tmp_path:
         def run() -> None:
             cpu0 = sum(cpu_seconds(p.pid) for p in procs)
             out = subprocess.run(
-                [*_pin(1), sys.executable, str(HERE / "brokerload.py"), "qos0", "--port",
+                [*pinned(1), sys.executable, str(HERE / "brokerload.py"), "qos0", "--port",
                  str(port_a), "--sub-port", str(port_b), "--publishers", "10",
                  "--seconds", seconds], capture_output=True, text=True, timeout=300,
             )
@@ -108,29 +101,22 @@ def test_qos0_from_one_node_to_a_subscriber_on_another(benchmark: Any, tmp_path:
 def test_hold_100k_connections_on_workers(benchmark: Any, tmp_path: Path) -> None:
     workers, per_generator = (2, 300) if benchmark.disabled else (6, 16_700)
     redis_port, port, http_port = free_port(), free_port(), free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    redis = subprocess.Popen(
-        [*_pin(0), shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
-         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    procs.append(redis)
-    gateway = subprocess.Popen(
-        [*_pin(0), sys.executable, "-m", "gateway.cli", "run", "--workers", str(workers),
-         "--redis", f"redis://127.0.0.1:{redis_port}", "--mqtt-port", str(port),
-         "--http-port", str(http_port), "--coap-port", str(free_port()), "--allow-anonymous",
-         "--acl", "open", "--data-dir", str(tmp_path / "data"), "--log-level", "warning",
-         "--node-id", "bench"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    procs.append(gateway)
+    redis = _start(_redis(redis_port), redis_port)
+    procs = [redis]
     result: dict[str, Any] = {}
     try:
-        wait_for_tcp(redis_port, proc=redis)
-        wait_for_tcp(port, proc=gateway, timeout=60)
+        gateway = _start(
+            [sys.executable, "-m", "gateway.cli", "run", "--workers", str(workers),
+             "--redis", f"redis://127.0.0.1:{redis_port}", "--mqtt-port", str(port),
+             "--http-port", str(http_port), "--coap-port", str(free_port()),
+             "--allow-anonymous", "--acl", "open", "--data-dir", str(tmp_path / "data"),
+             "--log-level", "warning", "--node-id", "bench"],
+            port,
+        )
+        procs.append(gateway)
         for i in range(workers):
             wait_for_tcp(http_port + i, proc=gateway, timeout=60)
-        pids = _workers(gateway.pid)
+        pids = worker_pids(gateway.pid)
         assert len(pids) == workers
         rss_before = sum(_rss_kb(p) for p in pids)
         cpu_before = sum(cpu_seconds(p) for p in [*pids, redis.pid])
@@ -138,7 +124,7 @@ def test_hold_100k_connections_on_workers(benchmark: Any, tmp_path: Path) -> Non
         def hold() -> None:
             generators = [
                 subprocess.Popen(
-                    [*_pin(1), sys.executable, str(HERE / "brokerload.py"), "connect",
+                    [*pinned(1), sys.executable, str(HERE / "brokerload.py"), "connect",
                      "--port", str(port), "--connections", str(per_generator),
                      "--id-prefix", f"g{g}-", "--until-stdin-closes", "--hold", "0",
                      "--sources", ",".join(f"127.0.{g + 1}.{i}" for i in range(1, 5))],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from conftest import free_port
+from conftest import free_port, pinned
 
 from gateway._native import coap
 from gateway.auth import DeviceRegistry
@@ -36,10 +35,6 @@ SOCKETS = 32
 WINDOW = 32
 PAYLOAD = b'{"seq":1,"temp":21.5,"hum":40.2,"pressure":1013.25,"battery":97.1}'[:64].ljust(64)
 assert len(PAYLOAD) == 64
-
-
-def _pin(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if shutil.which("taskset") else []
 
 
 def _cpu_seconds(path: str) -> float:
@@ -173,7 +168,7 @@ def test_con_post_telemetry_throughput(benchmark: Any, tmp_path: Path) -> None:
         sys.executable, "-m", "gateway.cli", "run", "--mqtt-port", "0", "--http-port", "0",
         "--coap-port", str(port), "--data-dir", str(data_dir), "--log-level", "warning",
     ]
-    proc = subprocess.Popen([*_pin(0), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*pinned(0), *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     affinity = os.sched_getaffinity(0)
     if len(affinity) > 1:
         os.sched_setaffinity(0, {sorted(affinity)[1]})

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -21,15 +20,9 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from conftest import free_port, wait_for_tcp
+from conftest import free_port, pinned, wait_for_tcp
 
 ROOT = Path(__file__).parent.parent
-
-
-def _pin(core: int) -> list[str]:
-    if shutil.which("taskset") and (os.cpu_count() or 1) > 1:
-        return ["taskset", "-c", str(core)]
-    return []
 
 
 @pytest.fixture
@@ -38,7 +31,7 @@ def mosquitto_port(tmp_path: Path) -> Iterator[int]:
     conf = tmp_path / "m.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
                     "set_tcp_nodelay true\nmax_connections -1\n")
-    proc = subprocess.Popen([*_pin(0), "/usr/sbin/mosquitto", "-c", str(conf)],
+    proc = subprocess.Popen([*pinned(0), "/usr/sbin/mosquitto", "-c", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_tcp(port, proc=proc)  # type: ignore[arg-type]
@@ -58,7 +51,7 @@ def _run(cmd: list[str], timeout: float = 300) -> tuple[str, float]:
     before = _child_cpu()
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOTGW_LOAD_")}
     env["PYTHONPATH"] = str(ROOT)
-    out = subprocess.run([*_pin(1), *cmd], capture_output=True, text=True, timeout=timeout,
+    out = subprocess.run([*pinned(1), *cmd], capture_output=True, text=True, timeout=timeout,
                          env=env, cwd=ROOT)
     assert out.returncode in (0, 1), out.stdout + out.stderr
     return out.stdout, _child_cpu() - before

@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from conftest import free_port, wait_for_tcp
+from conftest import free_port, pinned, wait_for_tcp
 
 from shadow import UpdateRequest
 from shadow.model import apply_update
@@ -49,10 +49,6 @@ from shadow.redis import _CAS_SCRIPT, _CAS_SHA, RedisShadowStore
 CONCURRENCY = 16
 BATCH = 64
 TOKEN = "bench-token"
-
-
-def _pin(core: int) -> list[str]:
-    return ["taskset", "-c", str(core)] if shutil.which("taskset") else []
 
 
 @contextlib.contextmanager
@@ -85,7 +81,7 @@ def redis_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         pytest.fail("redis-server / redis-benchmark are not installed: scripts/test.sh does it")
     port = free_port()
     proc = subprocess.Popen(
-        [*_pin(0), binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        [*pinned(0), binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis-bench"))],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -119,7 +115,7 @@ def _redis_benchmark(port: int, requests: int, pipeline: int) -> float:
     token = "0123456789ab.3e8"  # as long as the store's write tokens
     _redis(port, "SCRIPT", "LOAD", _CAS_SCRIPT)
     cmd = [
-        *_pin(1), "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-n", str(requests),
+        *pinned(1), "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-n", str(requests),
         "-c", str(CONCURRENCY), "-P", str(pipeline), "-r", "1000000000", "--csv",
         "EVALSHA", _CAS_SHA, "2", "rb:shadow:{__rand_int__}", "rb:shadow:{__rand_int__}:changes",
         "0", "", "1", "0", token, doc, change, "100",
@@ -237,7 +233,7 @@ class GatewayProcess:
             "--mqtt-port", "0", "--coap-port", "0", "--api-token", TOKEN,
             "--data-dir", str(tmp / "iotgw"), "--log-level", "warning", *extra,
         ]
-        self.proc = subprocess.Popen([*_pin(0), *cmd], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*pinned(0), *cmd], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_for_tcp(self.port, proc=self.proc)  # type: ignore[arg-type]
 
@@ -265,7 +261,7 @@ def _ms(text: str) -> float:
 
 def _wrk(port: int, seconds: int) -> dict[str, Any]:
     cmd = [
-        *_pin(1), "wrk", "-t1", "-c32", f"-d{seconds}s", "--latency",
+        *pinned(1), "wrk", "-t1", "-c32", f"-d{seconds}s", "--latency",
         "-H", f"Authorization: Bearer {TOKEN}",
         f"http://127.0.0.1:{port}/v1/devices/d1/shadow",
     ]
