@@ -31,7 +31,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from brokerload import _rss_kb, cpu_seconds
-from conftest import free_port, pinned, wait_for_tcp, worker_pids
+from conftest import free_port, free_ports, pinned, wait_for_tcp, worker_pids
 
 HERE = Path(__file__).parent
 
@@ -100,7 +100,7 @@ def test_qos0_from_one_node_to_a_subscriber_on_another(benchmark: Any, tmp_path:
 @pytest.mark.benchmark(group="broker-hold-100k")
 def test_hold_100k_connections_on_workers(benchmark: Any, tmp_path: Path) -> None:
     workers, per_generator = (2, 300) if benchmark.disabled else (6, 16_700)
-    redis_port, port, http_port = free_port(), free_port(), free_port()
+    redis_port, port, http_port = free_port(), free_port(), free_ports(workers)
     redis = _start(_redis(redis_port), redis_port)
     procs = [redis]
     result: dict[str, Any] = {}

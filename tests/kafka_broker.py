@@ -316,8 +316,10 @@ def read_topic(
     bootstrap: str, topic: str, expect: int, timeout: float = 20.0
 ) -> list[tuple[int, int, bytes | None, bytes, list[tuple[str, bytes]]]]:
     """Every record of `topic` from the beginning, as (partition, offset, key, value, headers),
-    in offset order per partition; reads until at least `expect` records or `timeout`."""
-    from aiokafka import AIOKafkaConsumer
+    in offset order per partition; reads until it has at least `expect` records and every
+    record Kafka held when the read began (records may repeat: `expect` alone could stop
+    before the last ones), or until `timeout`."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
 
     async def read() -> list[tuple[int, int, bytes | None, bytes, list[tuple[str, bytes]]]]:
         consumer = AIOKafkaConsumer(
@@ -332,11 +334,17 @@ def read_topic(
         got: list[tuple[int, int, bytes | None, bytes, list[tuple[str, bytes]]]] = []
         try:
             deadline = time.monotonic() + timeout
-            while len(got) < expect and time.monotonic() < deadline:
+            partitions = await consumer._client._wait_on_metadata(topic)
+            ends = await consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+            behind = {tp.partition: end for tp, end in ends.items() if end > 0}
+            while (len(got) < expect or behind) and time.monotonic() < deadline:
                 batches = await consumer.getmany(timeout_ms=200, max_records=100_000)
                 for tp, messages in batches.items():
                     for m in messages:
                         got.append((tp.partition, m.offset, m.key, m.value, list(m.headers)))
+                        end = behind.get(tp.partition)
+                        if end is not None and m.offset + 1 >= end:
+                            del behind[tp.partition]
         finally:
             await consumer.stop()
         got.sort(key=lambda r: (r[0], r[1]))

@@ -20,7 +20,7 @@ import aiocoap
 import paho.mqtt.client as paho
 import pytest
 import redis
-from conftest import free_port, wait_for_tcp, worker_pids
+from conftest import free_port, free_ports, wait_for_tcp, worker_pids
 from test_coap_endpoint import _base, _coap
 from test_mqtt_server import PahoClient, RawClient
 
@@ -465,7 +465,7 @@ def test_rest_sees_and_commands_a_device_connected_to_another_node(
 
 def test_workers_share_one_port_as_one_broker(tmp_path: Path, redis_server: Any) -> None:
     redis.Redis.from_url(f"redis://{redis_server.url}").flushall()
-    port, http_port, coap_port = free_port(), free_port(), free_port()
+    port, http_port, coap_port = free_port(), free_ports(2), free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run", "--workers", "2", "--redis", f"redis://{redis_server.url}",
          "--mqtt-port", str(port), "--http-port", str(http_port), "--coap-port", str(coap_port),
