@@ -92,7 +92,16 @@ import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Literal, NamedTuple, TypeAlias
+from typing import (
+    Any,
+    ClassVar,
+    Final,
+    Literal,
+    NamedTuple,
+    TypeAlias,
+    TypeVar,
+    dataclass_transform,
+)
 
 import msgpack
 
@@ -116,8 +125,15 @@ _compact_utf8_chunks: Final = (
     if _c_make_encoder is not None
     else None
 )  # fmt: skip
-_new: Final = object.__new__
-_setattr: Final = object.__setattr__
+_T = TypeVar("_T")
+
+
+@dataclass_transform(frozen_default=True)
+def immutable(cls: type[_T]) -> type[_T]:
+    """A slots dataclass, frozen for the type checker but not at run time: the model builds
+    many of these per write, and a frozen dataclass costs four times as much to build (its
+    ``__init__`` goes through ``object.__setattr__``). Treat them as immutable."""
+    return dataclass(slots=True)(cls)
 
 
 # --------------------------------------------------------------------------- errors
@@ -193,7 +209,7 @@ class LeafMeta(NamedTuple):
     seq: int | None = None  # highest device seq applied (reported only)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class Shadow:
     """One device's shadow. Treat it as immutable: the model always builds a new one."""
 
@@ -205,6 +221,8 @@ class Shadow:
     vv: VersionVector = field(default_factory=dict)
     ts_ms: int = 0  # time of the last write
     deleted: bool = False  # a tombstone: only version and vv are meaningful
+    # to_bytes(), kept once made: the model makes it to bound the size, the store writes it
+    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def delta(self) -> JSONObject:
@@ -257,8 +275,10 @@ class Shadow:
     def to_bytes(self) -> bytes:
         """The compact storage form: msgpack, or ``to_json()`` for what msgpack cannot hold
         (integers beyond 64 bits, strings with lone surrogates). ``from_bytes`` reads both."""
+        if self._packed is not None:
+            return self._packed
         try:
-            return _pack(
+            packed = _pack(
                 [
                     self.desired,
                     self.reported,
@@ -271,7 +291,9 @@ class Shadow:
                 ]
             )
         except (OverflowError, UnicodeEncodeError):
-            return self.to_json().encode()
+            packed = self.to_json().encode()
+        object.__setattr__(self, "_packed", packed)
+        return packed
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Shadow:
@@ -306,7 +328,7 @@ class Shadow:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class ChangeRecord:
     """One accepted write, kept in the per-device history for resync."""
 
@@ -351,7 +373,7 @@ class ChangeRecord:
         return cls(version, writer, ts_ms, state, delta)
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class ChangeLog:
     """Answer to ``changes_since(device, since)``.
 
@@ -365,18 +387,23 @@ class ChangeLog:
     complete: bool
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class UpdateResult:
     """The outcome of an accepted update or replace.
 
     ``accepted`` is the ``/update/accepted`` payload and ``delta`` the ``/update/delta``
     payload (None when there is nothing to notify); both carry ``version`` = the new version.
+    They are built when asked for (a new object each time), from ``applied`` (per section
+    named by the write: the merge patch applied, or the whole new section for a replace;
+    None for a cleared section), ``client_token`` and ``notify`` (desired changed and the
+    delta is not empty). A store that only persists the write never pays for them.
     """
 
     shadow: Shadow
     change: ChangeRecord
-    accepted: JSONObject
-    delta: JSONObject | None
+    applied: dict[Section, JSONObject | None]
+    client_token: str | None = None
+    notify: bool = False
     concurrent: bool = False
     conflicting_fields: tuple[str, ...] = ()
     overruled_fields: tuple[str, ...] = ()
@@ -386,6 +413,40 @@ class UpdateResult:
     @property
     def version(self) -> int:
         return self.shadow.version
+
+    @property
+    def accepted(self) -> JSONObject:
+        new = self.shadow
+        state: JSONObject = {}
+        metadata: JSONObject = {}
+        for name, patch in self.applied.items():
+            state[name] = copy_json(patch)
+            if patch:
+                metadata[name] = nest_metadata(new.meta(name), _value_paths(patch))
+        doc: JSONObject = {
+            "state": state,
+            "metadata": metadata,
+            "version": new.version,
+            "timestamp": self.change.ts_ms // 1000,
+        }
+        if self.client_token is not None:
+            doc["clientToken"] = self.client_token
+        return doc
+
+    @property
+    def delta(self) -> JSONObject | None:
+        if not self.notify:
+            return None
+        delta = self.change.delta  # the delta after the write
+        doc: JSONObject = {
+            "state": copy_json(delta),
+            "metadata": nest_metadata(self.shadow.desired_meta, leaf_paths(delta)),
+            "version": self.shadow.version,
+            "timestamp": self.change.ts_ms // 1000,
+        }
+        if self.client_token is not None:
+            doc["clientToken"] = self.client_token
+        return doc
 
 
 # --------------------------------------------------------------------------- JSON helpers
@@ -419,6 +480,8 @@ def copy_json(value: JSON) -> Any:
 
 def json_equal(a: JSON, b: JSON) -> bool:
     """JSON equality: ``true`` is not ``1`` (unlike Python), ``1`` equals ``1.0``."""
+    if a is b:  # a section a write left alone (shadows hold no NaN)
+        return True
     if isinstance(a, bool) or isinstance(b, bool):
         return isinstance(a, bool) and isinstance(b, bool) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -608,7 +671,7 @@ def _check_tree(value: object, where: str, depth: int, limits: Limits, nulls: bo
         raise InvalidUpdate(f"{where}: {type(value).__name__} is not a JSON value")
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class ParsedUpdate:
     """A validated update: per present section, a merge patch or None (clear the section)."""
 
@@ -637,7 +700,7 @@ def parse_update(
         raise InvalidUpdate('the update has no "state"')
     state = doc["state"]
     if state is None:
-        return _parsed({"desired": None, "reported": None}, version)
+        return ParsedUpdate({"desired": None, "reported": None}, version)
     if type(state) is not dict and not isinstance(state, Mapping):
         raise InvalidUpdate('"state" must be an object or null')
     sections: dict[Section, JSONObject | None] = {}
@@ -649,15 +712,7 @@ def parse_update(
                 raise InvalidUpdate(f'"state.{key}" must be an object or null')
             _check_tree(value, f"/state/{key}", 1, limits, nulls)
         sections[key] = value
-    return _parsed(sections, version)
-
-
-def _parsed(sections: dict[Section, JSONObject | None], version: int | None) -> ParsedUpdate:
-    """``ParsedUpdate(sections, version)``, without the frozen dataclass's slower __init__."""
-    p: ParsedUpdate = _new(ParsedUpdate)
-    _setattr(p, "sections", sections)
-    _setattr(p, "version", version)
-    return p
+    return ParsedUpdate(sections, version)
 
 
 def check_version(current: Shadow | None, expected: int | None) -> None:
@@ -889,49 +944,19 @@ def _result(
     concurrent: bool,
     client_token: object,
 ) -> UpdateResult:
-    """Builds the accepted and delta payloads and the change record of a write."""
+    """The change record and result of a write (its payloads are built on demand)."""
     delta = new.delta
-    change: ChangeRecord = _new(ChangeRecord)  # without the frozen dataclass's slower __init__
-    _setattr(change, "version", new.version)
-    _setattr(change, "writer", w.writer)
-    _setattr(change, "ts_ms", w.ts_ms)
-    _setattr(change, "state", change_state)
-    _setattr(change, "delta", delta)
-    accepted_state: JSONObject = {}
-    accepted_meta: JSONObject = {}
-    for name, patch in applied.items():
-        accepted_state[name] = copy_json(patch)  # the change record holds the original
-        if patch:
-            accepted_meta[name] = nest_metadata(new.meta(name), _value_paths(patch))
-    accepted: JSONObject = {
-        "state": accepted_state,
-        "metadata": accepted_meta,
-        "version": new.version,
-        "timestamp": w.ts_ms // 1000,
-    }
-    delta_doc: JSONObject | None = None
-    if delta and not json_equal(base.desired, new.desired):
-        delta_doc = {
-            "state": delta,
-            "metadata": nest_metadata(new.desired_meta, leaf_paths(delta)),
-            "version": new.version,
-            "timestamp": w.ts_ms // 1000,
-        }
-    if isinstance(client_token, str):
-        accepted["clientToken"] = client_token
-        if delta_doc is not None:
-            delta_doc["clientToken"] = client_token
-    result: UpdateResult = _new(UpdateResult)  # without the frozen dataclass's slower __init__
-    _setattr(result, "shadow", new)
-    _setattr(result, "change", change)
-    _setattr(result, "accepted", accepted)
-    _setattr(result, "delta", delta_doc)
-    _setattr(result, "concurrent", concurrent)
-    _setattr(result, "conflicting_fields", tuple(w.conflicting))
-    _setattr(result, "overruled_fields", tuple(w.overruled))
-    _setattr(result, "suppressed_fields", tuple(w.suppressed))
-    _setattr(result, "cas_retries", 0)
-    return result
+    return UpdateResult(
+        new,
+        ChangeRecord(new.version, w.writer, w.ts_ms, change_state, delta),
+        applied,
+        client_token if isinstance(client_token, str) else None,
+        bool(delta) and not json_equal(base.desired, new.desired),
+        concurrent,
+        tuple(w.conflicting),
+        tuple(w.overruled),
+        tuple(w.suppressed),
+    )
 
 
 def _value_paths(patch: JSONObject, prefix: Path = (), out: list[Path] | None = None) -> list[Path]:
@@ -955,21 +980,22 @@ def _next_shadow(
     limits: Limits,
 ) -> Shadow:
     """The shadow after a write to `base`, once its state is within the size limit."""
-    size = state_size(states["desired"], states["reported"])
-    if size > limits.max_state_bytes:
-        raise ShadowTooLarge(
-            f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
-        )
-    s: Shadow = _new(Shadow)  # Shadow(...) without the frozen dataclass's slower __init__
-    _setattr(s, "desired", states["desired"])
-    _setattr(s, "reported", states["reported"])
-    _setattr(s, "desired_meta", metas["desired"])
-    _setattr(s, "reported_meta", metas["reported"])
-    _setattr(s, "version", base.version + 1)
-    _setattr(s, "vv", vv)
-    _setattr(s, "ts_ms", ts_ms)
-    _setattr(s, "deleted", False)
-    return s
+    new = Shadow(
+        states["desired"], states["reported"], metas["desired"], metas["reported"],
+        base.version + 1, vv, ts_ms,
+    )
+    # Measuring the JSON is the costly part of the check, so it is skipped when the packed
+    # shadow proves the state small: no JSON value is more than 7 times as long as its
+    # msgpack (a control character in a string, 1 byte, is 6 in JSON; null, 1 byte, is 4,
+    # plus 1 for the comma), both sections are inside the packed shadow, and what wraps them
+    # is 24 bytes. A shadow msgpack cannot hold is packed as JSON, longer than the state.
+    if len(new.to_bytes()) * 8 + 32 > limits.max_state_bytes:
+        size = state_size(states["desired"], states["reported"])
+        if size > limits.max_state_bytes:
+            raise ShadowTooLarge(
+                f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
+            )
+    return new
 
 
 def apply_update(

@@ -66,6 +66,7 @@ creating write lost its compare-and-set to a delete.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import itertools
 import os
@@ -109,6 +110,9 @@ end
 return 1
 """
 _CAS_SHA = hashlib.sha1(_CAS_SCRIPT.encode()).hexdigest()
+# EVALSHA of the script with 2 keys and 8 arguments, up to the first key: packed here rather
+# than by hiredis (half the cost, the write path's largest after the merge).
+_CAS_HEAD = b"*13\r\n" + resp.pack("EVALSHA", _CAS_SHA, 2)[len(b"*3\r\n") :]
 # Queued writes go out at the end of the event-loop turn, or as soon as this many are queued
 # (so that big batches do not wait, and several pipelines can be in flight at once).
 _BATCH = 64
@@ -121,6 +125,30 @@ _Cas = tuple[int, Shadow | None, bytes, bool, Write]
 
 def _tag(device: str) -> str:
     return device.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _keys(prefix: str, device: str) -> tuple[bytes, bytes]:
+    """The device's shadow and change-list keys."""
+    key = f"{prefix}:shadow:{{{_tag(device)}}}"
+    return key.encode(), f"{key}:changes".encode()
+
+
+def _cas_command(
+    keys: tuple[bytes, bytes], base_version: int, base_token: bytes, version: int,
+    deleted: bool, token: bytes, doc: bytes, change: bytes, history: bytes,
+) -> bytes:
+    """The EVALSHA of the compare-and-set script (arguments as the script describes them)."""
+    key, changes = keys
+    old, new = b"%d" % base_version, b"%d" % version
+    return (
+        b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%d\r\n"
+        b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b"
+    ) % (
+        _CAS_HEAD, len(key), key, len(changes), changes, len(old), old, len(base_token),
+        base_token, len(new), new, deleted, len(token), token, len(doc), doc, len(change),
+        change, history,
+    )  # fmt: skip
 
 
 def _decode(raw: bytes | None) -> Shadow | None:
@@ -155,8 +183,8 @@ class RedisShadowStore(BaseShadowStore):
         self._queued = 0  # writes in the queue
         self._flushes: set[asyncio.Task[None]] = set()
 
-    def _key(self, device: str) -> str:
-        return f"{self.prefix}:shadow:{{{_tag(device)}}}"
+    def _key(self, device: str) -> bytes:
+        return _keys(self.prefix, device)[0]
 
     def _remember(self, device: str, shadow: Shadow | None, token: bytes) -> None:
         cache = self._cache
@@ -291,7 +319,7 @@ class RedisShadowStore(BaseShadowStore):
         remembered: its index, the stored document and token, and whether it had been read."""
         stale: list[tuple[int, Shadow | None, bytes, bool]] = []
         todo = cas
-        history = self.limits.history
+        history = resp.pack(self.limits.history)[len(b"*1\r\n") :]  # one bulk string
         for _ in range(2):  # a second pass only after NOSCRIPT
             if not todo:
                 break
@@ -300,15 +328,13 @@ class RedisShadowStore(BaseShadowStore):
             tokens: list[bytes] = []
             for i, base, token, _, w in todo:
                 device = items[i][0]
-                key = self._key(device)
                 new_token = next(self._tokens)
                 s = w.shadow
                 slots.append(len(commands))
                 tokens.append(new_token)
-                commands.append(resp.pack(
-                    "EVALSHA", _CAS_SHA, 2, key, f"{key}:changes",
-                    base.version if base is not None else 0, token,
-                    s.version, int(s.deleted), new_token, s.to_bytes(),
+                commands.append(_cas_command(
+                    _keys(self.prefix, device), base.version if base is not None else 0, token,
+                    s.version, s.deleted, new_token, s.to_bytes(),
                     w.change.to_bytes() if w.change is not None else b"", history,
                 ))  # fmt: skip
                 if (base is None or base.deleted) and not s.deleted:
@@ -362,10 +388,10 @@ class RedisShadowStore(BaseShadowStore):
         return None if shadow is None or shadow.deleted else shadow
 
     async def changes_since(self, device: str, version: int) -> ChangeLog | None:
-        key = self._key(device)
+        key, changes = _keys(self.prefix, device)
         pipe = self._redis.pipeline(transaction=True)  # one slot: MULTI works on a cluster too
         pipe.hget(key, "doc")
-        pipe.lrange(f"{key}:changes", 0, -1)
+        pipe.lrange(changes, 0, -1)
         raw, rows = await pipe.execute()
         if raw is None:
             return None

@@ -49,6 +49,7 @@ from shadow.model import (
     apply_replace,
     apply_update,
     check_id,
+    immutable,
 )
 
 
@@ -56,7 +57,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
+@immutable
 class UpdateRequest:
     """One entry of ``update_many``: the arguments of ``update``."""
 

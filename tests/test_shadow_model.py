@@ -561,3 +561,34 @@ def test_concurrent_flat_writes_converge_in_either_order(
     ab = both(("A", pa, ts_a), ("B", pb, ts_b))
     ba = both(("B", pb, ts_b), ("A", pa, ts_a))
     assert ab.desired == ba.desired and ab.vv == ba.vv
+
+
+# Any JSON a shadow can hold, with what makes JSON long next to msgpack: control characters
+# (6 bytes each in JSON), empty keys, nulls and booleans in arrays, long floats, big integers.
+_TEXT = st.text(st.characters(max_codepoint=0x3000, exclude_categories=["Cs"]), max_size=8)
+_ANY_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False, allow_infinity=False) | _TEXT | st.just("\x00\x1f"),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
+    max_leaves=12,
+)  # fmt: skip
+
+
+@given(st.dictionaries(_TEXT, _ANY_JSON, max_size=4), st.dictionaries(_TEXT, _ANY_JSON, max_size=4))
+@settings(max_examples=300, deadline=None)
+def test_the_packed_shadow_bounds_the_json_size_of_its_state(
+    desired: dict[str, Any], reported: dict[str, Any]
+) -> None:
+    """The size check skips measuring the JSON when 8 x the packed shadow + 32 is within the
+    limit; that is only sound if the JSON is never longer."""
+    shadow = Shadow(desired, reported)
+    assert state_size(desired, reported) <= len(shadow.to_bytes()) * 8 + 32
+    doc = {"state": {"desired": desired, "reported": reported}}
+    try:
+        merged = apply_update(None, doc, writer="w", ts_ms=1).shadow
+    except (InvalidUpdate, ShadowTooLarge):
+        return  # nested too deep, a key too long: refused before the size is measured
+    size = state_size(merged.desired, merged.reported)
+    apply_update(None, doc, writer="w", ts_ms=1, limits=Limits(max_state_bytes=size))
+    with pytest.raises(ShadowTooLarge):  # a state one byte over the limit is still refused
+        apply_update(None, doc, writer="w", ts_ms=1, limits=Limits(max_state_bytes=size - 1))
