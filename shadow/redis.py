@@ -134,20 +134,25 @@ def _keys(prefix: str, device: str) -> tuple[bytes, bytes]:
     return key.encode(), f"{key}:changes".encode()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _cas_head(prefix: str, device: str) -> bytes:
+    """The device's EVALSHA of the compare-and-set script, up to the script's arguments."""
+    key, changes = _keys(prefix, device)
+    return _CAS_HEAD + b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(changes), changes)
+
+
 def _cas_command(
-    keys: tuple[bytes, bytes], base_version: int, base_token: bytes, version: int,
-    deleted: bool, token: bytes, doc: bytes, change: bytes, history: bytes,
+    head: bytes, base_version: int, base_token: bytes, version: int, deleted: bool,
+    token: bytes, doc: bytes, change: bytes, history: bytes,
 ) -> bytes:
     """The EVALSHA of the compare-and-set script (arguments as the script describes them)."""
-    key, changes = keys
     old, new = b"%d" % base_version, b"%d" % version
     return (
-        b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%d\r\n"
-        b"$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b"
+        b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%d\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
+        b"$%d\r\n%b\r\n%b"
     ) % (
-        _CAS_HEAD, len(key), key, len(changes), changes, len(old), old, len(base_token),
-        base_token, len(new), new, deleted, len(token), token, len(doc), doc, len(change),
-        change, history,
+        head, len(old), old, len(base_token), base_token, len(new), new, deleted, len(token),
+        token, len(doc), doc, len(change), change, history,
     )  # fmt: skip
 
 
@@ -176,8 +181,9 @@ class RedisShadowStore(BaseShadowStore):
         self._pipe = resp.Pipe(self._redis)
         self._index = f"{prefix}:shadows"
         self._cache: dict[str, tuple[Shadow, bytes]] = {}  # device -> (document, token)
-        instance = os.urandom(6).hex()
-        self._tokens = (f"{instance}.{n:x}".encode() for n in itertools.count())
+        # write tokens: this store's random prefix and a counter
+        self._instance = f"{os.urandom(6).hex()}.".encode()
+        self._counter = itertools.count()
         self._queue: list[tuple[Sequence[tuple[str, Mutation]], asyncio.Future[list[Outcome]]]]
         self._queue = []
         self._queued = 0  # writes in the queue
@@ -324,16 +330,14 @@ class RedisShadowStore(BaseShadowStore):
             if not todo:
                 break
             commands: list[bytes] = []
-            slots: list[int] = []  # position in the replies of each EVALSHA
-            tokens: list[bytes] = []
+            sent: list[tuple[int, bytes]] = []  # per write: its reply's position, its token
             for i, base, token, _, w in todo:
                 device = items[i][0]
-                new_token = next(self._tokens)
+                new_token = b"%b%x" % (self._instance, next(self._counter))
                 s = w.shadow
-                slots.append(len(commands))
-                tokens.append(new_token)
+                sent.append((len(commands), new_token))
                 commands.append(_cas_command(
-                    _keys(self.prefix, device), base.version if base is not None else 0, token,
+                    _cas_head(self.prefix, device), base.version if base is not None else 0, token,
                     s.version, s.deleted, new_token, s.to_bytes(),
                     w.change.to_bytes() if w.change is not None else b"", history,
                 ))  # fmt: skip
@@ -341,7 +345,7 @@ class RedisShadowStore(BaseShadowStore):
                     commands.append(resp.pack("ZADD", self._index, 0, device))
             replies = await self._pipe.execute(commands)
             missing: list[_Cas] = []
-            for entry, slot, new_token in zip(todo, slots, tokens, strict=True):
+            for entry, (slot, new_token) in zip(todo, sent, strict=True):
                 i, _, _, was_read, w = entry
                 reply = replies[slot]
                 if reply == 1:
@@ -354,9 +358,12 @@ class RedisShadowStore(BaseShadowStore):
                     missing.append(entry)
                 else:
                     raise ResponseError(str(reply))
-            for reply in replies:  # ZADD
-                if isinstance(reply, hiredis.ReplyError) and not str(reply).startswith("NOSCRIPT"):
-                    raise ResponseError(str(reply))
+            if len(replies) > len(sent):  # ZADDs
+                for reply in replies:
+                    if isinstance(reply, hiredis.ReplyError) and not str(reply).startswith(
+                        "NOSCRIPT"
+                    ):
+                        raise ResponseError(str(reply))
             if missing:
                 await self._redis.script_load(_CAS_SCRIPT)
             todo = missing

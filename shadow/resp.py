@@ -46,7 +46,16 @@ async def _roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      commands: list[bytes]) -> list[Any]:
     writer.write(b"".join(commands))
     parser = hiredis.Reader()
-    return [await _reply(reader, parser) for _ in commands]
+    replies: list[Any] = []
+    while True:  # every reply the data read so far holds, then read more
+        while (reply := parser.gets()) is not False:
+            replies.append(reply)
+        if len(replies) >= len(commands):
+            return replies
+        data = await reader.read(1 << 16)
+        if not data:
+            raise RedisConnectionError("Redis closed the connection")
+        parser.feed(data)
 
 
 async def connect(redis: Redis) -> Streams:
