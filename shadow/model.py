@@ -296,7 +296,7 @@ class Shadow:
             )
         except (OverflowError, UnicodeEncodeError):
             packed = self.to_json().encode()
-        object.__setattr__(self, "_packed", packed)
+        self._packed = packed  # type: ignore[misc]  # frozen for the type checker only
         return packed
 
     @classmethod

@@ -218,8 +218,10 @@ class BaseShadowStore(ABC):
     async def update_many(
         self, requests: Sequence[UpdateRequest]
     ) -> list[UpdateResult | ShadowError]:
+        now = now_ms()  # one clock reading for the requests of one call
+
         def mutation(r: UpdateRequest) -> Mutation:
-            ts_ms = r.ts_ms if r.ts_ms is not None else now_ms()
+            ts_ms = r.ts_ms if r.ts_ms is not None else now
 
             def mutate(current: Shadow | None) -> Write:
                 result = apply_update(
@@ -302,9 +304,8 @@ class BaseShadowStore(ABC):
             else:
                 assert w is not None and w.result is not None
                 out[i] = replace(w.result, cas_retries=w.retries) if w.retries else w.result
-        final: list[UpdateResult | ShadowError] = []
+        record = self.stats.record
         for outcome in out:
             assert outcome is not None
-            self.stats.record(outcome)
-            final.append(outcome)
-        return final
+            record(outcome)
+        return out  # type: ignore[return-value]  # every entry is set
