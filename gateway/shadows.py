@@ -136,8 +136,9 @@ class ShadowService:
             "timestamp": int(time.time()),
         }
         self.publish(f"$shadow/{device}/update/documents", _json(documents))
-        if result.delta is not None:
-            self.publish(f"$shadow/{device}/update/delta", _json(result.delta))
+        delta = result.delta  # built on each access
+        if delta is not None:
+            self.publish(f"$shadow/{device}/update/delta", _json(delta))
         if self.on_change is not None:
             self.on_change(device, accepted)
         self._notify(device, result.version)

@@ -32,13 +32,18 @@ def pack(*args: str | int | bytes) -> bytes:
     return packed
 
 
+async def _read_into(reader: asyncio.StreamReader, parser: hiredis.Reader) -> None:
+    """Feeds the parser what the next read brings."""
+    data = await reader.read(1 << 16)
+    if not data:
+        raise RedisConnectionError("Redis closed the connection")
+    parser.feed(data)
+
+
 async def _reply(reader: asyncio.StreamReader, parser: hiredis.Reader) -> Any:
     """The next reply, reading as much as it takes."""
     while (reply := parser.gets()) is False:
-        data = await reader.read(1 << 16)
-        if not data:
-            raise RedisConnectionError("Redis closed the connection")
-        parser.feed(data)
+        await _read_into(reader, parser)
     return reply
 
 
@@ -52,10 +57,7 @@ async def _roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             replies.append(reply)
         if len(replies) >= len(commands):
             return replies
-        data = await reader.read(1 << 16)
-        if not data:
-            raise RedisConnectionError("Redis closed the connection")
-        parser.feed(data)
+        await _read_into(reader, parser)
 
 
 async def connect(redis: Redis) -> Streams:

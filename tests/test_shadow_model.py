@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -600,3 +601,19 @@ def test_the_packed_shadow_bounds_the_json_size_of_its_state(
     apply_update(None, doc, writer="w", ts_ms=1, limits=Limits(max_state_bytes=size))
     with pytest.raises(ShadowTooLarge):  # a state one byte over the limit is still refused
         apply_update(None, doc, writer="w", ts_ms=1, limits=Limits(max_state_bytes=size - 1))
+
+
+def test_value_classes_are_read_only_to_the_type_checker(tmp_path: Path) -> None:
+    """They are not frozen at run time (building a frozen dataclass costs 4x); mypy is what
+    keeps code from assigning to them."""
+    from mypy import api
+
+    snippet = tmp_path / "assigns.py"
+    snippet.write_text(
+        "from shadow.model import ChangeRecord, Shadow, UpdateResult\n"
+        "def f(s: Shadow, c: ChangeRecord, r: UpdateResult) -> None:\n"
+        "    s.version = 3\n    c.delta = {}\n    r.notify = True\n"
+    )
+    out, err, status = api.run([str(snippet)])
+    assert status == 1, out + err
+    assert out.count("is read-only") == 3, out
