@@ -66,6 +66,11 @@ def per_device(records: list[Any]) -> dict[str, list[int]]:
     return seen
 
 
+def all_acked_in(records: list[Any], acked: dict[str, list[int]]) -> bool:
+    seen = per_device(records)
+    return all(set(numbers) <= set(seen.get(device, ())) for device, numbers in acked.items())
+
+
 def check_delivery(records: list[Any], acked: dict[str, list[int]]) -> int:
     """Every acknowledged message is in Kafka, each device's in the order sent; returns the
     number of repeats (at-least-once: a repeat may follow an outage, never reorder)."""
@@ -435,7 +440,14 @@ def test_gateway_sigkilled_mid_stream_replays_its_spool_on_restart(
             device.pump(5)
         acked["dev0"] += device.acked
         total += len(device.acked)
-        records = read_topic(kafka_broker.bootstrap, topics["telemetry"], total, timeout=30)
+        # The new records were acknowledged once in the spool, behind the replay: they reach
+        # Kafka when the replay does, which may be after a first read.
+        deadline = time.monotonic() + 60
+        while True:
+            records = read_topic(kafka_broker.bootstrap, topics["telemetry"], total, timeout=30)
+            if all_acked_in(records, acked) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         repeats = check_delivery(records, acked)
         print(f"\nacked {total} before the kill; repeats in Kafka {repeats}")
         device.close()
