@@ -112,13 +112,13 @@ def _sample_write() -> tuple[str, str]:
 def _redis_benchmark(port: int, requests: int, pipeline: int) -> float:
     """EVALSHA of the store's CAS script, each call on two fresh keys (the success path)."""
     doc, change = _sample_write()
-    token = "0123456789ab.3e8"  # as long as the store's write tokens
+    token = "0123456789ab.00000000000003e8"  # as long as the store's write tokens
     _redis(port, "SCRIPT", "LOAD", _CAS_SCRIPT)
     cmd = [
         *pinned(1), "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-n", str(requests),
         "-c", str(CONCURRENCY), "-P", str(pipeline), "-r", "1000000000", "--csv",
         "EVALSHA", _CAS_SHA, "2", "rb:shadow:{__rand_int__}", "rb:shadow:{__rand_int__}:changes",
-        "0", "", "1", "0", token, doc, change, "100",
+        "", token, "0", doc, change, "100",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
     rows = list(csv.reader(io.StringIO(out.stdout)))

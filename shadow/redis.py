@@ -24,7 +24,7 @@ distinction, no key order, no 64-bit integers, and cannot reproduce Python's flo
 the size limit measures). It would also move the merge's CPU time into the one Redis process
 that every gateway node shares. So the store merges in Python with ``shadow.model`` (shared
 with the SQLite store) and writes with a small Lua script that sets the document only if the
-stored version and write token are still those the merge started from, then appends the
+stored write token is still the one the merge started from, then appends the
 change record and trims the history, atomically. If they moved, the script answers with the
 stored document instead, and the write is redone on it. Nothing is lost: the only way to
 change a document is the compare-and-set.
@@ -37,9 +37,11 @@ size limit) with its token, and merges on that without reading. A device's shado
 written through the node that holds its connection, so the remembered document is usually
 current; when it is not (another node wrote), the compare-and-set fails and returns the
 current document, and the write is redone on it: the same two round trips as reading first.
-A device the store does not remember is read first. The token (not only the version) makes
-the check safe when a version number comes back with different content (a flushed or
-failed-over Redis). An outcome that does not write (a refusal such as a stale
+A device the store does not remember is read first. The token, unique to each write (a random
+prefix per store and a counter), is what the compare-and-set compares, not the version: a
+version number can come back with different content (a flushed or failed-over Redis), a token
+cannot. Every write makes version + 1 of the document it started from, so the script stores
+``v`` itself. An outcome that does not write (a refusal such as a stale
 ``expected_version``, or a delete of nothing) is only final when it was computed on a document
 just read from Redis; computed on a remembered one, the document is read and the mutation run
 again. ``stats.cas_retries`` counts only writes redone on a document that had been read from
@@ -91,35 +93,37 @@ from shadow.model import (
 from shadow.store import BaseShadowStore, Mutation, Outcome, Write
 
 # KEYS[1] shadow hash, KEYS[2] its change list.
-# ARGV: [1] version the merge started from (0: none), [2] its token ("" : none), [3] new
-#       version, [4] "1" for a tombstone, [5] new token, [6] document, [7] change record (""
-#       clears the history), [8] history length.
+# ARGV: [1] token of the document the merge started from ("": none), [2] new token, [3] "1"
+#       for a tombstone, [4] document, [5] change record ("" clears the history), [6] history
+#       length. The new version is the stored one + 1, as every write makes it.
 # Returns 1 when written, else {stored document or nil, its token or nil}.
 _CAS_SCRIPT = """
 local cur = redis.call('HMGET', KEYS[1], 'v', 't')
-if (tonumber(cur[1]) or 0) ~= tonumber(ARGV[1]) or (cur[2] or '') ~= ARGV[2] then
+if (cur[2] or '') ~= ARGV[1] then
   return {redis.call('HGET', KEYS[1], 'doc'), cur[2]}
 end
-redis.call('HSET', KEYS[1], 'v', ARGV[3], 'd', ARGV[4], 't', ARGV[5], 'doc', ARGV[6])
-if ARGV[7] == '' then
+redis.call('HSET', KEYS[1], 'v', (tonumber(cur[1]) or 0) + 1, 'd', ARGV[3], 't', ARGV[2],
+           'doc', ARGV[4])
+if ARGV[5] == '' then
   redis.call('DEL', KEYS[2])
 else
-  redis.call('RPUSH', KEYS[2], ARGV[7])
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
+  redis.call('RPUSH', KEYS[2], ARGV[5])
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
 end
 return 1
 """
 _CAS_SHA = hashlib.sha1(_CAS_SCRIPT.encode()).hexdigest()
-# EVALSHA of the script with 2 keys and 8 arguments, up to the first key: packed here rather
+# EVALSHA of the script with 2 keys and 6 arguments, up to the first key: packed here rather
 # than by hiredis (half the cost, the write path's largest after the merge).
-_CAS_HEAD = b"*13\r\n" + resp.pack("EVALSHA", _CAS_SHA, 2)[len(b"*3\r\n") :]
+_CAS_HEAD = b"*11\r\n" + resp.pack("EVALSHA", _CAS_SHA, 2)[len(b"*3\r\n") :]
 # Queued writes go out at the end of the event-loop turn, or as soon as this many are queued
 # (so that big batches do not wait, and several pipelines can be in flight at once).
 _BATCH = 64
 
 
-# one compare-and-set: item index, the document the merge started from and its token, whether
-# that document was just read from Redis (rather than remembered), the write
+# one compare-and-set: item index, the document the merge started from and its token (as a
+# RESP argument, see _token_arg), whether that document was just read from Redis (rather than
+# remembered), the write
 _Cas = tuple[int, Shadow | None, bytes, bool, Write]
 
 
@@ -141,19 +145,11 @@ def _cas_head(prefix: str, device: str) -> bytes:
     return _CAS_HEAD + b"$%d\r\n%b\r\n$%d\r\n%b\r\n" % (len(key), key, len(changes), changes)
 
 
-def _cas_command(
-    head: bytes, base_version: int, base_token: bytes, version: int, deleted: bool,
-    token: bytes, doc: bytes, change: bytes, history: bytes,
-) -> bytes:
-    """The EVALSHA of the compare-and-set script (arguments as the script describes them)."""
-    old, new = b"%d" % base_version, b"%d" % version
-    return (
-        b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$1\r\n%d\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n"
-        b"$%d\r\n%b\r\n%b"
-    ) % (
-        head, len(old), old, len(base_token), base_token, len(new), new, deleted, len(token),
-        token, len(doc), doc, len(change), change, history,
-    )  # fmt: skip
+def _token_arg(token: bytes | None) -> bytes:
+    """A write token as a RESP argument (the store keeps tokens in this form: each is sent
+    once as the new token and then as the base of the next write); None: no document."""
+    token = token or b""
+    return b"$%d\r\n%b\r\n" % (len(token), token)
 
 
 def _decode(raw: bytes | None) -> Shadow | None:
@@ -180,9 +176,10 @@ class RedisShadowStore(BaseShadowStore):
         self._redis: Redis = Redis.from_url(url if "://" in url else f"redis://{url}")
         self._pipe = resp.Pipe(self._redis)
         self._index = f"{prefix}:shadows"
-        self._cache: dict[str, tuple[Shadow, bytes]] = {}  # device -> (document, token)
-        # write tokens: this store's random prefix and a counter
-        self._instance = f"{os.urandom(6).hex()}.".encode()
+        # device -> (document, its token as a RESP argument)
+        self._cache: dict[str, tuple[Shadow, bytes]] = {}
+        # write tokens: this store's random prefix and a counter, all 29 bytes long
+        self._token_head = b"$29\r\n%b." % os.urandom(6).hex().encode()
         self._counter = itertools.count()
         self._queue: list[tuple[Sequence[tuple[str, Mutation]], asyncio.Future[list[Outcome]]]]
         self._queue = []
@@ -208,7 +205,7 @@ class RedisShadowStore(BaseShadowStore):
         for device, reply in zip(devices, replies, strict=True):
             if isinstance(reply, hiredis.ReplyError):
                 raise ResponseError(str(reply))
-            shadow, token = _decode(reply[0]), reply[1] or b""
+            shadow, token = _decode(reply[0]), _token_arg(reply[1])
             self._remember(device, shadow, token)
             out.append((shadow, token))
         return out
@@ -333,14 +330,16 @@ class RedisShadowStore(BaseShadowStore):
             sent: list[tuple[int, bytes]] = []  # per write: its reply's position, its token
             for i, base, token, _, w in todo:
                 device = items[i][0]
-                new_token = b"%b%x" % (self._instance, next(self._counter))
+                new_token = b"%b%016x\r\n" % (self._token_head, next(self._counter))
                 s = w.shadow
+                doc = s.to_bytes()
+                change = w.change.to_bytes() if w.change is not None else b""
                 sent.append((len(commands), new_token))
-                commands.append(_cas_command(
-                    _cas_head(self.prefix, device), base.version if base is not None else 0, token,
-                    s.version, s.deleted, new_token, s.to_bytes(),
-                    w.change.to_bytes() if w.change is not None else b"", history,
-                ))  # fmt: skip
+                commands.append(
+                    b"%b%b%b$1\r\n%d\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b"
+                    % (_cas_head(self.prefix, device), token, new_token, s.deleted, len(doc), doc,
+                       len(change), change, history)
+                )  # fmt: skip
                 if (base is None or base.deleted) and not s.deleted:
                     commands.append(resp.pack("ZADD", self._index, 0, device))
             replies = await self._pipe.execute(commands)
@@ -352,8 +351,9 @@ class RedisShadowStore(BaseShadowStore):
                     self._remember(items[i][0], w.shadow, new_token)
                 elif isinstance(reply, list):
                     stored = _decode(reply[0])
-                    self._remember(items[i][0], stored, reply[1] or b"")
-                    stale.append((i, stored, reply[1] or b"", was_read))
+                    token = _token_arg(reply[1])
+                    self._remember(items[i][0], stored, token)
+                    stale.append((i, stored, token, was_read))
                 elif isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
                     missing.append(entry)
                 else:
