@@ -283,16 +283,16 @@ class Shadow:
             return self._packed
         try:
             packed = _pack(
-                [
+                (
                     self.desired,
                     self.reported,
-                    list(self.desired_meta.items()),  # [[path, [ts_ms, writer, counter, seq]]]
-                    list(self.reported_meta.items()),
+                    self.desired_meta,  # {path: [ts_ms, writer, counter, seq]}, arrays as keys
+                    self.reported_meta,
                     self.version,
                     self.vv,
                     self.ts_ms,
                     self.deleted,
-                ]
+                )
             )
         except (OverflowError, UnicodeEncodeError):
             packed = self.to_json().encode()
@@ -304,17 +304,14 @@ class Shadow:
         """Reads ``to_bytes()`` or ``to_json()`` output (a JSON document starts with ``{``)."""
         if raw[:1] == b"{":
             return cls.from_json(raw)
-        desired, reported, dmeta, rmeta, version, vv, ts_ms, deleted = _unpack(raw)
-        return cls(
-            desired,
-            reported,
-            _read_meta(dmeta),
-            _read_meta(rmeta),
-            version,
-            vv,
-            ts_ms,
-            deleted,
-        )
+        try:
+            return cls(*_unpack_shadow(raw))
+        except msgspec.ValidationError:  # leaf metadata as earlier versions packed it
+            desired, reported, dmeta, rmeta, version, vv, ts_ms, deleted = _unpack(raw)
+            return cls(
+                desired, reported, _read_meta(dmeta), _read_meta(rmeta), version, vv, ts_ms,
+                deleted,
+            )  # fmt: skip
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> Shadow:
@@ -333,8 +330,8 @@ class Shadow:
 
 
 def _read_meta(entries: list[list[Any]]) -> dict[Path, LeafMeta]:
-    """Leaf metadata as ``to_bytes`` packs it: ``[path, [ts_ms, writer, counter, seq]]``
-    entries, or ``[path, ts_ms, writer, counter, seq]`` as earlier versions did."""
+    """Leaf metadata as earlier versions packed it: ``[path, [ts_ms, writer, counter, seq]]``
+    or ``[path, ts_ms, writer, counter, seq]`` entries."""
     if entries and len(entries[0]) == 2:
         return {tuple(path): _leaf(LeafMeta, m) for path, m in entries}
     return {tuple(e[0]): _leaf(LeafMeta, e[1:]) for e in entries}
@@ -468,6 +465,11 @@ class UpdateResult:
 # is a large part of a write); it raises OverflowError and UnicodeEncodeError alike.
 _pack: Final = msgspec.msgpack.encode
 _unpack: Final = msgspec.msgpack.decode
+# Shadow.to_bytes' form, decoded into its types: the leaf metadata straight into LeafMeta
+_Meta: TypeAlias = dict[Path, LeafMeta]
+_unpack_shadow: Final = msgspec.msgpack.Decoder(
+    tuple[dict[str, Any], dict[str, Any], _Meta, _Meta, int, dict[str, int], int, bool]
+).decode
 
 
 def copy_json(value: JSON) -> Any:
@@ -672,17 +674,13 @@ def _check_tree(value: object, where: str, depth: int, limits: Limits, nulls: bo
         raise InvalidUpdate(f"{where}: {type(value).__name__} is not a JSON value")
 
 
-@immutable
-class ParsedUpdate:
-    """A validated update: per present section, a merge patch or None (clear the section)."""
-
-    sections: dict[Section, JSONObject | None]
-    version: int | None
+# A validated update: per section present, a merge patch or None (clear the section); the
+# version; the client token.
+ParsedUpdate: TypeAlias = tuple[dict[Section, "JSONObject | None"], "int | None", "str | None"]
+_SECTION_WHERE: Final = {"desired": "/state/desired", "reported": "/state/reported"}
 
 
-def parse_update(
-    doc: object, limits: Limits = DEFAULT_LIMITS, *, nulls: bool = True
-) -> ParsedUpdate:
+def parse_update(doc: object, limits: Limits = DEFAULT_LIMITS, nulls: bool = True) -> ParsedUpdate:
     """Validates an update (or, with ``nulls=False``, a replace) document."""
     if type(doc) is not dict and not isinstance(doc, Mapping):
         raise InvalidUpdate("the update must be a JSON object")
@@ -701,7 +699,7 @@ def parse_update(
         raise InvalidUpdate('the update has no "state"')
     state = doc["state"]
     if state is None:
-        return ParsedUpdate({"desired": None, "reported": None}, version)
+        return {"desired": None, "reported": None}, version, token
     if type(state) is not dict and not isinstance(state, Mapping):
         raise InvalidUpdate('"state" must be an object or null')
     sections: dict[Section, JSONObject | None] = {}
@@ -711,9 +709,9 @@ def parse_update(
         if value is not None:
             if not isinstance(value, dict):
                 raise InvalidUpdate(f'"state.{key}" must be an object or null')
-            _check_tree(value, f"/state/{key}", 1, limits, nulls)
+            _check_tree(value, _SECTION_WHERE[key], 1, limits, nulls)
         sections[key] = value
-    return ParsedUpdate(sections, version)
+    return sections, version, token
 
 
 def check_version(current: Shadow | None, expected: int | None) -> None:
@@ -760,7 +758,7 @@ def _patch_ops(patch: JSONObject, prefix: Path = (), ops: list[_Op] | None = Non
     return ops
 
 
-def _affected(state: JSONObject, path: Path, *, writing: bool) -> list[Path]:
+def _affected(state: JSONObject, path: Path, writing: bool) -> list[Path]:
     """Stored leaves that writing (or deleting) ``path`` replaces: the leaf at ``path``, the
     leaves under it and, when writing, a leaf on the way that turns into an object."""
     node: JSON = state
@@ -874,10 +872,11 @@ class _Write:
         path: Path,
         value: JSON,
     ) -> bool:
-        affected = _affected(state, path, writing=True)
+        affected = _affected(state, path, True)
         if seq is not None:
             for q in affected:
-                if _stale(seq, meta[q]):
+                old = meta[q].seq
+                if old is not None and old > seq:  # a newer report set it
                     self.suppressed.append(pointer(section, path))
                     return False
         if self.context is not None:
@@ -908,11 +907,11 @@ class _Write:
         meta: dict[Path, LeafMeta],
         path: Path,
     ) -> list[_Op]:
-        affected = _affected(state, path, writing=False)
+        affected = _affected(state, path, False)
         removed: list[_Op] = []
         for q in affected:
             m = meta[q]
-            if seq is not None and _stale(seq, m):
+            if seq is not None and m.seq is not None and m.seq > seq:  # a newer report set it
                 self.suppressed.append(pointer(section, q))
             elif self.context is not None and not covers(self.context, m):
                 # add-wins: a concurrently written value survives a delete
@@ -925,11 +924,6 @@ class _Write:
         if len(removed) == len(affected) and (affected or not path):
             return [(path, _DELETE)]  # all gone (or a whole section cleared): one null
         return removed
-
-
-def _stale(seq: int, m: LeafMeta) -> bool:
-    """Whether a report with this seq is older than what set the leaf."""
-    return m.seq is not None and m.seq > seq
 
 
 def _base(current: Shadow | None) -> Shadow:
@@ -948,7 +942,7 @@ def _result(
     w: _Write,
     change_state: JSONObject,
     concurrent: bool,
-    client_token: object,
+    client_token: str | None,
 ) -> UpdateResult:
     """The change record and result of a write (its payloads are built on demand)."""
     delta = new.delta
@@ -956,7 +950,7 @@ def _result(
         new,
         ChangeRecord(new.version, w.writer, w.ts_ms, change_state, delta),
         applied,
-        client_token if isinstance(client_token, str) else None,
+        client_token,
         bool(delta) and not json_equal(base.desired, new.desired),
         concurrent,
         tuple(w.conflicting),
@@ -1021,17 +1015,23 @@ def apply_update(
     touches ``current``.
     """
     check_id(writer, "writer", limits)
-    parsed = parse_update(update, limits)
-    expected = _expected(expected_version, parsed.version)
-    ctx = check_vv(context, "context", limits) if context is not None else None
+    sections, version, token = parse_update(update, limits)
+    expected = expected_version if version is None else _expected(expected_version, version)
+    if expected is not None:
+        check_version(current, expected)
     if seq is not None:
         seq = _check_int(seq, "seq")
-    check_version(current, expected)
-    base = _base(current)
+    base = current if current is not None and not current.deleted else _base(current)
 
-    concurrent = ctx is not None and not dominates(ctx, base.vv)
-    vv = bump(merge_vv(base.vv, ctx or {}), writer)
-    w = _Write(writer, vv[writer], ts_ms, ctx if concurrent else None, seq)
+    if context is None:
+        concurrent = False
+        vv = bump(base.vv, writer)  # stored vectors hold no zero entries: no merge_vv needed
+        w = _Write(writer, vv[writer], ts_ms, None, seq)
+    else:
+        ctx = check_vv(context, "context", limits)
+        concurrent = not dominates(ctx, base.vv)
+        vv = bump(merge_vv(base.vv, ctx), writer)
+        w = _Write(writer, vv[writer], ts_ms, ctx if concurrent else None, seq)
 
     # a section the update does not name is shared with `base` (shadows are immutable)
     states: dict[Section, JSONObject] = {"desired": base.desired, "reported": base.reported}
@@ -1040,7 +1040,7 @@ def apply_update(
         "reported": base.reported_meta,
     }
     applied: dict[Section, JSONObject | None] = {}
-    for name, patch in parsed.sections.items():
+    for name, patch in sections.items():
         states[name] = state = copy_json(states[name])
         metas[name] = meta = dict(metas[name])
         # clearing a section deletes each leaf, so the per-leaf rules still apply
@@ -1049,7 +1049,6 @@ def apply_update(
 
     new = _next_shadow(base, states, metas, vv, ts_ms, limits)
     change_state: JSONObject = {name: patch for name, patch in applied.items()}
-    token = update.get("clientToken")  # type: ignore[attr-defined]  # parse_update: a Mapping
     return _result(base, new, applied, w, change_state, concurrent, token)
 
 
@@ -1066,15 +1065,15 @@ def apply_replace(
     that is absent or null becomes empty). Nulls inside sections are refused. Every leaf gets
     fresh metadata; the change record holds the merge patch from the old state to the new."""
     check_id(writer, "writer", limits)
-    parsed = parse_update(doc, limits, nulls=False)
-    expected = _expected(expected_version, parsed.version)
+    sections, version, token = parse_update(doc, limits, nulls=False)
+    expected = _expected(expected_version, version)
     check_version(current, expected)
     base = _base(current)
     vv = bump(base.vv, writer)
     states: dict[Section, JSONObject] = {}
     metas: dict[Section, dict[Path, LeafMeta]] = {}
     for name in SECTIONS:
-        states[name] = copy_json(parsed.sections.get(name) or {})
+        states[name] = copy_json(sections.get(name) or {})
         _prune(states[name])
         m = LeafMeta(ts_ms, writer, vv[writer])
         metas[name] = {p: m for p in leaf_paths(states[name]) if p}
@@ -1082,7 +1081,6 @@ def apply_replace(
     w = _Write(writer, vv[writer], ts_ms, None, None)
     applied: dict[Section, JSONObject | None] = {n: states[n] for n in SECTIONS}
     change_state: JSONObject = {n: diff_patch(base.section(n), states[n]) for n in SECTIONS}
-    token = doc.get("clientToken") if isinstance(doc, Mapping) else None
     return _result(base, new, applied, w, change_state, False, token)
 
 

@@ -415,13 +415,16 @@ def test_storage_bytes_are_msgpack_and_read_the_json_form_too() -> None:
         assert Shadow.from_bytes(raw).to_json() == s.shadow.to_json()  # 1.0 stays a float
     for raw in (s.change.to_bytes(), s.change.to_json().encode()):
         assert ChangeRecord.from_bytes(raw) == s.change
-    # leaf metadata as earlier versions packed it: [path, ts_ms, writer, counter, seq]
+    # leaf metadata as earlier versions packed it: [path, ts_ms, writer, counter, seq] and
+    # [path, [ts_ms, writer, counter, seq]] entries
     sh = s.shadow
-    earlier = msgpack.packb([
-        sh.desired, sh.reported, [[p, *m] for p, m in sh.desired_meta.items()],
-        [[p, *m] for p, m in sh.reported_meta.items()], sh.version, sh.vv, sh.ts_ms, sh.deleted,
-    ])  # fmt: skip
-    assert Shadow.from_bytes(earlier) == sh
+    for entry in (lambda p, m: [p, *m], lambda p, m: [p, m]):
+        earlier = msgpack.packb([
+            sh.desired, sh.reported, [entry(p, m) for p, m in sh.desired_meta.items()],
+            [entry(p, m) for p, m in sh.reported_meta.items()], sh.version, sh.vv, sh.ts_ms,
+            sh.deleted,
+        ])  # fmt: skip
+        assert Shadow.from_bytes(earlier) == sh
 
 
 def test_storage_bytes_fall_back_to_json_for_what_msgpack_cannot_hold() -> None:
