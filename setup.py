@@ -37,9 +37,10 @@ extensions = [
     for pyx in sorted(native.glob("*.pyx"))
     if ONLY is None or pyx.stem == ONLY
 ]
-# The shadow model is plain Python compiled as is (pure-Python mode): Python indexing and
-# annotations not turned into C types, so the compiled module behaves exactly like the
-# source, which stays importable uncompiled.
+# The shadow model is plain Python compiled in pure-Python mode: Python indexing, annotations
+# not turned into C types, so the source stays importable uncompiled and behaves the same.
+# shadow/model.pxd adds C declarations for the write path's internal helpers (direct C calls,
+# _Write a C class); it types only what the model itself builds, never what callers pass.
 pure = [
     Extension(
         "shadow.model",

@@ -490,9 +490,19 @@ def json_equal(a: JSON, b: JSON) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a == b
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(json_equal(v, b[k]) for k, v in a.items())
+        if a.keys() != b.keys():
+            return False
+        for k, v in a.items():  # noqa: SIM110  (no all(...): model.pxd makes this a cpdef
+            if not json_equal(v, b[k]):  # function, which cannot hold a generator's closure)
+                return False
+        return True
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b, strict=True))
+        if len(a) != len(b):
+            return False
+        for x, y in zip(a, b, strict=True):  # noqa: SIM110  (as above)
+            if not json_equal(x, y):
+                return False
+        return True
     return type(a) is type(b) and a == b
 
 

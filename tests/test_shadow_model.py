@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,15 @@ def test_update_merges_nested_objects_and_keeps_untouched_fields() -> None:
     s = write(None, desired({"light": {"on": True, "level": 3}, "fan": 1})).shadow
     s = write(s, desired({"light": {"level": 5}})).shadow
     assert s.desired == {"light": {"on": True, "level": 5}, "fan": 1}
+
+
+def test_update_documents_may_be_dict_subclasses() -> None:
+    # the compiled model types its internal dicts exactly; what callers pass may be a subclass
+    doc = OrderedDict(state=OrderedDict(desired=OrderedDict(light=OrderedDict(on=True))))
+    s = write(write(None, desired({"fan": 1})).shadow, doc)
+    assert s.shadow.desired == {"fan": 1, "light": {"on": True}}
+    assert s.delta is not None and s.delta["state"] == {"fan": 1, "light": {"on": True}}
+    assert compute_delta(OrderedDict(a=1), OrderedDict()) == {"a": 1}
 
 
 def test_null_deletes_a_key_and_prunes_emptied_parents() -> None:
