@@ -68,6 +68,7 @@ creating write lost its compare-and-set to a delete.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -87,6 +88,7 @@ from shadow.model import (
     Limits,
     Shadow,
     ShadowError,
+    UpdateResult,
     VersionConflict,
     select_changes,
 )
@@ -255,7 +257,7 @@ class RedisShadowStore(BaseShadowStore):
 
     async def _write_now(self, items: Sequence[tuple[str, Mutation]]) -> list[Outcome]:
         out: list[Outcome] = [None] * len(items)
-        retries = [0] * len(items)
+        retries: dict[int, int] = {}  # per item redone on a document read from Redis
         fresh: dict[int, tuple[Shadow | None, bytes]] = {}  # just read from Redis, per item
         pending = list(range(len(items)))
         while pending:
@@ -286,7 +288,6 @@ class RedisShadowStore(BaseShadowStore):
                 except ShadowError as exc:
                     w = exc
                 if isinstance(w, Write):
-                    w.retries = retries[i]
                     out[i] = w
                     cas.append((i, current, token, was_read, w))
                 elif was_read:
@@ -299,7 +300,7 @@ class RedisShadowStore(BaseShadowStore):
                     fresh[i] = (stored, token)  # the remembered document was stale: no retry
                     later.append(i)
                     continue
-                retries[i] += 1
+                retries[i] = retries.get(i, 0) + 1
                 self.stats.cas_retries += 1
                 if retries[i] > self.max_cas_retries:
                     out[i] = VersionConflict(
@@ -312,6 +313,9 @@ class RedisShadowStore(BaseShadowStore):
                     later.append(i)
             pending = sorted(later)
 
+        for i, n in retries.items():
+            if isinstance(w := out[i], UpdateResult):
+                out[i] = dataclasses.replace(w, cas_retries=n)
         await self._unindex_deleted(items, out)
         return out
 

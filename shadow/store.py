@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
 from shadow.model import (
     DEFAULT_LIMITS,
     ChangeLog,
-    ChangeRecord,
     InvalidUpdate,
     Limits,
     Shadow,
@@ -91,16 +90,19 @@ class StoreStats:
     cas_retries: int = 0
     invalid: int = 0
 
-    def record(self, outcome: UpdateResult | ShadowError) -> None:
-        if isinstance(outcome, VersionConflict):
-            self.conflicts += 1
-        elif isinstance(outcome, ShadowError):
-            self.invalid += 1
-        else:
-            self.writes += 1
-            self.concurrent_writes += outcome.concurrent
-            self.conflicting_fields += len(outcome.conflicting_fields)
-            self.stale_fields_dropped += len(outcome.suppressed_fields)
+    def record(self, outcomes: Iterable[UpdateResult | ShadowError]) -> None:
+        for outcome in outcomes:
+            if isinstance(outcome, UpdateResult):
+                self.writes += 1
+                if outcome.concurrent:
+                    self.concurrent_writes += 1
+                    self.conflicting_fields += len(outcome.conflicting_fields)
+                if outcome.suppressed_fields:
+                    self.stale_fields_dropped += len(outcome.suppressed_fields)
+            elif isinstance(outcome, VersionConflict):
+                self.conflicts += 1
+            else:
+                self.invalid += 1
 
 
 class ShadowStore(Protocol):
@@ -150,16 +152,16 @@ class ShadowStore(Protocol):
 
 
 @dataclass(slots=True)
-class Write:
-    """What a store persists for one mutation: the new document and its change record
-    (None for a delete, which clears the history)."""
+class Tombstone:
+    """What a delete stores: the tombstone, and no change record (it clears the history)."""
 
     shadow: Shadow
-    change: ChangeRecord | None
-    result: UpdateResult | None
-    retries: int = 0
+    change: None = None
 
 
+# What a store persists for one mutation: ``shadow``, the new document, and ``change``, its
+# change record (None: clear the history). An update or replace stores its result as is.
+Write = UpdateResult | Tombstone
 # Reads the stored shadow (None: none) and returns what to write, None for "nothing to
 # write", or raises ShadowError. Pure, so an optimistic store may call it again on a retry.
 Mutation = Callable[[Shadow | None], Write | None]
@@ -223,8 +225,8 @@ class BaseShadowStore(ABC):
         def mutation(r: UpdateRequest) -> Mutation:
             ts_ms = r.ts_ms if r.ts_ms is not None else now
 
-            def mutate(current: Shadow | None) -> Write:
-                result = apply_update(
+            def mutate(current: Shadow | None) -> UpdateResult:
+                return apply_update(
                     current,
                     r.update,
                     writer=r.writer,
@@ -234,7 +236,6 @@ class BaseShadowStore(ABC):
                     seq=r.seq,
                     limits=self.limits,
                 )
-                return Write(result.shadow, result.change, result)
 
             return mutate
 
@@ -251,8 +252,8 @@ class BaseShadowStore(ABC):
     ) -> UpdateResult:
         ts = ts_ms if ts_ms is not None else now_ms()
 
-        def mutate(current: Shadow | None) -> Write:
-            result = apply_replace(
+        def mutate(current: Shadow | None) -> UpdateResult:
+            return apply_replace(
                 current,
                 doc,
                 writer=writer,
@@ -260,7 +261,6 @@ class BaseShadowStore(ABC):
                 expected_version=expected_version,
                 limits=self.limits,
             )
-            return Write(result.shadow, result.change, result)
 
         (outcome,) = await self._results([(device, mutate)])
         if isinstance(outcome, ShadowError):
@@ -273,12 +273,12 @@ class BaseShadowStore(ABC):
 
         def mutate(current: Shadow | None) -> Write | None:
             tombstone = apply_delete(current, expected_version=expected_version, ts_ms=ts)
-            return None if tombstone is None else Write(tombstone, None, None)
+            return None if tombstone is None else Tombstone(tombstone)
 
         check_id(device, "device id", self.limits)
         (outcome,) = await self._write_many([(device, mutate)])
         if isinstance(outcome, ShadowError):
-            self.stats.record(outcome)
+            self.stats.record([outcome])
             raise outcome
         if outcome is None:
             return None
@@ -299,13 +299,8 @@ class BaseShadowStore(ABC):
                 out[i] = exc
         written = await self._write_many([items[i] for i in valid]) if valid else []
         for i, w in zip(valid, written, strict=True):
-            if isinstance(w, ShadowError):
-                out[i] = w
-            else:
-                assert w is not None and w.result is not None
-                out[i] = replace(w.result, cas_retries=w.retries) if w.retries else w.result
-        record = self.stats.record
-        for outcome in out:
-            assert outcome is not None
-            record(outcome)
-        return out  # type: ignore[return-value]  # every entry is set
+            assert isinstance(w, (UpdateResult, ShadowError))  # what updates and replaces give
+            out[i] = w
+        results: list[UpdateResult | ShadowError] = out  # type: ignore[assignment]  # all set
+        self.stats.record(results)
+        return results
