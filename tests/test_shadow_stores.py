@@ -24,6 +24,7 @@ from shadow.model import (
     InvalidUpdate,
     KeyTooLong,
     Limits,
+    Shadow,
     ShadowTooDeep,
     ShadowTooLarge,
     UpdateResult,
@@ -583,6 +584,32 @@ def test_redis_store_redoes_a_write_when_the_shadow_was_replaced_behind_its_back
             r = await node1.update("e", desired({"c": 3}), writer="n1")  # gone: created anew
             assert r.version == 1 and r.shadow.desired == {"c": 3}
             assert node1.stats.cas_retries == 0
+
+    asyncio.run(body())
+
+
+def test_redis_store_redoes_a_write_whose_document_moved_after_it_was_read(
+    redis_server: Any, redis_space: tuple[str, redis.Redis]
+) -> None:
+    prefix, client = redis_space
+
+    async def body() -> None:
+        # cache_size=0: every write reads the document first, so a moved one is a real retry
+        async with RedisShadowStore(redis_server.url, prefix=prefix, cache_size=0) as store:
+            await store.update("d", desired({"a": 1}), writer="app")
+            calls = 0
+
+            def mutate(current: Shadow | None) -> UpdateResult:
+                nonlocal calls
+                calls += 1
+                if calls == 1:  # another writer stores the document between read and write
+                    client.hset(f"{prefix}:shadow:{{d}}", "t", "someone else's token")
+                return apply_update(current, desired({"b": 2}), writer="app", ts_ms=1)
+
+            (r,) = await store._results([("d", mutate)])
+            assert isinstance(r, UpdateResult) and calls == 2
+            assert r.cas_retries == 1 and store.stats.cas_retries == 1
+            assert r.version == 2 and r.shadow.desired == {"a": 1, "b": 2}
 
     asyncio.run(body())
 
