@@ -96,13 +96,13 @@ from typing import (
     ClassVar,
     Final,
     Literal,
-    NamedTuple,
     TypeAlias,
     TypeVar,
     dataclass_transform,
 )
 
 import msgspec
+from msgspec.structs import astuple
 
 JSON: TypeAlias = bool | int | float | str | list["JSON"] | dict[str, "JSON"] | None
 JSONObject: TypeAlias = dict[str, JSON]
@@ -199,18 +199,15 @@ DEFAULT_LIMITS: Final = Limits()
 # --------------------------------------------------------------------------- documents
 
 
-class LeafMeta(NamedTuple):
-    """What the shadow remembers about one leaf (a scalar or an array)."""
+class LeafMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """What the shadow remembers about one leaf (a scalar or an array). A msgspec struct,
+    packed as the array ``[ts_ms, writer, counter, seq]``: a NamedTuple cost twice as much to
+    build and four times as much to pack."""
 
     ts_ms: int
     writer: str
     counter: int  # vv[writer] after the write that set this leaf: its dot
     seq: int | None = None  # highest device seq applied (reported only)
-
-
-# _leaf(LeafMeta, (ts_ms, writer, counter, seq)): half the cost of LeafMeta(...), whose
-# __new__ is a Python function
-_leaf: Final = tuple.__new__
 
 
 @immutable
@@ -265,8 +262,8 @@ class Shadow:
                 "desired": self.desired,
                 "reported": self.reported,
                 "meta": {
-                    "desired": [[p, m] for p, m in self.desired_meta.items()],
-                    "reported": [[p, m] for p, m in self.reported_meta.items()],
+                    "desired": [[p, astuple(m)] for p, m in self.desired_meta.items()],
+                    "reported": [[p, astuple(m)] for p, m in self.reported_meta.items()],
                 },
                 "version": self.version,
                 "vv": self.vv,
@@ -333,8 +330,8 @@ def _read_meta(entries: list[list[Any]]) -> dict[Path, LeafMeta]:
     """Leaf metadata as earlier versions packed it: ``[path, [ts_ms, writer, counter, seq]]``
     or ``[path, ts_ms, writer, counter, seq]`` entries."""
     if entries and len(entries[0]) == 2:
-        return {tuple(path): _leaf(LeafMeta, m) for path, m in entries}
-    return {tuple(e[0]): _leaf(LeafMeta, e[1:]) for e in entries}
+        return {tuple(path): LeafMeta(*m) for path, m in entries}
+    return {tuple(e[0]): LeafMeta(*e[1:]) for e in entries}
 
 
 @immutable
@@ -906,7 +903,7 @@ class _Write:
             if old is not None and (seq is None or old > seq):
                 seq = old
         _set(state, path, value)
-        meta[path] = _leaf(LeafMeta, (self.ts_ms, self.writer, self.counter, seq))
+        meta[path] = LeafMeta(self.ts_ms, self.writer, self.counter, seq)
         return True
 
     def _delete(

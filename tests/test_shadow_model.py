@@ -11,6 +11,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from msgspec.structs import astuple
 
 from shadow.model import (
     ChangeRecord,
@@ -428,7 +429,7 @@ def test_storage_bytes_are_msgpack_and_read_the_json_form_too() -> None:
     # leaf metadata as earlier versions packed it: [path, ts_ms, writer, counter, seq] and
     # [path, [ts_ms, writer, counter, seq]] entries
     sh = s.shadow
-    for entry in (lambda p, m: [p, *m], lambda p, m: [p, m]):
+    for entry in (lambda p, m: [p, *astuple(m)], lambda p, m: [p, astuple(m)]):
         earlier = msgpack.packb([
             sh.desired, sh.reported, [entry(p, m) for p, m in sh.desired_meta.items()],
             [entry(p, m) for p, m in sh.reported_meta.items()], sh.version, sh.vv, sh.ts_ms,
