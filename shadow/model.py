@@ -129,9 +129,10 @@ _T = TypeVar("_T")
 
 @dataclass_transform(frozen_default=True)
 def immutable(cls: type[_T]) -> type[_T]:
-    """A slots dataclass, frozen for the type checker but not at run time: the model builds
-    many of these per write, and a frozen dataclass costs four times as much to build (its
-    ``__init__`` goes through ``object.__setattr__``). Treat them as immutable."""
+    """A slots dataclass, frozen for the type checker but not at run time: a frozen dataclass
+    costs four times as much to build (its ``__init__`` goes through ``object.__setattr__``).
+    Treat them as immutable. (The other value classes are frozen msgspec structs, cheaper
+    still; Shadow keeps its packed form once made, so it cannot be frozen.)"""
     return dataclass(slots=True)(cls)
 
 
@@ -334,9 +335,9 @@ def _read_meta(entries: list[list[Any]]) -> dict[Path, LeafMeta]:
     return {tuple(e[0]): LeafMeta(*e[1:]) for e in entries}
 
 
-@immutable
-class ChangeRecord:
-    """One accepted write, kept in the per-device history for resync."""
+class ChangeRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One accepted write, kept in the per-device history for resync. Packed as the array
+    ``[version, writer, ts_ms, state, delta]``."""
 
     version: int
     writer: str
@@ -363,7 +364,7 @@ class ChangeRecord:
     def to_bytes(self) -> bytes:
         """msgpack, or ``to_json()`` when msgpack cannot hold it (see ``Shadow.to_bytes``)."""
         try:
-            return _pack([self.version, self.writer, self.ts_ms, self.state, self.delta])
+            return _pack(self)
         except (OverflowError, UnicodeEncodeError):
             return self.to_json().encode()
 
@@ -379,8 +380,7 @@ class ChangeRecord:
         return cls(version, writer, ts_ms, state, delta)
 
 
-@immutable
-class ChangeLog:
+class ChangeLog(msgspec.Struct, frozen=True):
     """Answer to ``changes_since(device, since)``.
 
     ``changes`` are the records with ``version > since``, oldest first. ``complete`` is False
@@ -393,8 +393,7 @@ class ChangeLog:
     complete: bool
 
 
-@immutable
-class UpdateResult:
+class UpdateResult(msgspec.Struct, frozen=True):
     """The outcome of an accepted update or replace.
 
     ``accepted`` is the ``/update/accepted`` payload and ``delta`` the ``/update/delta``

@@ -68,7 +68,6 @@ creating write lost its compare-and-set to a delete.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import hashlib
 import itertools
@@ -77,6 +76,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import hiredis
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -315,7 +315,7 @@ class RedisShadowStore(BaseShadowStore):
 
         for i, n in retries.items():
             if isinstance(w := out[i], UpdateResult):
-                out[i] = dataclasses.replace(w, cas_retries=n)
+                out[i] = msgspec.structs.replace(w, cas_retries=n)
         await self._unindex_deleted(items, out)
         return out
 

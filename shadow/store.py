@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
+import msgspec
+
 from shadow.model import (
     DEFAULT_LIMITS,
     ChangeLog,
@@ -48,7 +50,6 @@ from shadow.model import (
     apply_replace,
     apply_update,
     check_id,
-    immutable,
 )
 
 
@@ -56,8 +57,7 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@immutable
-class UpdateRequest:
+class UpdateRequest(msgspec.Struct, frozen=True):
     """One entry of ``update_many``: the arguments of ``update``."""
 
     device: str
