@@ -90,15 +90,13 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import (
     Any,
     ClassVar,
     Final,
     Literal,
     TypeAlias,
-    TypeVar,
-    dataclass_transform,
 )
 
 import msgspec
@@ -124,16 +122,6 @@ _compact_utf8_chunks: Final = (
     if _c_make_encoder is not None
     else None
 )  # fmt: skip
-_T = TypeVar("_T")
-
-
-@dataclass_transform(frozen_default=True)
-def immutable(cls: type[_T]) -> type[_T]:
-    """A slots dataclass, frozen for the type checker but not at run time: a frozen dataclass
-    costs four times as much to build (its ``__init__`` goes through ``object.__setattr__``).
-    Treat them as immutable. (The other value classes are frozen msgspec structs, cheaper
-    still; Shadow keeps its packed form once made, so it cannot be frozen.)"""
-    return dataclass(slots=True)(cls)
 
 
 # --------------------------------------------------------------------------- errors
@@ -211,20 +199,39 @@ class LeafMeta(msgspec.Struct, array_like=True, frozen=True, gc=False):
     seq: int | None = None  # highest device seq applied (reported only)
 
 
-@immutable
-class Shadow:
-    """One device's shadow. Treat it as immutable: the model always builds a new one."""
+# The value classes are frozen msgspec structs: a third of a dataclass' cost to build, and
+# immutable at run time as well.
 
-    desired: JSONObject = field(default_factory=dict)
-    reported: JSONObject = field(default_factory=dict)
-    desired_meta: dict[Path, LeafMeta] = field(default_factory=dict)
-    reported_meta: dict[Path, LeafMeta] = field(default_factory=dict)
+
+class Shadow(msgspec.Struct, frozen=True):
+    """One device's shadow (immutable: the model always builds a new one)."""
+
+    desired: JSONObject = msgspec.field(default_factory=dict)
+    reported: JSONObject = msgspec.field(default_factory=dict)
+    desired_meta: dict[Path, LeafMeta] = msgspec.field(default_factory=dict)
+    reported_meta: dict[Path, LeafMeta] = msgspec.field(default_factory=dict)
     version: int = 0
-    vv: VersionVector = field(default_factory=dict)
+    vv: VersionVector = msgspec.field(default_factory=dict)
     ts_ms: int = 0  # time of the last write
     deleted: bool = False  # a tombstone: only version and vv are meaningful
-    # to_bytes(), kept once made: the model makes it to bound the size, the store writes it
-    _packed: bytes | None = field(default=None, init=False, repr=False, compare=False)
+    # to_bytes(), when the model made it (to bound the size; the store writes it). Not part
+    # of the value: left out of comparisons and repr.
+    _packed: bytes | None = None
+
+    def _value(self) -> _ShadowValue:
+        return (
+            self.desired, self.reported, self.desired_meta, self.reported_meta, self.version,
+            self.vv, self.ts_ms, self.deleted,
+        )  # fmt: skip
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Shadow):
+            return NotImplemented
+        return self._value() == other._value()
+
+    def __repr__(self) -> str:
+        fields = zip(self.__struct_fields__, self._value(), strict=False)
+        return f"Shadow({', '.join(f'{name}={value!r}' for name, value in fields)})"
 
     @property
     def delta(self) -> JSONObject:
@@ -277,25 +284,7 @@ class Shadow:
     def to_bytes(self) -> bytes:
         """The compact storage form: msgpack, or ``to_json()`` for what msgpack cannot hold
         (integers beyond 64 bits, strings with lone surrogates). ``from_bytes`` reads both."""
-        if self._packed is not None:
-            return self._packed
-        try:
-            packed = _pack(
-                (
-                    self.desired,
-                    self.reported,
-                    self.desired_meta,  # {path: [ts_ms, writer, counter, seq]}, arrays as keys
-                    self.reported_meta,
-                    self.version,
-                    self.vv,
-                    self.ts_ms,
-                    self.deleted,
-                )
-            )
-        except (OverflowError, UnicodeEncodeError):
-            packed = self.to_json().encode()
-        self._packed = packed  # type: ignore[misc]  # frozen for the type checker only
-        return packed
+        return self._packed if self._packed is not None else _pack_shadow(self._value())
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Shadow:
@@ -325,6 +314,22 @@ class Shadow:
             ts_ms=d["ts_ms"],
             deleted=d["deleted"],
         )
+
+
+# Shadow's fields but _packed, in order: its value, and its storage form as msgpack (the
+# leaf metadata maps are keyed by arrays)
+_ShadowValue: TypeAlias = tuple[
+    JSONObject, JSONObject, dict[Path, LeafMeta], dict[Path, LeafMeta], int, VersionVector, int,
+    bool,
+]  # fmt: skip
+
+
+def _pack_shadow(value: _ShadowValue) -> bytes:
+    """``Shadow.to_bytes()`` of the shadow with these fields."""
+    try:
+        return _pack(value)
+    except (OverflowError, UnicodeEncodeError):
+        return Shadow(*value).to_json().encode()
 
 
 def _read_meta(entries: list[list[Any]]) -> dict[Path, LeafMeta]:
@@ -986,22 +991,23 @@ def _next_shadow(
     limits: Limits,
 ) -> Shadow:
     """The shadow after a write to `base`, once its state is within the size limit."""
-    new = Shadow(
+    value: _ShadowValue = (
         states["desired"], states["reported"], metas["desired"], metas["reported"],
-        base.version + 1, vv, ts_ms,
-    )
+        base.version + 1, vv, ts_ms, False,
+    )  # fmt: skip
+    packed = _pack_shadow(value)
     # Measuring the JSON is the costly part of the check, so it is skipped when the packed
     # shadow proves the state small: no JSON value is more than 7 times as long as its
     # msgpack (a control character in a string, 1 byte, is 6 in JSON; null, 1 byte, is 4,
     # plus 1 for the comma), both sections are inside the packed shadow, and what wraps them
     # is 24 bytes. A shadow msgpack cannot hold is packed as JSON, longer than the state.
-    if len(new.to_bytes()) * 8 + 32 > limits.max_state_bytes:
+    if len(packed) * 8 + 32 > limits.max_state_bytes:
         size = state_size(states["desired"], states["reported"])
         if size > limits.max_state_bytes:
             raise ShadowTooLarge(
                 f"the shadow state would be {size} bytes; the limit is {limits.max_state_bytes}"
             )
-    return new
+    return Shadow(*value, packed)
 
 
 def apply_update(

@@ -617,9 +617,7 @@ def test_the_packed_shadow_bounds_the_json_size_of_its_state(
         apply_update(None, doc, writer="w", ts_ms=1, limits=Limits(max_state_bytes=size - 1))
 
 
-def test_value_classes_are_read_only_to_the_type_checker(tmp_path: Path) -> None:
-    """They are not frozen at run time (building a frozen dataclass costs 4x); mypy is what
-    keeps code from assigning to them."""
+def test_value_classes_are_read_only_to_the_type_checker_and_at_run_time(tmp_path: Path) -> None:
     from mypy import api
 
     snippet = tmp_path / "assigns.py"
@@ -631,3 +629,15 @@ def test_value_classes_are_read_only_to_the_type_checker(tmp_path: Path) -> None
     out, err, status = api.run([str(snippet)])
     assert status == 1, out + err
     assert out.count("is read-only") == 3, out
+    r = write(None, desired({"a": 1}))
+    for value, name in ((r.shadow, "version"), (r.change, "delta"), (r, "notify")):
+        with pytest.raises(AttributeError):
+            setattr(value, name, None)
+
+
+def test_a_shadow_compares_and_prints_by_its_fields_not_its_packed_form() -> None:
+    made = write(None, desired({"a": 1})).shadow  # the model keeps its packed form
+    read = Shadow.from_json(made.to_json())
+    assert made == read and made.to_bytes() == read.to_bytes()
+    assert repr(made) == repr(read) and "_packed" not in repr(made)
+    assert made != Shadow(version=made.version)
