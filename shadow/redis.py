@@ -331,26 +331,26 @@ class RedisShadowStore(BaseShadowStore):
             if not todo:
                 break
             commands: list[bytes] = []
-            sent: list[tuple[int, bytes]] = []  # per write: its reply's position, its token
+            tokens: list[bytes] = []  # per write, its new token
+            index: list[bytes] = []  # ZADDs of the shadows created (or created anew)
             for i, base, token, _, w in todo:
                 device = items[i][0]
                 new_token = b"%b%016x\r\n" % (self._token_head, next(self._counter))
                 s = w.shadow
                 doc = s.to_bytes()
                 change = w.change.to_bytes() if w.change is not None else b""
-                sent.append((len(commands), new_token))
+                tokens.append(new_token)
                 commands.append(
                     b"%b%b%b$1\r\n%d\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b"
                     % (_cas_head(self.prefix, device), token, new_token, s.deleted, len(doc), doc,
                        len(change), change, history)
                 )  # fmt: skip
                 if (base is None or base.deleted) and not s.deleted:
-                    commands.append(resp.pack("ZADD", self._index, 0, device))
-            replies = await self._pipe.execute(commands)
+                    index.append(resp.pack("ZADD", self._index, 0, device))
+            replies = await self._pipe.execute(commands + index)
             missing: list[_Cas] = []
-            for entry, (slot, new_token) in zip(todo, sent, strict=True):
+            for entry, new_token, reply in zip(todo, tokens, replies[: len(todo)], strict=True):
                 i, _, _, was_read, w = entry
-                reply = replies[slot]
                 if reply == 1:
                     self._remember(items[i][0], w.shadow, new_token)
                 elif isinstance(reply, list):
@@ -362,12 +362,9 @@ class RedisShadowStore(BaseShadowStore):
                     missing.append(entry)
                 else:
                     raise ResponseError(str(reply))
-            if len(replies) > len(sent):  # ZADDs
-                for reply in replies:
-                    if isinstance(reply, hiredis.ReplyError) and not str(reply).startswith(
-                        "NOSCRIPT"
-                    ):
-                        raise ResponseError(str(reply))
+            for reply in replies[len(todo) :]:  # the ZADDs
+                if isinstance(reply, hiredis.ReplyError):
+                    raise ResponseError(str(reply))
             if missing:
                 await self._redis.script_load(_CAS_SCRIPT)
             todo = missing
