@@ -522,6 +522,29 @@ def test_redis_keys_are_hash_tagged_per_device(
     }
 
 
+def test_redis_hash_fields_follow_the_document(
+    redis_server: Any, redis_space: tuple[str, redis.Redis]
+) -> None:
+    """The script stores ``v`` as the stored version + 1 (it compares only the token): it
+    must match the document's own version, through deletes and re-creation."""
+    prefix, client = redis_space
+    key = f"{prefix}:shadow:{{d}}"
+
+    async def body() -> None:
+        async with RedisShadowStore(redis_server.url, prefix=prefix) as store:
+            for step in range(3):
+                await store.update("d", desired({"n": step}), writer="app")
+            await store.delete("d")
+            await store.update("d", desired({"n": 9}), writer="app")
+            shadow = await store.get("d")
+            assert shadow is not None and shadow.version == 5
+            assert client.hmget(key, "v", "d") == [b"5", b"0"]
+            t = client.hget(key, "t")
+            assert t is not None and len(t) == 29  # random prefix, ".", 16 hex digits
+
+    asyncio.run(body())
+
+
 def test_redis_store_reloads_its_script_after_a_script_flush(
     redis_server: Any, redis_space: tuple[str, redis.Redis]
 ) -> None:
