@@ -214,7 +214,7 @@ class RedisShadowStore(BaseShadowStore):
 
     # -- writes: every call of one event-loop turn goes out together
 
-    async def _write_many(self, items: Sequence[tuple[str, Mutation]]) -> list[Outcome]:
+    def _write_many(self, items: Sequence[tuple[str, Mutation]]) -> asyncio.Future[list[Outcome]]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         if not self._queue:
@@ -223,7 +223,7 @@ class RedisShadowStore(BaseShadowStore):
         self._queued += len(items)
         if self._queued >= _BATCH:
             self._flush()
-        return await future
+        return future
 
     def _flush(self) -> None:
         if not self._queue:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
@@ -178,7 +178,8 @@ class BaseShadowStore(ABC):
         self.stats = StoreStats()
 
     @abstractmethod
-    async def _write_many(self, items: Sequence[tuple[str, Mutation]]) -> list[Outcome]: ...
+    def _write_many(self, items: Sequence[tuple[str, Mutation]]) -> Awaitable[list[Outcome]]:
+        """A coroutine, or (Redis) the future of a queued batch: one level less to resume."""
 
     async def __aenter__(self) -> Self:
         return self
@@ -212,7 +213,7 @@ class BaseShadowStore(ABC):
         ts_ms: int | None = None,
     ) -> UpdateResult:
         request = UpdateRequest(device, update_doc, writer, expected_version, context, seq, ts_ms)
-        (outcome,) = await self.update_many([request])
+        (outcome,) = await self._results(self._updates([request]))
         if isinstance(outcome, ShadowError):
             raise outcome
         return outcome
@@ -220,6 +221,9 @@ class BaseShadowStore(ABC):
     async def update_many(
         self, requests: Sequence[UpdateRequest]
     ) -> list[UpdateResult | ShadowError]:
+        return await self._results(self._updates(requests))
+
+    def _updates(self, requests: Sequence[UpdateRequest]) -> list[tuple[str, Mutation]]:
         now = now_ms()  # one clock reading for the requests of one call
 
         def mutation(r: UpdateRequest) -> Mutation:
@@ -239,7 +243,7 @@ class BaseShadowStore(ABC):
 
             return mutate
 
-        return await self._results([(r.device, mutation(r)) for r in requests])
+        return [(r.device, mutation(r)) for r in requests]
 
     async def replace(
         self,
