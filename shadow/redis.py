@@ -51,8 +51,9 @@ Batching: each call queues its writes and every call made in the same event-loop
 out together: one pipeline of compare-and-sets (plus the reads that are needed) over any
 number of devices, so concurrent ``update`` calls share round trips as ``update_many`` does.
 Two writes to the same device in one batch go out in successive rounds, in order. The write
-path talks RESP directly (``hiredis`` packs commands and parses replies, on connections of its
-own); reads other than the document use the ``redis`` client.
+path talks RESP directly (the store packs its compare-and-set commands, ``hiredis`` the others
+and parses the replies, on connections of its own); reads other than the document use the
+``redis`` client.
 
 The script is sent with EVALSHA (its SHA-1 is computed locally). After a ``NOSCRIPT`` reply
 (the server restarted, or ran ``SCRIPT FLUSH``) it is loaded once with ``SCRIPT LOAD`` and the

@@ -17,6 +17,21 @@ import pytest
 from kafka_broker import kafka_broker_fixture  # noqa: F401  (issue 5: a real Kafka broker)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The compiled modules are imported in place of their sources (setup.py): refuse to test
+    a build older than the code, which would test the old code."""
+    root = Path(__file__).parent.parent
+    stale = [
+        str(so.relative_to(root))
+        for so in [*root.glob("shadow/*.so"), *root.glob("gateway/_native/*.so")]
+        for suffix in (".py", ".pyx", ".pxd")
+        if (src := so.with_name(so.name.split(".")[0] + suffix)).exists()
+        and src.stat().st_mtime > so.stat().st_mtime
+    ]
+    if stale:
+        pytest.exit(f"rebuild first (pip install -e .): {sorted(set(stale))} older than source")
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
     """A port that was free on 127.0.0.1 a moment ago (TCP by default, UDP with SOCK_DGRAM)."""
     with socket.socket(socket.AF_INET, kind) as s:

@@ -837,6 +837,13 @@ def _aiocoap_options(msg: aiocoap.Message) -> list[tuple[int, bytes]]:
     return [(int(o.number), o.encode()) for o in msg.opt.option_list()]
 
 
+def _as_aiocoap_encodes(options: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """aiocoap re-encodes the integer options it knows minimally (RFC 7252 3.2): leading
+    zero bytes go. It knows some that iotgw keeps opaque (0.4.17: 13, Uri-Path-Abbrev)."""
+    uint = optiontypes.UintOption
+    return [(n, v.lstrip(b"\0") if OptionNumber(n).format is uint else v) for n, v in options]
+
+
 @SETTINGS
 @given(messages)
 def test_aiocoap_decodes_what_we_encode(m: dict[str, Any]) -> None:
@@ -849,7 +856,7 @@ def test_aiocoap_decodes_what_we_encode(m: dict[str, Any]) -> None:
         m["token"],
     )
     assert bytes(theirs.payload) == m["payload"]
-    assert _aiocoap_options(theirs) == coap.decode(data).options
+    assert _aiocoap_options(theirs) == _as_aiocoap_encodes(coap.decode(data).options)
 
 
 raw_pairs = st.lists(
