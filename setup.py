@@ -37,10 +37,11 @@ extensions = [
     for pyx in sorted(native.glob("*.pyx"))
     if ONLY is None or pyx.stem == ONLY
 ]
-# The shadow package's write path (the model, the store logic, the Redis store and its RESP
-# client) is plain Python compiled in pure-Python mode: Python indexing, annotations not turned
-# into C types, so the sources stay importable uncompiled and behave the same. (Compiled, a
-# Redis store update() costs an eighth fewer instructions.) shadow/model.pxd adds C
+# The shadow package's write path (the model, the store logic and the Redis store) is plain
+# Python compiled in pure-Python mode: Python indexing, annotations not turned into C types,
+# so the sources stay importable uncompiled and behave the same. (Compiled, a Redis store
+# update() costs a tenth fewer instructions. shadow/resp.py, shared with the cluster, stays
+# interpreted.) shadow/model.pxd adds C
 # declarations for the model's internal helpers (direct C calls, _Write a C class); it types
 # only what the model itself builds, never what callers pass.
 pure = [
@@ -50,7 +51,7 @@ pure = [
         define_macros=macros,
         extra_compile_args=["-O2"] if not DEBUG else ["-O0", "-g"],
     )
-    for name in ("model", "store", "redis", "resp")
+    for name in ("model", "store", "redis")
 ]
 pure = [ext for ext in pure if ONLY is None or ext.name.rsplit(".", 1)[1] == ONLY]
 pure_directives = {
