@@ -168,6 +168,12 @@ class ClusterMetrics:
             "Times the Redis subscription was lost (what was published meanwhile is lost)",
             registry=registry,
         )
+        self.lost_forwards = Counter(
+            "iotgw_cluster_lost_forwards",
+            "Messages other nodes forwarded here that never arrived (gaps in their numbering, "
+            "as when Redis drops a subscriber that fell behind)",
+            registry=registry,
+        )
 
 
 class Metrics:

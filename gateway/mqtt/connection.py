@@ -39,6 +39,8 @@ V4_BAD_CREDENTIALS = 4
 V4_SERVER_UNAVAILABLE = 3
 V4_NOT_AUTHORIZED = 5
 
+CONNECTING = "connecting"  # a reason to pause reading: the CONNECT is not decided yet
+
 
 class ProtocolViolation(Exception):
     """A well-formed packet that breaks the protocol in this state: close with this reason."""
@@ -71,6 +73,9 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.cert_identity: str | None = None  # device id from a verified TLS client certificate
         self._closing = False
         self.paused = False  # the transport's write buffer is over its high-water mark
+        # Why reading is paused (telemetry backlog, a cluster node behind, a CONNECT being
+        # decided): reading resumes only once no reason is left.
+        self._read_holds: set[str] = set()
         # Acknowledgements leave in the order the PUBLISHes came (3.1.1 4.6, 5.0 4.6); one that
         # waits for its telemetry record to be durable holds back the ones behind it.
         # Entries: [packet type, packet id, reason code, ready].
@@ -272,7 +277,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         cluster.claiming[client_id] = (epoch, self)
         self._pending_connect = (c, client_id, identity, assigned, epoch)
         self._stash = []
-        self.pause_reading()
+        self.pause_reading(CONNECTING)
         claim.add_done_callback(self._claimed)
 
     def _claimed(self, claim: asyncio.Future[Any]) -> None:
@@ -333,7 +338,7 @@ class MqttConnection(asyncio.BufferedProtocol):
             return
         stash, self._stash = self._stash or [], None
         self._establish(c, client_id, identity, assigned, epoch)
-        self.resume_reading()
+        self.resume_reading(CONNECTING)
         self._handle_batch(stash)
         broker.flush()
 
@@ -633,12 +638,22 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.broker.mark_dirty(self)
         self.broker.flush()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None:
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the client until `resume_reading(reason)`: the one place that
+        pauses this transport, so that no owner of a reason undoes another's."""
+        if not self._read_holds and self.transport is not None:
             self.transport.pause_reading()
+        self._read_holds.add(reason)
 
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._read_holds:
+            return
+        self._read_holds.discard(reason)
+        if (
+            not self._read_holds
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
             self.transport.resume_reading()
 
     def _on_pubrel(self, p: Any) -> None:

@@ -48,11 +48,15 @@ class AckTarget(Protocol):
 
 
 class Flow(Protocol, Hashable):
-    """Something that reads from the network and can stop and resume (a connection)."""
+    """Something that reads from the network and can stop and resume (a connection). It may be
+    paused for other reasons too: it resumes only once no reason is left."""
 
-    def pause_reading(self) -> None: ...
+    def pause_reading(self, reason: str) -> None: ...
 
-    def resume_reading(self) -> None: ...
+    def resume_reading(self, reason: str) -> None: ...
+
+
+PAUSE_REASON = "telemetry"  # the pipeline's reason to pause a Flow
 
 
 class _Lane:
@@ -148,7 +152,7 @@ class TelemetryPipeline:
         lane = self._last
         if lane.backlog < self.high_water:
             return False
-        flow.pause_reading()
+        flow.pause_reading(PAUSE_REASON)
         lane.paused.add(flow)
         return True
 
@@ -201,7 +205,7 @@ class TelemetryPipeline:
         paused, lane.paused = lane.paused, set()
         for flow in paused:
             if not any(flow in other.paused for other in self.lanes.values()):
-                flow.resume_reading()
+                flow.resume_reading(PAUSE_REASON)
 
     @staticmethod
     def _acknowledge(acks: list[tuple[AckTarget, Any]]) -> None:
