@@ -21,7 +21,9 @@ from gateway.auth import DeviceRegistry
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
 from gateway.config import Config
+from gateway.events import EventLog
 from gateway.files import write_atomically
+from gateway.guard import AuthGuard, GuardLimits
 from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
 from gateway.metrics import Metrics, ShadowMetrics
@@ -55,6 +57,11 @@ class Gateway:
             self.state_dir = self.data_dir / "workers" / str(worker)
         self.worker = worker
         self.metrics = Metrics()
+        self.events = EventLog(self.metrics.events)
+        self.guard = AuthGuard(
+            self.metrics.auth, self.events,
+            GuardLimits(workers=config.auth_workers, max_pending=config.auth_max_pending),
+        )
         self.registry = DeviceRegistry(self.data_dir)
         # -- telemetry sink (issue 5): Kafka + disk spool per lane with --kafka, else the file --
         if config.kafka:
@@ -70,6 +77,8 @@ class Gateway:
         self.broker = Broker(
             acl=Acl.from_config(config.acl, config.acl_file),
             metrics=self.metrics.mqtt,
+            guard=self.guard,
+            events=self.events,
             registry=self.registry,
             allow_anonymous=config.allow_anonymous,
             limits=BrokerLimits(
@@ -99,8 +108,8 @@ class Gateway:
         # -- CoAP endpoint (gateway/coap/) --
         self.coap = CoapEndpoint(
             shadows=self.shadows, pipeline=self.telemetry, broker=self.broker,
-            registry=self.registry, allow_anonymous=config.allow_anonymous,
-            metrics=CoapMetrics(self.metrics.registry),
+            registry=self.registry, guard=self.guard, events=self.events,
+            allow_anonymous=config.allow_anonymous, metrics=CoapMetrics(self.metrics.registry),
         )
         self.coap_port: int | None = None
         # -- end CoAP endpoint --
@@ -154,7 +163,8 @@ class Gateway:
                 self.metrics,
                 ready=lambda: self.mqtt_port is not None,
                 context=ApiContext(
-                    self.shadows, self.broker, self.registry, self.tokens, self.node_id,
+                    self.shadows, self.broker, self.registry, self.tokens, self.guard,
+                    self.node_id,
                     self.shadow_metrics,
                 ),
             ),
@@ -206,6 +216,7 @@ class Gateway:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 self.broker.sweep()
+                self.guard.sweep()
                 now = asyncio.get_running_loop().time()
                 if now - last_snapshot >= SNAPSHOT_INTERVAL:
                     last_snapshot = now
@@ -237,6 +248,7 @@ class Gateway:
         await self.save_state()
         if self.cluster is not None:
             await self.cluster.stop()
+        self.guard.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

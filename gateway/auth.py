@@ -49,6 +49,14 @@ def check_device_id(device_id: str) -> None:
         )
 
 
+def valid_device_id(device_id: str) -> bool:
+    try:
+        check_device_id(device_id)
+    except RegistryError:
+        return False
+    return True
+
+
 class DeviceRegistry:
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
         self.path = Path(data_dir) / FILE_NAME

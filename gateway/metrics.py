@@ -176,6 +176,54 @@ class ClusterMetrics:
         )
 
 
+class AuthMetrics:
+    """`iotgw_auth_*`: the credential checks of every protocol (gateway/guard.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.checks = Counter(
+            "iotgw_auth_checks",
+            "Credential checks by protocol and verdict (ok, denied, throttled, busy, unavailable)",
+            ["protocol", "verdict"],
+            registry=registry,
+        )
+        self.verifications = Counter(
+            "iotgw_auth_verifications",
+            "Secrets verified the slow way (PBKDF2), off the event loop",
+            registry=registry,
+        )
+        self.remembered_failures = Counter(
+            "iotgw_auth_remembered_failures",
+            "Wrong secrets refused from memory, without verifying them again",
+            registry=registry,
+        )
+        self.bans = Counter(
+            "iotgw_auth_bans",
+            "Keys banned for too many failures, by kind (id, user, addr, token)",
+            ["kind"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "iotgw_auth_pending", "Credential checks waiting for or running on a thread",
+            registry=registry,
+        )
+        self.banned = Gauge("iotgw_auth_banned_keys", "Keys banned now", registry=registry)
+        self.forgotten_keys = Counter(
+            "iotgw_auth_forgotten_keys",
+            "Failure records dropped because more keys failed than are tracked",
+            registry=registry,
+        )
+
+
+class EventMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.suppressed = Counter(
+            "iotgw_log_suppressed_lines",
+            "Event log lines left out by rate limiting, by event",
+            ["event"],
+            registry=registry,
+        )
+
+
 class Metrics:
     """All of one gateway's metrics."""
 
@@ -184,6 +232,8 @@ class Metrics:
         self.mqtt = MqttMetrics(self.registry)
         self.telemetry = TelemetryMetrics(self.registry)
         self.cluster = ClusterMetrics(self.registry)
+        self.auth = AuthMetrics(self.registry)
+        self.events = EventMetrics(self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

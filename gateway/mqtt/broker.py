@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from gateway._native import mqtt
 from gateway.auth import DeviceRegistry
+from gateway.events import EventLog
+from gateway.guard import AuthGuard
 from gateway.metrics import MqttMetrics
 from gateway.mqtt.acl import Acl
 from gateway.mqtt.session import Delivery, Message, Session, SubOptions, monotonic
@@ -76,6 +78,8 @@ class Broker:
         *,
         acl: Acl,
         metrics: MqttMetrics,
+        guard: AuthGuard,
+        events: EventLog,
         registry: DeviceRegistry | None = None,
         allow_anonymous: bool = False,
         limits: BrokerLimits | None = None,
@@ -83,6 +87,8 @@ class Broker:
     ) -> None:
         self.acl = acl
         self.metrics = metrics
+        self.guard = guard
+        self.events = events
         self.registry = registry
         self.allow_anonymous = allow_anonymous
         self.limits = limits or BrokerLimits()
