@@ -219,11 +219,23 @@ class Resources:
         key = (device, token)
         ok = self._auth.get(key)
         if ok is None:
-            ok = self._verify(device, token)
+            try:
+                ok = self._verify(device, token)
+            except RegistryError:  # unreadable registry (logged there once a minute): 4.01
+                return False  # and not remembered, so that it recovers at once
             if len(self._auth) >= MAX_AUTH_CACHE:
                 self._auth.clear()
             self._auth[key] = ok
         return ok
+
+    def revoke(self, devices: dict[str, bool]) -> None:
+        """Devices removed (True) or disabled (False): forget remembered token checks and end
+        their observations with 4.01."""
+        self._auth.clear()
+        now = _monotonic()
+        for device, removed in devices.items():
+            reason = b"device removed" if removed else b"device disabled"
+            self.observers.end_device(device, coap.UNAUTHORIZED, reason, now)
 
     def _verify(self, device: str, token: str | None) -> bool:
         try:

@@ -198,6 +198,8 @@ class ApiContext:
     tokens: TokenStore
     node_id: str
     shadow_metrics: ShadowMetrics | None = None
+    # the app acts on devices removed or disabled (closes connections): called after a change
+    registry_changed: Callable[[], None] = lambda: None
 
     @asynccontextmanager
     async def timed(self, operation: str) -> AsyncIterator[None]:
@@ -250,8 +252,7 @@ def auth_dependencies(tokens: TokenStore) -> Callable[[str], Auth]:
             if not final:  # first use of a stored token: PBKDF2, off the event loop
                 assert isinstance(found, Token)
                 found = await asyncio.to_thread(tokens.verify_slow, found, token)
-        except TokenError as exc:
-            log.error("%s", exc)
+        except TokenError as exc:  # logged by the registry database, once a minute
             raise ApiError(503, "token_store_unavailable", str(exc)) from None
         if not isinstance(found, Principal):
             raise unauthorized(

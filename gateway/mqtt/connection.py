@@ -15,6 +15,7 @@ from collections import OrderedDict, deque
 from typing import Any, ClassVar, cast
 
 from gateway._native import mqtt
+from gateway.auth import RegistryError
 from gateway.mqtt.broker import Broker
 from gateway.mqtt.session import (
     AWAIT_PUBACK,
@@ -244,7 +245,16 @@ class MqttConnection(asyncio.BufferedProtocol):
         if self.cert_identity is not None:
             identity = self.cert_identity
         elif c.username is not None and broker.registry is not None:
-            if not broker.registry.verify(c.username, c.password):
+            try:
+                ok = broker.registry.verify(c.username, c.password)
+                disabled = not ok and broker.registry.disabled(c.username)
+            except RegistryError:  # unreadable registry: "try later", not a dropped connection
+                self._refuse(mqtt.SERVER_UNAVAILABLE, V4_SERVER_UNAVAILABLE, "registry_unavailable")
+                return
+            if disabled:
+                self._refuse(mqtt.NOT_AUTHORIZED, V4_NOT_AUTHORIZED, "device_disabled")
+                return
+            if not ok:
                 self._refuse(mqtt.BAD_USER_NAME_OR_PASSWORD, V4_BAD_CREDENTIALS, "bad_credentials")
                 return
             identity = c.username
