@@ -35,7 +35,7 @@ def test_parallel_cli_adds_all_succeed_and_every_printed_password_verifies(
             [*CLI, "devices", "--data-dir", str(data), "add", f"dev-{i}"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        for i in range(30)
+        for i in range(50)
     ]
     printed: dict[str, str] = {}
     for p in procs:

@@ -107,6 +107,16 @@ def test_rest_provisioning_creates_removes_disables_and_enables_devices(gw: Any)
     assert [(d["id"], d["registered"]) for d in listed] == [("rest-1", True)]
 
 
+def test_provisioning_takes_any_unicode_id_and_refuses_unpaired_surrogates(gw: Any) -> None:
+    api = Api(gw)
+    made = api("POST", "/v1/devices", {"id": "ключ 1"})
+    assert made.status == 201, made.raw
+    assert made.headers["location"] == "/v1/devices/%D0%BA%D0%BB%D1%8E%D1%87%201"
+    assert gw.gateway.registry.verify("ключ 1", made.body["password"].encode())
+    # JSON may carry a lone surrogate, which no topic or UTF-8 file can hold
+    assert_error(api("POST", "/v1/devices", b'{"id": "x\\udc00"}'), 400, "invalid_request")
+
+
 def test_provisioning_needs_the_devices_write_scope(gw: Any) -> None:
     reader = gw.gateway.tokens.create("dash", "devices:read")
     writer = gw.gateway.tokens.create("provisioner", "devices:write")

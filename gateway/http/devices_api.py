@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response
@@ -443,9 +444,8 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         except DeviceUnavailableError as exc:
             raise _unavailable(exc) from None
         created = {"id": body.id, "password": None if body.password else password}
-        return JSONResponse(
-            created, status_code=201, headers={"Location": f"/v1/devices/{body.id}"}
-        )
+        location = f"/v1/devices/{quote(body.id, safe='')}"  # headers are Latin-1: encoded
+        return JSONResponse(created, status_code=201, headers={"Location": location})
 
     async def change(device: str, action: str) -> Response:
         device_id(device)
