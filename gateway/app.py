@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from gateway._native import mqtt
-from gateway.auth import DeviceRegistry
+from gateway.auth import REMOVED, DeviceRegistry, RegistryError
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
 from gateway.config import Config
@@ -119,9 +119,11 @@ class Gateway:
         self.mqtts_port: int | None = None
         self.snapshot_path = self.state_dir / "mqtt-state.msgpack"
         self._saved_changes = -1
+        self._registry_cursor: int | None = None  # the last registry change acted upon
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.registry_changed()  # from now on: devices removed or disabled are let go
         await self.telemetry.start()  # issue 5: replays a Kafka spool left by a previous run
         if self.cluster is not None:
             await self.cluster.start()
@@ -164,8 +166,8 @@ class Gateway:
                 ready=lambda: self.mqtt_port is not None,
                 context=ApiContext(
                     self.shadows, self.broker, self.registry, self.tokens, self.guard,
-                    self.node_id,
-                    self.shadow_metrics,
+                    self.node_id, self.shadow_metrics,
+                    registry_changed=self.registry_changed,
                 ),
             ),
             self.config.bind,
@@ -187,6 +189,24 @@ class Gateway:
             return RedisShadowStore(self.config.redis)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return SqliteShadowStore(self.data_dir / "shadows.sqlite")
+
+    def registry_changed(self) -> None:
+        """Act on devices removed or disabled since the last look (by the CLI in another
+        process, or the REST API here): their MQTT connections close, a removed device's
+        sessions end, their CoAP observations end. Called by the sweep and by the REST API."""
+        self.tokens.db.reopen_if_replaced()  # the devices' database is checked just below
+        try:
+            self._registry_cursor, changes = self.registry.changes_since(self._registry_cursor)
+        except RegistryError:  # logged by the registry (once a minute); CONNECTs get 0x88
+            return
+        if changes:
+            revoked = {device: op == REMOVED for device, op in changes.items()}
+            closed = self.broker.revoke(revoked)
+            self.coap.resources.revoke(revoked)
+            log.info(
+                "registry: %d devices removed or disabled, %d connections closed",
+                len(revoked), closed,
+            )
 
     def _publish(self, topic: str, payload: bytes) -> None:
         """Route a message the gateway itself publishes (shadow replies, deltas)."""
@@ -217,6 +237,7 @@ class Gateway:
             try:
                 self.broker.sweep()
                 self.guard.sweep()
+                self.registry_changed()
                 now = asyncio.get_running_loop().time()
                 if now - last_snapshot >= SNAPSHOT_INTERVAL:
                     last_snapshot = now

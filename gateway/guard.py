@@ -43,6 +43,7 @@ DENIED: Final = "denied"  # the secret is wrong (or the principal unknown)
 THROTTLED: Final = "throttled"  # a key of this attempt is banned for a while
 BUSY: Final = "busy"  # too many checks waiting: try again later
 UNAVAILABLE: Final = "unavailable"  # the credential store could not answer
+DISABLED: Final = "disabled"  # the device is registered and disabled by an operator
 
 Verdict = str
 
@@ -50,7 +51,7 @@ Verdict = str
 class DeviceLookup(Protocol):
     """What the guard needs of the device registry (gateway/auth.py)."""
 
-    def get(self, device_id: str) -> Any: ...  # a Device (with .password_hash) or None
+    def get(self, device_id: str) -> Any: ...  # a Device (.password_hash, .disabled) or None
 
     def verify(self, device_id: str, password: bytes | None) -> bool: ...  # blocking
 
@@ -265,9 +266,10 @@ class AuthGuard:
         and what is remembered of a device holds only while its stored credential is the same."""
         try:
             device = registry.get(device_id)
-        except ValueError as exc:  # RegistryError: unreadable
-            log.error("credential check of %s: %s", device_id, exc)
+        except ValueError:  # RegistryError: unreadable (the registry says so, once a minute)
             return self._verdict(protocol, UNAVAILABLE)
+        if device is not None and device.disabled:
+            return self._verdict(protocol, DISABLED)
         if device is None:
             now = self._clock()
             if self.throttle.banned(keys, now) is not None:
@@ -333,7 +335,8 @@ class AuthGuard:
                     del inflight[key]
             self.metrics.pending.dec()
             if error is not None:  # the store could not answer: not the client's fault
-                log.error("credential check of %s failed: %s", principal, error)
+                if not isinstance(error, ValueError):  # a store's own errors are its to log
+                    log.error("credential check of %s failed: %r", principal, error)
                 verdict = UNAVAILABLE
             elif ok is None:
                 verdict = BUSY

@@ -4,6 +4,7 @@ registry: what it remembers, what it throttles, what it refuses at once."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -179,7 +180,10 @@ def test_checks_beyond_the_pending_bound_are_refused_as_busy_at_once(tmp_path: P
 def test_an_unreadable_registry_is_unavailable_not_a_wrong_secret(tmp_path: Path) -> None:
     registry = CountingRegistry(tmp_path)
     registry.add("dev1", "right")
-    (tmp_path / "devices.json").write_text("{not json")
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00garbage" * 4096)
+    os.replace(garbage, tmp_path / "registry.sqlite")
+    registry.db.reopen_if_replaced()  # what the gateway's sweep does
     g = _guard(Clock())
 
     async def main() -> str:

@@ -230,6 +230,8 @@ class Resources:
         self.endpoint.events.refused("coap", device, f"{ex.addr[0]}:{ex.addr[1]}", verdict)
         if verdict == guard.DENIED:
             self._error(ex, coap.UNAUTHORIZED, "a valid ?t= token is required")
+        elif verdict == guard.DISABLED:
+            self._error(ex, coap.UNAUTHORIZED, "the device is disabled")
         elif verdict == guard.THROTTLED:
             self._error(ex, coap.TOO_MANY_REQUESTS, "too many failed attempts: try later",
                         [(coap.MAX_AGE, 60)])
@@ -261,6 +263,15 @@ class Resources:
         return self.endpoint.guard.check_device(
             "coap", registry, device, token.encode(), (f"id:{device}", f"addr:{ex.addr[0]}")
         )
+
+    def revoke(self, devices: dict[str, bool]) -> None:
+        """Devices removed (True) or disabled (False): end their observations with 4.01. (The
+        guard forgets their secrets: they no longer match the registry's.)"""
+        now = _monotonic()
+        for device, removed in devices.items():
+            reason = b"device removed" if removed else b"device disabled"
+            self.observers.end_device(device, coap.UNAUTHORIZED, reason, now)
+
 
     def _body(
         self, ex: Exchange, msg: coap.Message, now: float

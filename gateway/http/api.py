@@ -199,6 +199,8 @@ class ApiContext:
     guard: AuthGuard
     node_id: str
     shadow_metrics: ShadowMetrics | None = None
+    # the app acts on devices removed or disabled (closes connections): called after a change
+    registry_changed: Callable[[], None] = lambda: None
 
     @asynccontextmanager
     async def timed(self, operation: str) -> AsyncIterator[None]:
@@ -257,8 +259,7 @@ def auth_dependencies(tokens: TokenStore, guard: AuthGuard) -> Callable[[str], A
             if not final:  # first use of a stored token: the guard checks it
                 assert isinstance(found, Token)
                 found = await _check_token(request, found, token)
-        except TokenError as exc:
-            log.error("%s", exc)
+        except TokenError as exc:  # logged by the registry database, once a minute
             raise ApiError(503, "token_store_unavailable", str(exc)) from None
         if not isinstance(found, Principal):
             guard.events.refused("http", "", _host(request), "invalid_token")

@@ -170,6 +170,26 @@ class Broker:
             del self.sessions[session.client_id]
         return self.pending_wills.pop(session.client_id, None)
 
+    def revoke(self, devices: dict[str, bool]) -> int:
+        """Devices removed (True) or disabled (False) in the registry: their connections close
+        (MQTT 5: DISCONNECT 0x98 Administrative action; 3.1.1: the socket closes), and a
+        removed device's sessions end. Matched by authenticated identity, so that it works
+        whatever client id the device used. Returns the connections closed."""
+        closed = 0
+        for session in [s for s in self.sessions.values() if s.identity in devices]:
+            conn = self.online.get(session.client_id)
+            if conn is not None:
+                why = "device removed" if devices[session.identity] else "device disabled"
+                conn.close_with(mqtt.ADMINISTRATIVE_ACTION, why)
+                self.detach(conn, conn.will, 0)
+                conn.will = None
+                closed += 1
+            if devices[session.identity] and self.sessions.get(session.client_id) is session:
+                self.end_session(session)
+        if closed:
+            self.flush()
+        return closed
+
     # ---- subscriptions -------------------------------------------------------------------------
 
     def add_subscription(self, client_id: str, topic_filter: str, opts: SubOptions) -> bool:

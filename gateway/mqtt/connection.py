@@ -49,12 +49,14 @@ _REFUSALS = {
     guard.THROTTLED: (mqtt.BANNED, V4_NOT_AUTHORIZED),
     guard.BUSY: (mqtt.SERVER_BUSY, V4_SERVER_UNAVAILABLE),
     guard.UNAVAILABLE: (mqtt.SERVER_UNAVAILABLE, V4_SERVER_UNAVAILABLE),
+    guard.DISABLED: (mqtt.NOT_AUTHORIZED, V4_NOT_AUTHORIZED),
 }
 _REFUSAL_NAMES = {
     guard.DENIED: "bad_credentials",
     guard.THROTTLED: "throttled",
     guard.BUSY: "busy",
     guard.UNAVAILABLE: "registry_unavailable",
+    guard.DISABLED: "device_disabled",
 }
 
 
