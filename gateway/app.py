@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from gateway._native import mqtt
-from gateway.auth import REMOVED, DeviceRegistry, RegistryError
+from gateway.auth import DeviceRegistry, RegistryError
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
 from gateway.config import Config
@@ -200,12 +200,11 @@ class Gateway:
         except RegistryError:  # logged by the registry (once a minute); CONNECTs get 0x88
             return
         if changes:
-            revoked = {device: op == REMOVED for device, op in changes.items()}
-            closed = self.broker.revoke(revoked)
-            self.coap.resources.revoke(revoked)
+            closed = self.broker.revoke(changes)
+            self.coap.resources.revoke(changes)
             log.info(
-                "registry: %d devices removed or disabled, %d connections closed",
-                len(revoked), closed,
+                "registry: %d devices added, removed or disabled, %d connections closed",
+                len(changes), closed,
             )
 
     def _publish(self, topic: str, payload: bytes) -> None:

@@ -30,6 +30,7 @@ from gateway.registrydb import RegistryDb, RegistryUnavailable
 ITERATIONS: Final = 20_000
 REMOVED: Final = "removed"
 DISABLED: Final = "disabled"
+ADDED: Final = "added"
 
 
 class RegistryError(ValueError):
@@ -181,8 +182,9 @@ class DeviceRegistry:
 
     def changes_since(self, cursor: int | None) -> tuple[int, dict[str, str]]:
         """What happened to devices since `cursor` (None: start from now): the new cursor and
-        the devices removed or disabled meanwhile, each with the stronger of the two
-        (REMOVED wins). One indexed read: the gateway calls it from its periodic sweep."""
+        the devices removed, disabled or added meanwhile, each with the strongest of what
+        happened to it (REMOVED, then DISABLED, then ADDED). One indexed read: the gateway
+        calls it from its periodic sweep."""
         self.db.reopen_if_replaced()
         try:
             if cursor is None:
@@ -193,12 +195,13 @@ class DeviceRegistry:
             )
         except RegistryUnavailable as exc:
             raise DeviceUnavailableError(str(exc)) from None
-        revoked: dict[str, str] = {}
+        changed: dict[str, str] = {}
+        strength = {ADDED: 1, DISABLED: 2, REMOVED: 3}
         for seq, device, op in rows:
             cursor = seq
-            if op == REMOVED or (op == DISABLED and revoked.get(device) != REMOVED):
-                revoked[device] = op
-        return cursor, revoked
+            if strength.get(op, 0) > strength.get(changed.get(device, ""), 0):
+                changed[device] = op
+        return cursor, changed
 
     # ---- writing (the CLI, the REST API) ------------------------------------------------------
 

@@ -140,3 +140,23 @@ def test_anonymous_coap_requests_cannot_act_as_a_registered_device(gateway_facto
     assert code("/telemetry/dev-1", [(coap.URI_QUERY, "t=secret-1")]) == coap.CHANGED
     assert code("/telemetry/anon-7") == coap.CHANGED  # an unregistered id, as before
     sock.close()
+
+
+def test_an_anonymous_client_goes_when_its_id_is_registered(gateway_factory: Any) -> None:
+    gw = gateway_factory(allow_anonymous=True)
+    anon = RawClient(gw.mqtt_port, version=5)
+    props = mqtt.Properties(session_expiry_interval=300)
+    assert _connack(anon, "dev-9", properties=props) == 0
+    anon.send(mqtt.Subscribe(1, [mqtt.Subscription("devices/dev-9/commands/#", 1)]).encode(5))
+    assert anon.recv().type == mqtt.SUBACK
+    gw.gateway.registry.add("dev-9", "secret-9")
+    gw.call(gw.gateway.registry_changed)  # what the sweep does every half second
+    gone = anon.recv()
+    assert gone is not None and gone.type == mqtt.DISCONNECT
+    assert gone.reason_code == mqtt.ADMINISTRATIVE_ACTION
+    anon.close()
+    owner = RawClient(gw.mqtt_port, version=5)
+    ack = owner.connect("dev-9", username="dev-9", password=b"secret-9", clean_start=False,
+                        properties=props)
+    assert ack.reason_code == 0 and not ack.session_present  # nothing of the anonymous one
+    owner.close()

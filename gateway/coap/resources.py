@@ -264,13 +264,13 @@ class Resources:
             "coap", registry, device, token.encode(), (f"id:{device}", f"addr:{ex.addr[0]}")
         )
 
-    def revoke(self, devices: dict[str, bool]) -> None:
-        """Devices removed (True) or disabled (False): end their observations with 4.01. (The
-        guard forgets their secrets: they no longer match the registry's.)"""
+    def revoke(self, changes: dict[str, str]) -> None:
+        """Devices removed, disabled or added (observed until now without a token, as an
+        unregistered id): their observations end with 4.01. (The guard's memory of their secrets
+        no longer matches the registry's.)"""
         now = _monotonic()
-        for device, removed in devices.items():
-            reason = b"device removed" if removed else b"device disabled"
-            self.observers.end_device(device, coap.UNAUTHORIZED, reason, now)
+        for device, op in changes.items():
+            self.observers.end_device(device, coap.UNAUTHORIZED, f"device {op}".encode(), now)
 
 
     def _body(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway._native import mqtt
-from gateway.auth import DeviceRegistry
+from gateway.auth import ADDED, DISABLED, DeviceRegistry
 from gateway.events import EventLog
 from gateway.guard import AuthGuard
 from gateway.metrics import MqttMetrics
@@ -170,21 +170,25 @@ class Broker:
             del self.sessions[session.client_id]
         return self.pending_wills.pop(session.client_id, None)
 
-    def revoke(self, devices: dict[str, bool]) -> int:
-        """Devices removed (True) or disabled (False) in the registry: their connections close
-        (MQTT 5: DISCONNECT 0x98 Administrative action; 3.1.1: the socket closes), and a
-        removed device's sessions end. Matched by authenticated identity, so that it works
-        whatever client id the device used. Returns the connections closed."""
+    def revoke(self, changes: dict[str, str]) -> int:
+        """Devices removed, disabled or added in the registry (gateway/auth.py's REMOVED,
+        DISABLED, ADDED): the connections of a removed or disabled device close (MQTT 5:
+        DISCONNECT 0x98 Administrative action; 3.1.1: the socket closes) and a removed device's
+        sessions end; an anonymous client acting as an id just registered goes, session and all.
+        Matched by identity, so that it works whatever client id a device used. Returns the
+        connections closed."""
         closed = 0
-        for session in [s for s in self.sessions.values() if s.identity in devices]:
+        for session in [s for s in self.sessions.values() if s.identity in changes]:
+            op = changes[session.identity]
+            if (op == ADDED) != session.anonymous:
+                continue  # a registered device stays when its id is added again elsewhere
             conn = self.online.get(session.client_id)
             if conn is not None:
-                why = "device removed" if devices[session.identity] else "device disabled"
-                conn.close_with(mqtt.ADMINISTRATIVE_ACTION, why)
+                conn.close_with(mqtt.ADMINISTRATIVE_ACTION, f"device {op}")
                 self.detach(conn, conn.will, 0)
                 conn.will = None
                 closed += 1
-            if devices[session.identity] and self.sessions.get(session.client_id) is session:
+            if op != DISABLED and self.sessions.get(session.client_id) is session:
                 self.end_session(session)
         if closed:
             self.flush()

@@ -90,6 +90,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.peer = ""
         self.peer_host = ""
         self.cert_identity: str | None = None  # device id from a verified TLS client certificate
+        self.anonymous = False  # connected without credentials
         self._closing = False
         self._close_reason = ""  # why the server ended the connection, for the event log
         self.paused = False  # the transport's write buffer is over its high-water mark
@@ -322,7 +323,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         registered device or a service account: no one acts as those without their secret."""
         broker = self.broker
         acl = broker.acl
-        anonymous = identity is None
+        anonymous = self.anonymous = identity is None
         if identity is None:
             identity = client_id
         if acl.mode == "device" and not valid_device_id(identity):
@@ -450,11 +451,14 @@ class MqttConnection(asyncio.BufferedProtocol):
             expiry = NEVER_EXPIRES
         session = broker.sessions.get(client_id)
         present = False
-        if session is not None and (c.clean_start or session.identity != identity):
+        anonymous = self.anonymous
+        if session is not None and (
+            c.clean_start or session.identity != identity or session.anonymous != anonymous
+        ):
             broker.end_session(session)
             session = None
         if session is None:
-            session = Session(client_id, self.version, identity)
+            session = Session(client_id, self.version, identity, anonymous=anonymous)
             session.max_queue = broker.limits.max_queued_messages
         else:
             present = True
