@@ -60,7 +60,7 @@ class DeviceLookup(Protocol):
 class GuardLimits:
     workers: int = 1  # threads checking secrets: the most cores failed logins can take
     max_pending: int = 32  # checks waiting for a thread; more get BUSY
-    max_pending_per_key: int = 4  # ... of which one key (an address, a user) may have this many
+    max_pending_per_key: int = 8  # ... of which one key (an address, a user) may have this many
     worker_nice: int = 10  # the threads yield the CPU to the event loop (Linux thread niceness)
     failures_before_ban: int = 5  # failures of one key within `window` that ban it
     window: float = 60.0  # seconds
@@ -252,6 +252,8 @@ class AuthGuard:
         self._bad: OrderedDict[tuple[str, str], tuple[bytes, dict[bytes, float]]] = OrderedDict()
         self._pending = 0
         self._inflight: dict[str, int] = {}  # key -> its checks pending
+        # (realm, principal, fingerprint, digest) -> the check of that secret under way
+        self._running: dict[tuple[str, str, bytes, bytes], asyncio.Future[Verdict]] = {}
         self._workers = _Workers(self.limits.workers, self.limits.worker_nice)
 
     def check_device(
@@ -310,12 +312,39 @@ class AuthGuard:
             self.metrics.remembered_failures.inc()
             self._failed(protocol, keys, now)
             return self._verdict(protocol, DENIED)
+        same = (realm, principal, fingerprint, digest)
+        raw = self._running.get(same)
+        if raw is None:  # else the same secret is being checked already: wait for that check
+            inflight = self._inflight
+            if any(inflight.get(k, 0) >= self.limits.max_pending_per_key for k in keys):
+                return self._verdict(protocol, BUSY)  # one guesser cannot fill the queue alone
+            rank = self.throttle.rank(keys, now)
+            if self._pending >= self.limits.max_pending and not self._workers.evict(rank):
+                return self._verdict(protocol, BUSY)
+            raw = self._submit(protocol, who, fingerprint, digest, verify, keys, rank)
+            self._running[same] = raw
+            raw.add_done_callback(lambda _: self._running.pop(same, None))
+        result: asyncio.Future[Verdict] = raw.get_loop().create_future()
+
+        def answer(done: asyncio.Future[Verdict]) -> None:
+            if not result.done():
+                result.set_result(self._verdict(protocol, done.result()))
+
+        raw.add_done_callback(answer)
+        return result
+
+    def _submit(
+        self,
+        protocol: str,
+        who: tuple[str, str],
+        fingerprint: bytes,
+        digest: bytes,
+        verify: Callable[[], bool],
+        keys: tuple[str, ...],
+        rank: int,
+    ) -> asyncio.Future[Verdict]:
+        """Queue `verify` for a worker thread; the future has its verdict (on the loop)."""
         inflight = self._inflight
-        if any(inflight.get(k, 0) >= self.limits.max_pending_per_key for k in keys):
-            return self._verdict(protocol, BUSY)  # one guesser cannot fill the queue alone
-        rank = self.throttle.rank(keys, now)
-        if self._pending >= self.limits.max_pending and not self._workers.evict(rank):
-            return self._verdict(protocol, BUSY)
         self._pending += 1
         for key in keys:
             inflight[key] = inflight.get(key, 0) + 1
@@ -336,7 +365,7 @@ class AuthGuard:
             self.metrics.pending.dec()
             if error is not None:  # the store could not answer: not the client's fault
                 if not isinstance(error, ValueError):  # a store's own errors are its to log
-                    log.error("credential check of %s failed: %r", principal, error)
+                    log.error("credential check of %s failed: %r", who[1], error)
                 verdict = UNAVAILABLE
             elif ok is None:
                 verdict = BUSY
@@ -344,7 +373,7 @@ class AuthGuard:
                 self.metrics.verifications.inc()
                 verdict = self._settle(protocol, who, fingerprint, digest, ok, keys)
             if not result.done():
-                result.set_result(self._verdict(protocol, verdict))
+                result.set_result(verdict)
 
         self._workers.submit(_Job(rank, verify, loop, finish))
         return result

@@ -242,3 +242,20 @@ def test_a_clean_first_login_goes_before_a_suspects_and_may_take_its_place() -> 
     assert verdicts == [guard.DENIED, guard.DENIED, guard.BUSY, guard.OK]
     assert order == ["first", "clean", "s0"]
     g.close()
+
+
+def test_a_burst_of_one_secret_is_checked_once(tmp_path: Path) -> None:
+    """A device's first requests arrive together (a CoAP window, a reconnect racing): they wait
+    for one check of their secret, not one each."""
+    registry = CountingRegistry(tmp_path)
+    registry.add("dev1", "right")
+    g = _guard(Clock(), max_pending_per_key=2)
+
+    async def main() -> list[str]:
+        keys = ("id:dev1", "addr:10.0.0.1")
+        results = [g.check_device("coap", registry, "dev1", b"right", keys) for _ in range(20)]
+        return [await _verdict(r) for r in results]
+
+    assert asyncio.run(main()) == [guard.OK] * 20
+    assert registry.verified == 1
+    g.close()
