@@ -13,7 +13,7 @@ import asyncio
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,8 +30,13 @@ class FileSink:
         *,
         segment_bytes: int = 64 << 20,
         retention_bytes: int = 1 << 30,
+        pwrite: Callable[[int, bytes | memoryview, int], int] = os.pwrite,
+        fdatasync: Callable[[int], None] = os.fdatasync,
     ) -> None:
         self.directory = Path(directory)
+        # The OS calls that can fail with ENOSPC/EIO, a seam for tests that inject short writes.
+        self._pwrite = pwrite
+        self._fdatasync = fdatasync
         self.segment_bytes = segment_bytes
         self.retention_bytes = retention_bytes
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -49,8 +54,8 @@ class FileSink:
         if self._fd < 0 or self._size >= self.segment_bytes:
             self._rotate()
         data = frame([record.envelope() for record in records])
-        write_all(self._fd, data)
-        os.fdatasync(self._fd)
+        write_all(self._fd, data, self._size, self._pwrite)
+        self._fdatasync(self._fd)
         self._size += len(data)
         self._count += len(records)
 
@@ -120,11 +125,17 @@ def scan_frames(data: bytes | memoryview, offset: int = 0) -> Iterator[tuple[byt
         yield body, offset
 
 
-def write_all(fd: int, data: bytes) -> None:
+def write_all(
+    fd: int,
+    data: bytes,
+    offset: int,
+    pwrite: Callable[[int, bytes | memoryview, int], int] = os.pwrite,
+) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
+        written = pwrite(fd, view, offset)
         view = view[written:]
+        offset += written
 
 
 def _segment_envelopes(path: Path) -> Iterator[bytes]:

@@ -99,8 +99,13 @@ class Spool:
         segment_bytes: int | None = None,
         metrics: TelemetryMetrics | None = None,
         lane: str = "low",
+        pwrite: Callable[[int, bytes | memoryview, int], int] = os.pwrite,
+        fdatasync: Callable[[int], None] = os.fdatasync,
     ) -> None:
         self.directory = Path(directory)
+        # The OS calls that can fail with ENOSPC/EIO, a seam for tests that inject short writes.
+        self._pwrite = pwrite
+        self._fdatasync = fdatasync
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or max(64 << 10, min(64 << 20, max_bytes // 8))
         self.metrics = metrics
@@ -249,8 +254,8 @@ class Spool:
                 size += HEADER.size + len(bodies[j])
                 j += 1
             data = frame(bodies[i:j])
-            write_all(self._fd, data)
-            os.fdatasync(self._fd)
+            write_all(self._fd, data, segment.size, self._pwrite)
+            self._fdatasync(self._fd)
             segment.count += j - i
             segment.size += len(data)
             self.bytes += len(data)
