@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import gateway.telemetry.pipeline as pipeline_module
 import gateway.telemetry.spool as spool_module
-from gateway.telemetry.filesink import HEADER, MARKER, FileSink, frame, read_records
+from gateway.telemetry.filesink import HEADER, FileSink, frame, read_records
 from gateway.telemetry.pipeline import TelemetryPipeline
 from gateway.telemetry.records import Record
 from gateway.telemetry.spool import Spool
@@ -48,8 +48,8 @@ class Collector:
 
 
 class FaultyDisk:
-    """The OS calls of a disk that fails on chosen calls: a pwrite that writes half of what it
-    was given and then reports ENOSPC (a short write followed by a full disk), an fdatasync that
+    """The OS calls of a disk that fails on chosen calls: a pwrite that writes about half of what
+    it was given and then reports ENOSPC (a short write followed by a full disk), an fdatasync that
     reports EIO. Counts calls from 0."""
 
     def __init__(self, fail_writes: set[int] = frozenset(), fail_syncs: set[int] = frozenset()):
@@ -62,8 +62,8 @@ class FaultyDisk:
     def pwrite(self, fd: int, data: bytes | memoryview, offset: int) -> int:
         call, self.writes = self.writes, self.writes + 1
         if self.full or call in self.fail_writes:
-            half = len(data) // 2
-            if half:
+            half = len(data) // 2 + 3  # off any frame boundary: a torn frame stays behind
+            if half < len(data):
                 os.pwrite(fd, bytes(data[:half]), offset)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return os.pwrite(fd, data, offset)
@@ -256,6 +256,8 @@ def test_random_corruption_loses_only_the_frames_it_touches_and_every_byte_is_ac
 def test_a_frame_forged_inside_a_payload_is_never_read_as_a_record(tmp_path: Path) -> None:
     """A device controls its payload bytes: a well-formed frame inside it (claiming another
     device) must not become a record when a reader resynchronises through it."""
+    from gateway.telemetry.filesink import MARKER
+
     forged = Record("victim", "telemetry", "mqtt", "devices/victim/telemetry", b"forged")
     hostile = Record(
         "mallory", "telemetry", "mqtt", "devices/mallory/telemetry",
