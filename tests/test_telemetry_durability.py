@@ -446,30 +446,32 @@ def _free_bytes(directory: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Any:
-    """A 1 MiB tmpfs at data/telemetry (where the file sink writes)."""
-    data = tmp_path / "data"
-    telemetry = data / "telemetry"
-    if not _mount_tmpfs(telemetry, "1m"):
+def _small_fs(directory: Path) -> None:
+    """A 1 MiB tmpfs at `directory` (skips the test where that cannot be had)."""
+    if not _mount_tmpfs(directory, "1m"):
         pytest.skip("needs root and `mount -t tmpfs` for a real size-limited file system")
-    try:
-        yield data
-    finally:
-        subprocess.run(["umount", "-l", str(telemetry)], check=False)
 
 
-def test_a_disk_that_fills_mid_stream_withholds_pubacks_and_loses_nothing(
-    small_fs: Path, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def unmount(tmp_path: Path) -> Any:
+    """Unmounts the tmpfs mounts under tmp_path after the test (and its gateways)."""
+    yield
+    for line in reversed(Path("/proc/mounts").read_text().splitlines()):
+        mountpoint = line.split()[1]
+        if mountpoint.startswith(str(tmp_path)):
+            subprocess.run(["umount", "-l", mountpoint], check=False)
+
+
+def _fill_mid_stream(gw: Any, full: Path, stored: Any) -> None:
+    """A paho client publishes QoS 1 telemetry to `gw` while the file system at `full` (where
+    its sink writes) fills up and, once the sink has failed a few times more, gets space
+    again. No PUBACK while the disk is full, every PUBACK for a stored record, and in the end
+    every record stored exactly once (`stored()`: the payload numbers read back)."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    monkeypatch.setattr(pipeline_module, "RETRY_DELAY", 0.2)
-    telemetry = small_fs / "telemetry"
-    ballast = telemetry / "ballast"
-    ballast.write_bytes(b"\x00" * (_free_bytes(telemetry) - (160 << 10)))  # ~160 KiB left
-    gw = gateway_factory(data_dir=str(small_fs), allow_anonymous=True, acl="open")
+    ballast = full / "ballast"
+    ballast.write_bytes(b"\x00" * (_free_bytes(full) - (160 << 10)))  # ~160 KiB left
     registry = gw.gateway.metrics.registry
 
     def failures() -> float:
@@ -511,9 +513,8 @@ def test_a_disk_that_fills_mid_stream_withholds_pubacks_and_loses_nothing(
             assert time.monotonic() < deadline, "the sink stopped retrying"
             time.sleep(0.02)
         during = acked()
-        on_disk = {_number(r) for r in read_records(telemetry)}
         assert during == before, "PUBACKs went out while the disk was full"
-        assert during <= on_disk  # every PUBACK so far is for a record on disk
+        assert during <= set(stored())  # every PUBACK so far is for a stored record
         assert len(sent) < total  # the fill came mid-stream
 
         ballast.unlink()  # space again
@@ -526,12 +527,74 @@ def test_a_disk_that_fills_mid_stream_withholds_pubacks_and_loses_nothing(
         client.loop_stop()
         client.disconnect()
 
-    skipped: list[Any] = []
-    numbers = [_number(r) for r in read_records(telemetry, on_skip=skipped.append)]
-    assert sorted(numbers) == list(range(total))  # every acked record exactly once
-    assert skipped == []
+
+def _assert_counted(gw: Any) -> None:
+    """The full disk was counted (by cause) and the lane is no longer shown blocked."""
+    registry = gw.gateway.metrics.registry
     errors = registry.get_sample_value(
         "iotgw_telemetry_write_errors_total", {"lane": "low", "reason": "ENOSPC"}
     )
     assert errors is not None and errors >= 4
     assert registry.get_sample_value("iotgw_telemetry_sink_blocked", {"lane": "low"}) == 0
+
+
+def test_a_disk_that_fills_mid_stream_withholds_pubacks_and_loses_nothing(
+    tmp_path: Path, unmount: None, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline_module, "RETRY_DELAY", 0.2)
+    data = tmp_path / "data"
+    telemetry = data / "telemetry"
+    _small_fs(telemetry)
+    gw = gateway_factory(data_dir=str(data), allow_anonymous=True, acl="open")
+
+    def stored() -> list[int]:
+        return [_number(r) for r in read_records(telemetry)]
+
+    _fill_mid_stream(gw, telemetry, stored)
+    gw.stop()
+    skipped: list[Any] = []
+    numbers = [_number(r) for r in read_records(telemetry, on_skip=skipped.append)]
+    assert sorted(numbers) == list(range(1200))  # every acked record exactly once
+    assert skipped == []
+    _assert_counted(gw)
+
+
+def test_a_spool_disk_that_fills_mid_stream_withholds_pubacks_and_loses_nothing(
+    tmp_path: Path, unmount: None, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same with `--kafka` and Kafka unreachable: everything goes to the low lane's disk
+    spool, whose file system fills."""
+    from conftest import free_port
+
+    monkeypatch.setattr(pipeline_module, "RETRY_DELAY", 0.2)
+    data = tmp_path / "data"
+    spool_dir = data / "spool" / "low"
+    _small_fs(spool_dir)
+    gw = gateway_factory(
+        data_dir=str(data), allow_anonymous=True, acl="open",
+        kafka=f"127.0.0.1:{free_port()}", kafka_ack_timeout_ms=300,
+    )
+
+    def stored() -> list[int]:
+        """What the spool's segments hold, read without touching them (the gateway is live)."""
+        from gateway.telemetry.filesink import scan_segment
+
+        return [
+            _number(spool_module.decode(f.body))
+            for path in sorted(spool_dir.glob("*.seg"))
+            for f in scan_segment(path.read_bytes()).frames
+        ]
+
+    _fill_mid_stream(gw, spool_dir, stored)
+    gw.stop()
+
+    async def replay_order() -> list[int]:
+        spool = Spool(spool_dir)
+        await spool.open()
+        numbers = [_number(r) for r in await _read_all(spool)]
+        await spool.close()
+        return numbers
+
+    # Every acked record spooled exactly once, in order, as the replayer will read them.
+    assert asyncio.run(replay_order()) == list(range(1200))
+    _assert_counted(gw)
