@@ -6,6 +6,7 @@ that fills mid-stream under a real MQTT client (no PUBACK while full, nothing lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -598,3 +599,48 @@ def test_a_spool_disk_that_fills_mid_stream_withholds_pubacks_and_loses_nothing(
     # Every acked record spooled exactly once, in order, as the replayer will read them.
     assert asyncio.run(replay_order()) == list(range(1200))
     _assert_counted(gw)
+
+
+def test_coap_telemetry_on_a_full_disk_gets_its_2_04_only_once_stored(
+    tmp_path: Path, unmount: None, gateway_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aiocoap
+
+    monkeypatch.setattr(pipeline_module, "RETRY_DELAY", 0.2)
+    data = tmp_path / "data"
+    telemetry = data / "telemetry"
+    _small_fs(telemetry)
+    gw = gateway_factory(data_dir=str(data), allow_anonymous=True, acl="open")
+    registry = gw.gateway.metrics.registry
+
+    def failures() -> float:
+        value = registry.get_sample_value("iotgw_telemetry_sink_failures_total", {"lane": "low"})
+        return value or 0
+
+    ballast = telemetry / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o644)
+    with contextlib.suppress(OSError):
+        while True:  # until ENOSPC: every block taken
+            os.write(fd, b"\0" * 4096)
+    os.close(fd)
+
+    async def main() -> tuple[bool, Any]:
+        ctx = await aiocoap.Context.create_client_context()
+        try:
+            uri = f"coap://127.0.0.1:{gw.coap_port}/telemetry/coap-1"
+            message = aiocoap.Message(code=aiocoap.POST, uri=uri, payload=b"000042 coap")
+            request = asyncio.ensure_future(ctx.request(message).response)
+            deadline = time.monotonic() + 20
+            while failures() < 3:  # the write failed, and failed again on retry
+                assert time.monotonic() < deadline, "the disk never failed a write"
+                await asyncio.sleep(0.02)
+            answered_while_full = request.done()
+            ballast.unlink()
+            return answered_while_full, await asyncio.wait_for(request, 20)
+        finally:
+            await ctx.shutdown()
+
+    answered_while_full, response = asyncio.run(main())
+    assert not answered_while_full
+    assert response.code == aiocoap.CHANGED
+    assert [r.payload for r in read_records(telemetry)] == [b"000042 coap"]  # stored once
