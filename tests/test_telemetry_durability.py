@@ -323,6 +323,59 @@ def test_telemetry_tail_warns_on_stderr_for_each_skipped_range_and_prints_the_re
     assert str(first) in warnings[0] and "skipped" in warnings[0]
 
 
+def test_telemetry_tail_follow_reports_a_torn_tail_once_when_a_second_poll_still_finds_it(
+    tmp_path: Path,
+) -> None:
+    import select
+    import sys
+
+    (segment,) = _segments_with(tmp_path / "telemetry", 5, segment_bytes=1 << 20)
+    with segment.open("ab") as fh:
+        fh.write(frame([_record(9).envelope()])[:-4])  # torn (or a write still going on)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "telemetry", "--data-dir", str(tmp_path),
+         "tail", "-f", "-n", "0"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stderr is not None
+    try:
+        ready, _, _ = select.select([proc.stderr], [], [], 15)
+        assert ready, "no warning about the torn tail"
+        line = proc.stderr.readline()
+        assert str(segment) in line and "skipped" in line
+        ready, _, _ = select.select([proc.stderr], [], [], 1.5)  # three more polls
+        assert not ready, f"reported again: {proc.stderr.readline()!r}"
+    finally:
+        proc.kill()
+        proc.wait(5)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(start=st.integers(0, 10_000), junk=st.binary(min_size=1, max_size=48))
+def test_random_corruption_of_an_old_format_segment_loses_only_the_frames_it_touches(
+    start: int, junk: bytes
+) -> None:
+    import zlib
+
+    from gateway.telemetry.filesink import scan_segment
+
+    frames, data = [], b""
+    for i in range(30):
+        body = _record(i).envelope()
+        frames.append((len(data), len(data) + HEADER.size + len(body), body))
+        data += HEADER.pack(len(body), zlib.crc32(body)) + body
+    start %= len(data)
+    junk = junk[: len(data) - start]
+    damaged = data[:start] + junk + data[start + len(junk) :]
+
+    found = {(f.offset, f.end, f.body) for f in scan_segment(damaged).frames}
+    untouched = {f for f in frames if f[1] <= start or f[0] >= start + len(junk)}
+    assert untouched <= found
+    assert {f[2] for f in found} <= {f[2] for f in frames}
+
+
 # ---- the Kafka disk spool ------------------------------------------------------------------------
 
 
