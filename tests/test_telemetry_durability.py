@@ -438,6 +438,39 @@ def test_a_corrupt_spool_record_is_skipped_reported_and_the_rest_of_its_segment_
     assert any("skipped" in r.getMessage() for r in caplog.records)
 
 
+def test_a_spool_left_by_an_older_release_is_read_in_order_through_a_torn_retry(
+    tmp_path: Path,
+) -> None:
+    """Version 1 spool segments, as the old spool wrote them on a full disk: a torn append, then
+    the same records appended again. Read in small chunks, every record comes back once."""
+    import zlib
+
+    def old_frames(numbers: range) -> bytes:
+        bodies = [spool_module.encode(_record(i)) for i in numbers]
+        return b"".join(HEADER.pack(len(b), zlib.crc32(b)) + b for b in bodies)
+
+    retry = old_frames(range(5, 10))
+    torn = retry[: len(old_frames(range(5, 6))) // 2]  # half of its first frame
+    (tmp_path / f"{0:020d}.seg").write_bytes(old_frames(range(5)) + torn + retry)
+    (tmp_path / f"{10:020d}.seg").write_bytes(old_frames(range(10, 13)))
+
+    async def main() -> list[int]:
+        spool = Spool(tmp_path)
+        await spool.open()
+        numbers: list[int] = []
+        while True:
+            _, records = await spool.read(3, max_bytes=300)
+            if not records:
+                break
+            numbers.extend(_number(r) for r in records)
+        await spool.append([_record(13)])
+        numbers.extend(_number(r) for r in (await spool.read(10))[1])
+        await spool.close()
+        return numbers
+
+    assert asyncio.run(main()) == list(range(14))
+
+
 def test_spool_disk_full_withholds_acks_and_stores_each_record_once_when_space_returns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

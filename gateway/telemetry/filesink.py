@@ -137,14 +137,14 @@ def scan_segment(
     read; the last frame is left unparsed (`consumed` stops before it)."""
     if legacy is None and start is None and not data.startswith(MAGIC):
         if _starts_legacy(data):
-            return _scan_legacy(data, 0)
+            return _scan_legacy(data, 0, final)
         # Neither header nor an intact first frame: version 2 if any marked frame holds (in
         # version 1 data a marker followed by a frame whose CRC holds is a 2**-32 accident).
         scan = SegmentScan()
         _scan_v2(data, 0, final, scan)
-        return scan if scan.frames else _scan_legacy(data, 0)
+        return scan if scan.frames else _scan_legacy(data, 0, final)
     if legacy:
-        return _scan_legacy(data, start or 0)
+        return _scan_legacy(data, start or 0, final)
     scan = SegmentScan()
     if start is None:
         start = len(MAGIC) if data.startswith(MAGIC) else 0
@@ -196,7 +196,7 @@ def _scan_v2(data: bytes, pos: int, final: bool, scan: SegmentScan) -> None:
         pos = following
 
 
-def _scan_legacy(data: bytes, pos: int) -> SegmentScan:
+def _scan_legacy(data: bytes, pos: int, final: bool = True) -> SegmentScan:
     scan = SegmentScan(data_start=pos, legacy=True)
     view = memoryview(data)
     n = len(data)
@@ -204,6 +204,9 @@ def _scan_legacy(data: bytes, pos: int) -> SegmentScan:
     while pos + HEADER.size <= n:
         length, crc = HEADER.unpack_from(data, pos)
         end = pos + HEADER.size + length
+        if end > n and not final:
+            scan.consumed = pos  # a frame that may end past this part: read on from here
+            return scan
         if length > 0 and end <= n and zlib.crc32(view[pos + HEADER.size : end]) == crc:
             if bad >= 0:
                 scan.skip(bad, pos - bad, "bad frame")
@@ -214,6 +217,9 @@ def _scan_legacy(data: bytes, pos: int) -> SegmentScan:
             if bad < 0:
                 bad = pos
             pos += 1  # resynchronise: the next offset where a length and a CRC hold
+    if not final:
+        scan.consumed = pos
+        return scan
     if bad < 0:
         bad = pos
     scan.skip(bad, n - bad, "bad frame")

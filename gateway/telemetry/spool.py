@@ -352,7 +352,7 @@ class Spool:
                 self.read_position = segment.first + segment.count
                 continue
             # A frame may be bigger than the window: widen it until one fits (or the end).
-            window = remaining if segment.legacy else min(remaining, max_bytes)
+            window = min(remaining, max_bytes)
             while True:
                 data = os.pread(self._read_fd, window, self._read_offset)
                 final = len(data) >= remaining
