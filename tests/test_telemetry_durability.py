@@ -127,6 +127,44 @@ def test_a_failed_fdatasync_is_undone_so_the_retried_batch_is_not_stored_twice(
     assert [_number(r) for r in read_records(tmp_path)] == list(range(15))
 
 
+def test_a_long_outage_is_retried_for_ever_and_logged_at_a_bounded_rate(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Thousands of failed attempts (a disk full for hours, compressed): the back-off stays
+    capped, the batch is acknowledged once a write succeeds, and the log gets one line when
+    the lane blocks and one when it recovers, not one per attempt."""
+    monkeypatch.setattr(pipeline_module, "RETRY_FIRST", 0.0001)
+    monkeypatch.setattr(pipeline_module, "RETRY_DELAY", 0.0002)
+    monkeypatch.setattr(pipeline_module, "LOG_EVERY", 3600.0)
+
+    class FullDisk:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def write(self, records: list[Record]) -> None:
+            self.calls += 1
+            if self.calls <= 1500:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        async def close(self) -> None:
+            pass
+
+    async def main() -> Collector:
+        pipeline = TelemetryPipeline(FullDisk())
+        target = Collector()
+        pipeline.submit(_record(1), target, "a")
+        await asyncio.wait_for(pipeline.drain(), 20)
+        await pipeline.close()
+        return target
+
+    with caplog.at_level(logging.WARNING, logger="iotgw.telemetry"):
+        target = asyncio.run(main())
+    assert target.tokens == ["a"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "iotgw.telemetry"]
+    assert len(lines) == 2, lines[:5]
+    assert "1500 failed attempts" in lines[1]
+
+
 # ---- the file sink: start-up repair ------------------------------------------------------------
 
 

@@ -226,7 +226,7 @@ class TelemetryPipeline:
                         "telemetry sink still failing (%s lane: %s) after %d attempts in %.0fs",
                         lane.name, exc, attempt + 1, now - blocked_at,
                     )
-                delay = min(RETRY_DELAY, RETRY_FIRST * 2**attempt)
+                delay = min(RETRY_DELAY, RETRY_FIRST * 2 ** min(attempt, 30))  # no overflow
                 attempt += 1
                 await asyncio.sleep(delay)
         if attempt:
