@@ -37,6 +37,7 @@ The framing (`frame`, `scan_segment`) is shared with the Kafka disk spool (spool
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import struct
@@ -232,6 +233,8 @@ def write_all(fd: int, data: bytes, offset: int, pwrite: PWrite = os.pwrite) -> 
     view = memoryview(data)
     while view:
         written = pwrite(fd, view, offset)
+        if written <= 0:  # no progress and no error: never spin on it
+            raise OSError(errno.EIO, f"write of {len(view)} bytes wrote nothing")
         view = view[written:]
         offset += written
 
