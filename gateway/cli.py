@@ -66,6 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
     tail = t_actions.add_parser("tail", help="print the newest records as JSON lines")
     tail.add_argument("-n", "--lines", type=int, default=10, help="how many (default 10; 0: all)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    tail.add_argument(
+        "--strict", action="store_true",
+        help="exit 1 if any byte range had to be skipped (each is always reported on stderr)",
+    )
 
     commands.add_parser("selfcheck", help="check that the native codecs are built and work")
     return parser
@@ -193,20 +197,44 @@ def _record_json(record: Any) -> str:
 
 
 def _telemetry_tail(args: argparse.Namespace, cfg: config.Config) -> int:
-    from gateway.telemetry.filesink import read_records
+    from gateway.telemetry.filesink import Skipped, read_records
 
     root = Path(cfg.data_dir)
     # One store per gateway process: the data dir's own, and each `--workers` worker's.
     directories = [root / "telemetry", *sorted(root.glob("workers/*/telemetry"))]
     seen = dict.fromkeys(directories, 0)
+    reported: set[Skipped] = set()
+    tails: set[Skipped] = set()  # --follow: torn-looking tails seen once (maybe a write going on)
+    fresh_tails: set[Skipped] = set()
+
+    def warn(skipped: Skipped) -> None:
+        """One stderr line per unreadable byte range, once. Following, a range at the very end
+        of a segment may be a write in progress: it is reported when the next poll still
+        finds it."""
+        if skipped in reported:
+            return
+        if args.follow and skipped.offset + skipped.length >= _size(skipped.segment):
+            fresh_tails.add(skipped)
+            if skipped not in tails:
+                return
+        reported.add(skipped)
+        print(
+            f"iotgw telemetry tail: {skipped.segment}: skipped {skipped.length} unreadable bytes"
+            f" at offset {skipped.offset} ({skipped.reason})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def new_records() -> list[Any]:
         """What was appended to any store since the last call, oldest first."""
         fresh: list[Any] = []
         for d in directories:
-            records = list(read_records(d)) if d.is_dir() else []
+            records = list(read_records(d, on_skip=warn)) if d.is_dir() else []
             fresh.extend(records[seen[d] :])
             seen[d] = len(records)
+        tails.clear()
+        tails.update(fresh_tails)
+        fresh_tails.clear()
         return sorted(fresh, key=lambda r: r.ts_ms)
 
     records = new_records()
@@ -216,7 +244,14 @@ def _telemetry_tail(args: argparse.Namespace, cfg: config.Config) -> int:
         time.sleep(0.5)
         for record in new_records():
             print(_record_json(record), flush=True)
-    return 0
+    return 1 if args.strict and reported else 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

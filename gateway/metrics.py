@@ -93,6 +93,18 @@ class TelemetryMetrics:
             "iotgw_telemetry_sink_failures", "Sink writes that failed and were retried", ["lane"],
             registry=registry,
         )
+        self.write_errors = Counter(
+            "iotgw_telemetry_write_errors",
+            "Failed sink writes by cause (ENOSPC: disk full, EIO, ...; other: not an OS error)",
+            ["lane", "reason"],
+            registry=registry,
+        )
+        self.sink_blocked = Gauge(
+            "iotgw_telemetry_sink_blocked",
+            "1 while a lane's sink cannot make records durable (nothing is acknowledged)",
+            ["lane"],
+            registry=registry,
+        )
         self.kafka_latency = Histogram(
             "iotgw_telemetry_kafka_latency_seconds",
             "From handing a batch to the Kafka producer to its acknowledgement (acks=all)",
