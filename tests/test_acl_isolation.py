@@ -8,7 +8,8 @@ from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_mqtt_server import RawClient
+from test_mqtt_server import RawClient, _tls_connect
+from test_mqtt_server import certificates as certificates  # a fixture
 
 from gateway._native import coap, mqtt
 from gateway.auth import valid_device_id
@@ -160,3 +161,15 @@ def test_an_anonymous_client_goes_when_its_id_is_registered(gateway_factory: Any
                         properties=props)
     assert ack.reason_code == 0 and not ack.session_present  # nothing of the anonymous one
     owner.close()
+
+
+def test_a_certificate_whose_name_is_no_device_id_is_refused(
+    gateway_factory: Any, certificates: dict[str, str]
+) -> None:
+    """The CA signed it, but a CN of `#` must not become an identity that widens the ACL."""
+    c = certificates
+    gw = gateway_factory(
+        tls_cert=c["srv.pem"], tls_key=c["srv.key"], tls_client_ca=c["ca.pem"], mqtts_port=0
+    )
+    refused = _tls_connect(gw.mqtts_port, "#", c["ca.pem"], c["#.pem"], c["#.key"])
+    assert refused is not None and refused.value == mqtt.CLIENT_IDENTIFIER_NOT_VALID
