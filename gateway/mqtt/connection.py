@@ -453,7 +453,9 @@ class MqttConnection(asyncio.BufferedProtocol):
         present = False
         anonymous = self.anonymous
         if session is not None and (
-            c.clean_start or session.identity != identity or session.anonymous != anonymous
+            c.clean_start
+            or session.identity != identity
+            or session.anonymous not in (anonymous, None)
         ):
             broker.end_session(session)
             session = None
@@ -463,6 +465,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         else:
             present = True
         session.version = self.version
+        session.anonymous = anonymous
         session.expiry_interval = expiry
         session.send_quota = 65535
         if props is not None:

@@ -69,6 +69,7 @@ def pack_session(s: Session, now: float, wall: float) -> dict[str, Any]:
         "client_id": s.client_id,
         "version": s.version,
         "identity": s.identity,
+        "anonymous": s.anonymous,
         "expiry": s.expiry_interval,
         "offline_since": wall - offline_for,
         "subscriptions": {
@@ -84,6 +85,7 @@ def pack_session(s: Session, now: float, wall: float) -> dict[str, Any]:
 def unpack_session(broker: Broker, d: dict[str, Any], now: float, wall: float) -> Session | None:
     """Install a packed session (with its subscriptions) in the broker; None if it expired."""
     session = Session(d["client_id"], d["version"], d["identity"], d["expiry"])
+    session.anonymous = d.get("anonymous")  # None: from a version that did not say
     session.max_queue = broker.limits.max_queued_messages
     session.disconnected_at = now - max(0.0, wall - d["offline_since"])
     if session.expired(now):

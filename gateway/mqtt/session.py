@@ -71,7 +71,9 @@ class Session:
     disconnected_at: float | None = None
     dropped: int = 0
     cluster_epoch: str = ""  # the claim in the cluster's client registry (gateway/cluster.py)
-    anonymous: bool = False  # connected without credentials (acting as its client id)
+    # Connected without credentials (acting as its client id); None: restored from a snapshot
+    # of a version that did not record it.
+    anonymous: bool | None = False
     _next_id: int = 0
 
     def next_packet_id(self) -> int:
