@@ -61,7 +61,7 @@ class GuardLimits:
     workers: int = 1  # threads checking secrets: the most cores failed logins can take
     max_pending: int = 32  # checks waiting for a thread; more get BUSY
     max_pending_per_key: int = 8  # ... of which one key (an address, a user) may have this many
-    worker_nice: int = 10  # the threads yield the CPU to the event loop (Linux thread niceness)
+    worker_nice: int = 10  # suspect checks yield the CPU to the event loop (Linux niceness)
     failures_before_ban: int = 5  # failures of one key within `window` that ban it
     window: float = 60.0  # seconds
     ban_seconds: float = 1.0  # the first ban; each further ban doubles it ...
@@ -202,7 +202,7 @@ class _Workers:
         return True
 
     def _run(self, nice: int) -> None:
-        _lower_priority(nice)
+        current = 0
         while True:
             with self._ready:
                 while not self._jobs and not self._closed:
@@ -211,6 +211,11 @@ class _Workers:
                     return
                 best = min(range(len(self._jobs)), key=lambda i: (self._jobs[i].rank, i))
                 job = self._jobs.pop(best)
+            # A suspect check (its keys failed recently) yields the CPU to the event loop; a
+            # clean one (a legitimate first login, most likely) does not wait behind it.
+            wanted = nice if job.rank else 0
+            if wanted != current:
+                current = _set_priority(wanted, current)
             try:
                 ok, error = job.verify(), None
             except Exception as exc:
@@ -225,11 +230,14 @@ class _Workers:
             self._ready.notify_all()
 
 
-def _lower_priority(nice: int) -> None:
-    """Make the calling thread yield to the event loop: where both share a core, a flood of
-    checks then slows the checks, not the devices already connected."""
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed
+def _set_priority(nice: int, current: int) -> int:
+    """Set the calling thread's niceness (Linux: per thread); returns the one it has now.
+    Lowering it again needs CAP_SYS_NICE or RLIMIT_NICE: without, the thread stays lower."""
+    try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):  # not Linux, or not allowed
+        return current
+    return nice
 
 
 class AuthGuard:
