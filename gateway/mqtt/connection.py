@@ -42,6 +42,8 @@ V4_SERVER_UNAVAILABLE = 3
 V4_NOT_AUTHORIZED = 5
 
 CONNECTING = "connecting"  # a reason to pause reading: the CONNECT is not decided yet
+DRAIN_SECONDS = 2.0  # how long a connection the server ends is read (and dropped) at most
+_DISCARD_BYTES = 16384
 
 # A guard's verdict -> (MQTT 5 reason code, 3.1.1 return code), and its name in metrics.
 _REFUSALS = {
@@ -93,6 +95,8 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.anonymous = False  # connected without credentials
         self._closing = False
         self._close_reason = ""  # why the server ended the connection, for the event log
+        self._draining = False  # closing gracefully: the reason code sent, reading to drop
+        self._discard = bytearray()  # where dropped bytes are read to, while draining
         self.paused = False  # the transport's write buffer is over its high-water mark
         # Why reading is paused (telemetry backlog, a cluster node behind, a CONNECT being
         # decided): reading resumes only once no reason is left.
@@ -123,10 +127,14 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.broker.metrics.connections.inc()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self._draining:  # what the client still sends is read and dropped
+            return memoryview(self._discard)
         view: memoryview = self.framer.get_buffer(sizehint)
         return view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._draining:
+            return
         self.last_received = monotonic()
         self.broker.metrics.bytes_in += nbytes
         try:
@@ -178,15 +186,37 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.broker.mark_dirty(self)
 
     def flush(self) -> None:
-        if self.out and self.transport is not None and not self.transport.is_closing():
+        transport = self.transport
+        if self._draining:
+            self.out.clear()  # our sending side is shut: nothing more goes out
+            return
+        if self.out and transport is not None and not transport.is_closing():
             data, self.out = self.out, bytearray()
             self.broker.metrics.bytes_out += len(data)
-            self.transport.write(data)
-        if self._closing and self.transport is not None:
+            transport.write(data)
+        if self._closing and transport is not None:
             if self.paused:  # it is not reading: a graceful close would wait on it for ever
-                self.transport.abort()
+                transport.abort()
+            elif transport.can_write_eof() and not transport.is_closing():
+                self._drain(transport)
             else:
-                self.transport.close()
+                transport.close()
+
+    def _drain(self, transport: asyncio.Transport) -> None:
+        """Close gracefully: shut our sending side after the last reply (the reason code) and
+        read and drop what the client still sends, until it closes or DRAIN_SECONDS pass.
+        Closing at once with its data unread would reset the connection, and a reset can
+        destroy the reason code before the client reads it."""
+        self._draining = True
+        self._discard = bytearray(_DISCARD_BYTES)
+        will, self.will = self.will, None
+        self.broker.detach(self, will, self.will_delay)  # the session ends its use of us now
+        transport.write_eof()
+        self._read_holds.clear()
+        transport.resume_reading()
+        asyncio.get_running_loop().call_later(
+            DRAIN_SECONDS, lambda: None if transport.is_closing() else transport.abort()
+        )
 
     def close_with(self, reason_code: int, why: str) -> None:
         """End the connection for a reason: MQTT 5 gets a DISCONNECT carrying it (the will is
