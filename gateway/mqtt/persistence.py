@@ -430,7 +430,7 @@ class StateStore:
         batch.ended = [(c,) for c in batch.ended_ids]
         for session in batch.touched:
             session.untouch()
-        for session in batch.touched:
+        for session in dict.fromkeys(batch.touched):  # once each, in order
             if broker.sessions.get(session.client_id) is session:
                 self._session_rows(batch, session, now, wall)
         for topic in batch.retained_topics:

@@ -199,10 +199,11 @@ class Session:
     # ---- change tracking ---------------------------------------------------------------------
 
     def touch(self) -> None:
-        """Note this session for the next save (once until that save takes it)."""
+        """Note this session for the next save (once until that save takes it). A session
+        that is not persistent and has nothing saved is not noted: it costs a save nothing."""
         if not self._touched:
             self._touched = True
-            if self._log is not None:
+            if self._log is not None and (self._expiry_interval or self.saved_meta is not None):
                 self._log.sessions.append(self)
 
     def untouch(self) -> None:
@@ -264,8 +265,9 @@ class Session:
 
     @expiry_interval.setter
     def expiry_interval(self, seconds: int) -> None:
-        self.touch()
         self._expiry_interval = seconds
+        self._touched = False  # noted again: it may have become persistent
+        self.touch()
 
     # ---- QoS bookkeeping ----------------------------------------------------------------------
 
