@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -122,6 +123,29 @@ def test_queued_message_count_bound_is_counted_by_its_own_reason(gateway_factory
     assert resume(gw.mqtt_port, "dev", 2) == [b"1", b"2"]
 
 
+def test_shed_messages_are_logged_in_one_line_per_interval(
+    gateway_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    gw = gateway_factory(allow_anonymous=True, acl="open", max_queued_messages=1)
+    park(gw.mqtt_port, "dev", "cmd/#")
+    offline(gw, "dev")
+
+    def shed_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "shed" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="iotgw.mqtt"):
+        publish_many(gw.mqtt_port, "cmd/x", [b"%d" % i for i in range(50)])
+        deadline = time.monotonic() + 5
+        while not shed_lines():
+            assert time.monotonic() < deadline, "shedding was never logged"
+            time.sleep(0.05)
+        publish_many(gw.mqtt_port, "cmd/x", [b"%d" % i for i in range(20)])
+        time.sleep(1.5)  # three sweeps, well inside the interval
+    assert dropped(gw, "queue_full_messages") == 69
+    lines = shed_lines()
+    assert len(lines) == 1 and "49 queue_full_messages" in lines[0], lines
+
+
 # ---- the cost of a save -------------------------------------------------------------------------
 
 def _wchar() -> int:
@@ -158,6 +182,25 @@ def test_saving_one_new_message_writes_little_whatever_is_stored(gateway_factory
     )
     assert 0 < small < 64 * 1024, small
     assert large < small + 16 * 1024, (small, large)
+
+
+def test_the_state_file_shrinks_once_its_queues_are_delivered(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    data = tmp_path / "state"
+    settings: dict[str, Any] = {"allow_anonymous": True, "acl": "open", "data_dir": str(data)}
+    gw = gateway_factory(**settings)
+    park(gw.mqtt_port, "dev", "cmd/#")
+    offline(gw, "dev")
+    payloads = [b"%06d" % i + b"x" * 8000 for i in range(300)]
+    publish_many(gw.mqtt_port, "cmd/x", payloads)
+    gw.stop()
+    full = (data / "mqtt-state.sqlite").stat().st_size
+    assert full > 300 * 8000
+    again = gateway_factory(**settings)
+    assert resume(again.mqtt_port, "dev", 300) == payloads
+    again.stop()
+    assert (data / "mqtt-state.sqlite").stat().st_size < full // 4
 
 
 # ---- failed saves -------------------------------------------------------------------------------
@@ -253,6 +296,10 @@ def test_a_save_that_fails_is_not_marked_saved_and_the_next_one_writes_it(
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["queued"] == [8192], (result, out.stderr[-3000:])
+    # Without a free descriptor the save still works (the store holds its files open and
+    # uses no temporary files); a write past the file size limit fails, and the next save
+    # writes what it carried.
+    assert result["first"] == {"nofile": "True", "fsize": "False"}[fault], result
 
 
 # ---- unreadable state ---------------------------------------------------------------------------

@@ -46,6 +46,10 @@ log = logging.getLogger("iotgw.state")
 FORMAT = 2  # of the database; 1 was the msgpack snapshot
 _PROPS = ("payload_format_indicator", "content_type", "response_topic", "correlation_data")
 FAILURE_LOG_INTERVAL = 60.0  # seconds between log lines while saves keep failing
+# Free pages (4 KiB) past which a save gives space back to the file system, and the most it
+# gives back at once: the file follows what is stored, at a cost that follows what was deleted.
+VACUUM_ABOVE = 256
+VACUUM_AT_MOST = 16384
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -267,6 +271,7 @@ class StateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None)
         self._conn = conn
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new database
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when save() returns
         conn.execute("PRAGMA temp_store=MEMORY")  # no temporary files (nor descriptors)
@@ -545,6 +550,13 @@ class StateStore:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             raise
+        if b.gone or b.ended or b.retained_gone:
+            # Saved already: failing to shrink the file must not undo that.
+            with contextlib.suppress(sqlite3.Error):
+                (free,) = conn.execute("PRAGMA freelist_count").fetchone()
+                if free > VACUUM_ABOVE:
+                    # executescript steps it to the end (execute() frees one page per step)
+                    conn.executescript(f"PRAGMA incremental_vacuum({min(free, VACUUM_AT_MOST)});")
 
     def _done(self, batch: _Batch) -> None:
         for s, live, meta in batch.new_saved:
