@@ -304,14 +304,36 @@ def test_a_save_that_fails_is_not_marked_saved_and_the_next_one_writes_it(
 
 # ---- unreadable state ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["mqtt-state.sqlite", "mqtt-state.msgpack"])
+def _damage(path: Path) -> None:
+    """Overwrite the start of every other page after the first (b-tree page headers, overflow
+    chain pointers): a database whose header is fine and whose tables are not."""
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        for offset in range(4096, size, 2 * 4096):
+            f.seek(offset)
+            f.write(b"\xa5" * 16)
+
+
+@pytest.mark.parametrize(
+    ("name", "how"),
+    [("mqtt-state.sqlite", "garbage"), ("mqtt-state.sqlite", "damaged pages"),
+     ("mqtt-state.msgpack", "garbage")],
+)
 def test_unreadable_session_state_is_set_aside_with_one_line_and_clients_are_served(
-    tmp_path: Path, name: str
+    gateway_factory: Any, tmp_path: Path, name: str, how: str
 ) -> None:
     data = tmp_path / "data"
-    data.mkdir()
-    garbage = b"not session state, torn or overwritten\n" * 200
-    (data / name).write_bytes(garbage)
+    if how == "garbage":
+        data.mkdir()
+        (data / name).write_bytes(b"not session state, torn or overwritten\n" * 200)
+    else:
+        gw = gateway_factory(allow_anonymous=True, acl="open", data_dir=str(data))
+        park(gw.mqtt_port, "dev", "cmd/#")
+        offline(gw, "dev")
+        publish_many(gw.mqtt_port, "cmd/x", [b"y" * 3000 for _ in range(50)])
+        gw.stop()
+        _damage(data / name)
+    garbage = (data / name).read_bytes()
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway.cli", "run", "--data-dir", str(data),

@@ -271,7 +271,8 @@ class StateStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None)
         self._conn = conn
-        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect in a new database
+        if conn.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new database
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")  # a commit is on disk when save() returns
         conn.execute("PRAGMA temp_store=MEMORY")  # no temporary files (nor descriptors)
@@ -281,7 +282,6 @@ class StateStore:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("format", FORMAT) != FORMAT:
             raise ValueError(f"unknown state format {meta.get('format')!r}")
-        conn.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (FORMAT,))
         saved_at = float(meta.get("saved_at", time.time()))
         messages = {
             row[0]: row[1:] for row in conn.execute(
@@ -297,6 +297,9 @@ class StateStore:
         sessions = conn.execute("SELECT client, state FROM sessions").fetchall()
         retained = conn.execute("SELECT topic, msg FROM retained").fetchall()
         (max_seq,) = conn.execute("SELECT max(seq) FROM deliveries").fetchone()
+        # Written once all of it was read: an unreadable file is set aside as it was found.
+        if "format" not in meta:
+            conn.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
         return _Stored(saved_at, messages, sessions, deliveries, retained, (max_seq or 0) + 1)
 
     def _restore(self, stored: _Stored) -> int:
@@ -358,7 +361,10 @@ class StateStore:
         )
         session = Session(client, version, identity, expiry)
         session.max_queue = broker.limits.max_queued_messages
-        since = stored.saved_at if offline_since is None else offline_since
+        # Online when last saved: it went offline when this process ended, at a moment no
+        # file records; its expiry counts from the restart (keeping it a little longer, rather
+        # than ending a session that may not have expired).
+        since = wall if offline_since is None else offline_since
         session.disconnected_at = now - max(0.0, wall - since)
         if session.expired(now):
             broker.journal.ended.add(client)  # its rows go with the next save
@@ -408,12 +414,11 @@ class StateStore:
         """Write what changed since the last save; False if that failed (it is kept for the
         next save)."""
         async with self._lock:
-            batch = self._build()
-            if not batch:
-                self._done(batch)
-                return True
+            batch = self._take()
             try:
-                await self._run(self._write, batch)
+                self._build(batch)
+                if batch:
+                    await self._run(self._write, batch)
             except Exception as exc:
                 self._undo(batch)
                 self._failed(exc)
@@ -421,20 +426,24 @@ class StateStore:
             self._done(batch)
             return True
 
-    def _build(self) -> _Batch:
-        """The rows that changed, from the sessions in the change log (on the loop, no I/O,
-        no payload copies)."""
-        broker = self.broker
-        journal = broker.journal
-        now = monotonic()
-        wall = time.time()
-        batch = _Batch(wall)
+    def _take(self) -> _Batch:
+        """Everything the change log holds, for one save."""
+        journal = self.broker.journal
+        batch = _Batch(time.time())
         batch.touched, journal.sessions = journal.sessions, []
         batch.ended_ids, journal.ended = journal.ended, set()
         batch.retained_topics, journal.retained = journal.retained, set()
-        batch.ended = [(c,) for c in batch.ended_ids]
         for session in batch.touched:
             session.untouch()
+        return batch
+
+    def _build(self, batch: _Batch) -> None:
+        """The rows that changed, from the sessions in the change log (on the loop, no I/O,
+        no payload copies)."""
+        broker = self.broker
+        now = monotonic()
+        wall = batch.saved_at
+        batch.ended = [(c,) for c in batch.ended_ids]
         for session in dict.fromkeys(batch.touched):  # once each, in order
             if broker.sessions.get(session.client_id) is session:
                 self._session_rows(batch, session, now, wall)
@@ -444,7 +453,6 @@ class StateStore:
                 batch.retained_gone.append((topic,))
             else:
                 batch.retained_put.append((topic, self._message_row(batch, m, now, wall)))
-        return batch
 
     def _session_rows(self, batch: _Batch, s: Session, now: float, wall: float) -> None:
         client = s.client_id

@@ -144,6 +144,26 @@ class DeliveryQueue(deque[Delivery]):
         self.budget = budget
 
 
+class PacketIds(set[int]):
+    """Incoming QoS 2 packet ids: adding or discarding one notes the session for the next
+    save; reading them (every QoS 1/2 PUBLISH checks how many there are) does not. Only
+    `add` and `discard` change it."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: Session, ids: Iterable[int] = ()) -> None:
+        super().__init__(ids)
+        self.session = session
+
+    def add(self, packet_id: int) -> None:
+        super().add(packet_id)
+        self.session.touch()
+
+    def discard(self, packet_id: object) -> None:
+        super().discard(packet_id)
+        self.session.touch()
+
+
 class Session:
     """One client's session. The state a restart must restore is reached through properties
     that note the session in its change log once per save (a flag test after that)."""
@@ -179,7 +199,7 @@ class Session:
         self._subscriptions: dict[str, SubOptions] = {}
         self._outgoing: dict[int, Delivery] = {}  # in flight, by packet id
         self._queue = DeliveryQueue()  # waiting for a send slot
-        self._incoming_qos2: set[int] = set()  # PUBREC sent, PUBREL awaited
+        self._incoming_qos2 = PacketIds(self)  # PUBREC sent, PUBREL awaited
         self.send_quota = 65535  # the client's Receive Maximum
         self.max_queue = 1000
         self.disconnected_at: float | None = None
@@ -243,15 +263,13 @@ class Session:
         return self._queue
 
     @property
-    def incoming_qos2(self) -> set[int]:
-        if not self._touched:
-            self.touch()
+    def incoming_qos2(self) -> PacketIds:
         return self._incoming_qos2
 
     @incoming_qos2.setter
-    def incoming_qos2(self, ids: set[int]) -> None:
+    def incoming_qos2(self, ids: Iterable[int]) -> None:
         self.touch()
-        self._incoming_qos2 = ids
+        self._incoming_qos2 = PacketIds(self, ids)
 
     @property
     def subscriptions(self) -> dict[str, SubOptions]:
