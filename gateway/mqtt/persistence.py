@@ -213,9 +213,8 @@ class _Batch:
 
 @dataclass(slots=True)
 class _Stored:
-    """The database's content, decoded on the store's thread."""
+    """The database's content, read on the store's thread."""
 
-    saved_at: float
     messages: dict[int, tuple[Any, ...]]
     sessions: list[tuple[str, bytes]]
     deliveries: dict[str, list[tuple[Any, ...]]]
@@ -282,7 +281,6 @@ class StateStore:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         if meta.get("format", FORMAT) != FORMAT:
             raise ValueError(f"unknown state format {meta.get('format')!r}")
-        saved_at = float(meta.get("saved_at", time.time()))
         messages = {
             row[0]: row[1:] for row in conn.execute(
                 "SELECT id, topic, payload, qos, retain, props, expires, origin FROM messages"
@@ -300,7 +298,7 @@ class StateStore:
         # Written once all of it was read: an unreadable file is set aside as it was found.
         if "format" not in meta:
             conn.execute("INSERT INTO meta VALUES ('format', ?)", (FORMAT,))
-        return _Stored(saved_at, messages, sessions, deliveries, retained, (max_seq or 0) + 1)
+        return _Stored(messages, sessions, deliveries, retained, (max_seq or 0) + 1)
 
     def _restore(self, stored: _Stored) -> int:
         """Install the stored state into the (empty) broker, on the loop. Rows that do not
@@ -551,6 +549,7 @@ class StateStore:
             conn.executemany("INSERT OR REPLACE INTO retained VALUES (?,?)", b.retained_put)
             conn.execute(_COLLECT)
             conn.execute("DELETE FROM temp.unreferenced")
+            # When it was last written, for whoever looks at the file.
             conn.execute("INSERT OR REPLACE INTO meta VALUES ('saved_at', ?)", (b.saved_at,))
             conn.execute("COMMIT")
         except BaseException:
