@@ -373,10 +373,10 @@ def test_shadow_latency_under_a_telemetry_flood(
     class Flow:
         paused = False
 
-        def pause_reading(self) -> None:
+        def pause_reading(self, reason: str) -> None:
             self.paused = True
 
-        def resume_reading(self) -> None:
+        def resume_reading(self, reason: str) -> None:
             self.paused = False
 
     async def scenario() -> None:

@@ -17,10 +17,12 @@ import time
 from pathlib import Path
 
 from gateway._native import mqtt
-from gateway.auth import DeviceRegistry
+from gateway.auth import DeviceRegistry, RegistryError
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
 from gateway.config import Config
+from gateway.events import EventLog
+from gateway.guard import AuthGuard, GuardLimits
 from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
 from gateway.metrics import Metrics, ShadowMetrics
@@ -54,6 +56,11 @@ class Gateway:
             self.state_dir = self.data_dir / "workers" / str(worker)
         self.worker = worker
         self.metrics = Metrics()
+        self.events = EventLog(self.metrics.events)
+        self.guard = AuthGuard(
+            self.metrics.auth, self.events,
+            GuardLimits(workers=config.auth_workers, max_pending=config.auth_max_pending),
+        )
         self.registry = DeviceRegistry(self.data_dir)
         # -- telemetry sink (issue 5): Kafka + disk spool per lane with --kafka, else the file --
         if config.kafka:
@@ -69,6 +76,8 @@ class Gateway:
         self.broker = Broker(
             acl=Acl.from_config(config.acl, config.acl_file),
             metrics=self.metrics.mqtt,
+            guard=self.guard,
+            events=self.events,
             registry=self.registry,
             allow_anonymous=config.allow_anonymous,
             limits=BrokerLimits(
@@ -100,8 +109,8 @@ class Gateway:
         # -- CoAP endpoint (gateway/coap/) --
         self.coap = CoapEndpoint(
             shadows=self.shadows, pipeline=self.telemetry, broker=self.broker,
-            registry=self.registry, allow_anonymous=config.allow_anonymous,
-            metrics=CoapMetrics(self.metrics.registry),
+            registry=self.registry, guard=self.guard, events=self.events,
+            allow_anonymous=config.allow_anonymous, metrics=CoapMetrics(self.metrics.registry),
         )
         self.coap_port: int | None = None
         # -- end CoAP endpoint --
@@ -114,9 +123,11 @@ class Gateway:
             legacy=self.state_dir / "mqtt-state.msgpack",
         )
         self._saving: asyncio.Task[bool] | None = None
+        self._registry_cursor: int | None = None  # the last registry change acted upon
 
     async def start(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.registry_changed()  # from now on: devices removed or disabled are let go
         await self.telemetry.start()  # issue 5: replays a Kafka spool left by a previous run
         if self.cluster is not None:
             await self.cluster.start()
@@ -157,8 +168,9 @@ class Gateway:
                 self.metrics,
                 ready=lambda: self.mqtt_port is not None,
                 context=ApiContext(
-                    self.shadows, self.broker, self.registry, self.tokens, self.node_id,
-                    self.shadow_metrics,
+                    self.shadows, self.broker, self.registry, self.tokens, self.guard,
+                    self.node_id, self.shadow_metrics,
+                    registry_changed=self.registry_changed,
                 ),
             ),
             self.config.bind,
@@ -180,6 +192,23 @@ class Gateway:
             return RedisShadowStore(self.config.redis)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         return SqliteShadowStore(self.data_dir / "shadows.sqlite")
+
+    def registry_changed(self) -> None:
+        """Act on devices removed or disabled since the last look (by the CLI in another
+        process, or the REST API here): their MQTT connections close, a removed device's
+        sessions end, their CoAP observations end. Called by the sweep and by the REST API."""
+        self.tokens.db.reopen_if_replaced()  # the devices' database is checked just below
+        try:
+            self._registry_cursor, changes = self.registry.changes_since(self._registry_cursor)
+        except RegistryError:  # logged by the registry (once a minute); CONNECTs get 0x88
+            return
+        if changes:
+            closed = self.broker.revoke(changes)
+            self.coap.resources.revoke(changes)
+            log.info(
+                "registry: %d devices added, removed or disabled, %d connections closed",
+                len(changes), closed,
+            )
 
     def _publish(self, topic: str, payload: bytes) -> None:
         """Route a message the gateway itself publishes (shadow replies, deltas)."""
@@ -210,6 +239,8 @@ class Gateway:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 self.broker.sweep()
+                self.guard.sweep()
+                self.registry_changed()
                 now = loop.time()
                 # A save runs beside the sweeps (its writing is on the store's thread); the
                 # next one starts once it is done.
@@ -247,6 +278,7 @@ class Gateway:
         await self.state.close()
         if self.cluster is not None:
             await self.cluster.stop()
+        self.guard.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -1,29 +1,52 @@
-"""The device registry: device ids with salted password hashes, kept in one JSON file in the
-data dir and managed with `iotgw devices add|list|remove`.
+"""The device registry: device ids with salted password hashes, kept in the registry database
+(gateway/registrydb.py: `registry.sqlite` in the data dir) and managed with
+`iotgw devices add|list|remove|disable|enable|import` or the REST API.
 
-The running gateway re-reads the file when it changes, so devices added by the CLI can connect
-without a restart. Hashes are PBKDF2-HMAC-SHA256 with a per-device random salt.
+Every read goes to the database (a primary-key lookup), so a device added by another process
+can connect at once. Hashes are PBKDF2-HMAC-SHA256 with a per-device random salt. A disabled
+device keeps its credentials but may not connect.
+
+`verify` and `get` are blocking and thread-safe: the gateway calls them from worker threads
+and from the event loop at the same time. They raise RegistryUnavailable (a RegistryError)
+when the database cannot be read.
 """
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import hmac
 import os
 import secrets
+import sqlite3
 import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Final
 
-from gateway.files import WatchedJson
+from gateway.registrydb import RegistryDb, RegistryUnavailable
 
-ITERATIONS = 20_000
-FILE_NAME = "devices.json"
+ITERATIONS: Final = 20_000
+REMOVED: Final = "removed"
+DISABLED: Final = "disabled"
+ADDED: Final = "added"
 
 
 class RegistryError(ValueError):
-    """A bad device id, a duplicate, or an unreadable registry file."""
+    """A bad device id, a duplicate, an unknown device, or an unreadable registry."""
+
+
+class DeviceUnavailableError(RegistryError, RegistryUnavailable):
+    """The registry database cannot be read: the caller answers "try again later"."""
+
+
+class DeviceExists(RegistryError):
+    pass
+
+
+class UnknownDevice(RegistryError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -33,10 +56,21 @@ class Device:
     password_hash: bytes
     iterations: int
     created: float
+    disabled: bool = False
 
 
 def _hash(password: str, salt: bytes, iterations: int) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+
+
+def hash_password(password: str) -> tuple[bytes, bytes]:
+    """(salt, hash) for a new password; module-level so that a process pool can run it."""
+    salt = secrets.token_bytes(16)
+    return salt, _hash(password, salt, ITERATIONS)
+
+
+def generate_password() -> str:
+    return secrets.token_urlsafe(18)
 
 
 def check_device_id(device_id: str) -> None:
@@ -49,55 +83,86 @@ def check_device_id(device_id: str) -> None:
         )
 
 
+def valid_device_id(device_id: str) -> bool:
+    try:
+        check_device_id(device_id)
+    except RegistryError:
+        return False
+    return True
+
+
+def _check_password(password: str) -> None:
+    if not password:
+        raise RegistryError("the password may not be empty")
+
+
+_COLUMNS: Final = "id, salt, hash, iterations, created, disabled"
+
+
+def _device(row: tuple[str, bytes, bytes, int, float, int]) -> Device:
+    return Device(row[0], row[1], row[2], row[3], row[4], bool(row[5]))
+
+
 class DeviceRegistry:
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
-        self.path = Path(data_dir) / FILE_NAME
-        self._devices: dict[str, Device] = {}
-        self._file = WatchedJson(self.path)
-        # Successful checks are remembered (keyed by a keyed digest, not the password) so that a
-        # reconnect storm does not pay PBKDF2 for every CONNECT.
+        try:
+            self.db = RegistryDb(data_dir)
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
+        self.path = self.db.path
+        # Successful checks are remembered (keyed by a keyed digest of id, salt and password,
+        # not the password) so that a reconnect storm does not pay PBKDF2 for every CONNECT.
+        # The salt is in the digest: a device removed and added again with a new password
+        # does not inherit the old password's remembered success.
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def _refresh(self) -> None:
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[Device]:
         try:
-            changed, raw = self._file.changed()
-            if not changed:
-                return
-            devices = {
-                d["id"]: Device(
-                    d["id"],
-                    bytes.fromhex(d["salt"]),
-                    bytes.fromhex(d["hash"]),
-                    int(d["iterations"]),
-                    float(d["created"]),
-                )
-                for d in (raw or {"devices": []})["devices"]
-            }
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise RegistryError(f"device registry {self.path} is unreadable: {exc}") from None
-        self._file.accept()
-        self._devices = devices
-        self._verified.clear()
+            return [_device(r) for r in self.db.query(sql, params)]
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
 
     def list(self) -> list[Device]:
-        self._refresh()
-        return sorted(self._devices.values(), key=lambda d: d.device_id)
+        return self._query(f"SELECT {_COLUMNS} FROM devices ORDER BY id")
+
+    def ids(self, after: str | None, limit: int) -> builtins.list[str]:
+        """Registered ids in order, after `after`, at most `limit` (REST paging)."""
+        return [
+            d.device_id
+            for d in self._query(
+                f"SELECT {_COLUMNS} FROM devices WHERE id > ? ORDER BY id LIMIT ?",
+                (after or "", limit),
+            )
+        ]
 
     def get(self, device_id: str) -> Device | None:
-        self._refresh()
-        return self._devices.get(device_id)
+        found = self._query(f"SELECT {_COLUMNS} FROM devices WHERE id = ?", (device_id,))
+        return found[0] if found else None
+
+    def check(self) -> int:
+        """Read the whole registry once (start-up): the number of devices, or
+        DeviceUnavailableError."""
+        try:
+            rows = self.db.query(
+                "SELECT count(*) FROM devices UNION ALL SELECT count(*) FROM tokens"
+            )
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
+        return int(rows[0][0])
 
     def verify(self, device_id: str, password: bytes | None) -> bool:
-        """True when the device exists and the password is its password."""
+        """True when the device exists, is enabled and the password is its password."""
         if password is None:
             return False
         device = self.get(device_id)
-        if device is None:
+        if device is None or device.disabled:
             return False
-        digest = hmac.new(self._cache_key, device_id.encode() + b"\0" + password, "sha256").digest()
+        digest = hmac.new(
+            self._cache_key, device_id.encode() + b"\0" + device.salt + password, "sha256"
+        ).digest()
         remembered = self._verified.get(device_id)
         if remembered is not None and hmac.compare_digest(remembered, digest):
             return True
@@ -110,38 +175,113 @@ class DeviceRegistry:
             self._verified[device_id] = digest
         return ok
 
-    # ---- writing (the CLI) ------------------------------------------------------------------
+    def disabled(self, device_id: str) -> bool:
+        """True when the device is registered and disabled (its CONNECT is "not authorized")."""
+        device = self.get(device_id)
+        return device is not None and device.disabled
+
+    def changes_since(self, cursor: int | None) -> tuple[int, dict[str, str]]:
+        """What happened to devices since `cursor` (None: start from now): the new cursor and
+        the devices removed, disabled or added meanwhile, each with the strongest of what
+        happened to it (REMOVED, then DISABLED, then ADDED). One indexed read: the gateway
+        calls it from its periodic sweep."""
+        self.db.reopen_if_replaced()
+        try:
+            if cursor is None:
+                row = self.db.one("SELECT coalesce(max(seq), 0) FROM changes")
+                return int(row[0]), {}
+            rows = self.db.query(
+                "SELECT seq, device, op FROM changes WHERE seq > ? ORDER BY seq", (cursor,)
+            )
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
+        changed: dict[str, str] = {}
+        strength = {ADDED: 1, DISABLED: 2, REMOVED: 3}
+        for seq, device, op in rows:
+            cursor = seq
+            if strength.get(op, 0) > strength.get(changed.get(device, ""), 0):
+                changed[device] = op
+        return cursor, changed
+
+    # ---- writing (the CLI, the REST API) ------------------------------------------------------
 
     def add(self, device_id: str, password: str) -> Device:
+        """Register a device (PBKDF2 first, then one short transaction)."""
         check_device_id(device_id)
-        if not password:
-            raise RegistryError("the password may not be empty")
-        self._refresh()
-        if device_id in self._devices:
-            raise RegistryError(f"device {device_id!r} exists already")
-        salt = secrets.token_bytes(16)
-        device = Device(device_id, salt, _hash(password, salt, ITERATIONS), ITERATIONS, time.time())
-        self._write({**self._devices, device_id: device})
+        _check_password(password)
+        salt, digest = hash_password(password)
+        device = Device(device_id, salt, digest, ITERATIONS, time.time())
+        self._insert([device])
         return device
 
-    def remove(self, device_id: str) -> None:
-        self._refresh()
-        if device_id not in self._devices:
-            raise RegistryError(f"no device {device_id!r}")
-        self._write({k: v for k, v in self._devices.items() if k != device_id})
+    def add_many(
+        self, entries: Sequence[tuple[str, str]], pool: ProcessPoolExecutor | None = None
+    ) -> int:
+        """Register many devices at once, all or none: (id, password) pairs, hashed in `pool`
+        when given (PBKDF2 is the cost), stored in one transaction. RegistryError names the
+        first bad, duplicate or existing id."""
+        seen: set[str] = set()
+        for device_id, password in entries:
+            check_device_id(device_id)
+            _check_password(password)
+            if device_id in seen:
+                raise DeviceExists(f"device {device_id!r} is listed twice")
+            seen.add(device_id)
+        passwords = [p for _, p in entries]
+        if pool is not None:
+            hashed: Iterable[tuple[bytes, bytes]] = pool.map(
+                hash_password, passwords, chunksize=max(1, len(passwords) // 64)
+            )
+        else:
+            hashed = map(hash_password, passwords)
+        now = time.time()
+        devices = [
+            Device(device_id, salt, digest, ITERATIONS, now)
+            for (device_id, _), (salt, digest) in zip(entries, hashed, strict=True)
+        ]
+        self._insert(devices)
+        return len(devices)
 
-    def _write(self, devices: dict[str, Device]) -> None:
-        doc: dict[str, Any] = {
-            "devices": [
-                {
-                    "id": d.device_id,
-                    "salt": d.salt.hex(),
-                    "hash": d.password_hash.hex(),
-                    "iterations": d.iterations,
-                    "created": d.created,
-                }
-                for d in sorted(devices.values(), key=lambda d: d.device_id)
-            ]
-        }
-        self._file.write(doc)
-        self._refresh()
+    def _insert(self, devices: builtins.list[Device]) -> None:
+        try:
+            with self.db.write() as conn:
+                if len(devices) > 1:  # name the first existing one instead of a bare failure
+                    for d in devices:
+                        found = conn.execute("SELECT 1 FROM devices WHERE id = ?", (d.device_id,))
+                        if found.fetchone():
+                            raise DeviceExists(f"device {d.device_id!r} exists already")
+                conn.executemany(
+                    f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0)",
+                    [
+                        (d.device_id, d.salt, d.password_hash, d.iterations, d.created)
+                        for d in devices
+                    ],
+                )
+                conn.executemany(
+                    "INSERT INTO changes (device, op, at) VALUES (?, 'added', ?)",
+                    [(d.device_id, d.created) for d in devices],
+                )
+                self.db.prune_changes(conn)
+        except sqlite3.IntegrityError:
+            raise DeviceExists(f"device {devices[0].device_id!r} exists already") from None
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
+
+    def remove(self, device_id: str) -> None:
+        self._change(device_id, REMOVED, "DELETE FROM devices WHERE id = ?")
+
+    def disable(self, device_id: str) -> None:
+        self._change(device_id, DISABLED, "UPDATE devices SET disabled = 1 WHERE id = ?")
+
+    def enable(self, device_id: str) -> None:
+        self._change(device_id, "enabled", "UPDATE devices SET disabled = 0 WHERE id = ?")
+
+    def _change(self, device_id: str, op: str, sql: str) -> None:
+        try:
+            with self.db.write() as conn:
+                if conn.execute(sql, (device_id,)).rowcount == 0:
+                    raise UnknownDevice(f"no device {device_id!r}")
+                self.db.log_change(conn, device_id, op)
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
+        self._verified.pop(device_id, None)

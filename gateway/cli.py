@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import secrets
 import sys
 import time
 from collections.abc import Sequence
@@ -29,9 +28,19 @@ def _build_parser() -> argparse.ArgumentParser:
     add = actions.add_parser("add", help="register a device (prints a generated password)")
     add.add_argument("device_id")
     add.add_argument("--password", help="use this password instead of a generated one")
-    actions.add_parser("list", help="list registered devices")
-    remove = actions.add_parser("remove", help="unregister a device")
-    remove.add_argument("device_id")
+    actions.add_parser("list", help="list registered devices (disabled ones are marked)")
+    for action, text in (
+        ("remove", "unregister a device (a connected one is disconnected)"),
+        ("disable", "refuse a device's connections (a connected one is disconnected)"),
+        ("enable", "let a disabled device connect again"),
+    ):
+        actions.add_parser(action, help=text).add_argument("device_id")
+    imp = actions.add_parser(
+        "import",
+        help="register many devices, all or none: CSV with header `id,password` or a JSON list "
+        "of {id, password}; missing passwords are generated and printed",
+    )
+    imp.add_argument("file", help="a .csv or .json file; `-` reads CSV from stdin")
 
     # -- tokens (issue 4): REST API bearer tokens --
     tokens = commands.add_parser("tokens", help="manage REST API bearer tokens")
@@ -42,7 +51,8 @@ def _build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="its name: the writer id of its writes")
     create.add_argument(
         "--scope", required=True,
-        help="comma-separated: shadow:read, shadow:write, devices:read, commands:write, admin",
+        help="comma-separated: shadow:read, shadow:write, devices:read, devices:write, "
+        "commands:write, admin",
     )
     tk_actions.add_parser("list", help="list tokens: names and scopes (secrets are not kept)")
     revoke = tk_actions.add_parser("revoke", help="revoke a token (at once, without a restart)")
@@ -56,6 +66,10 @@ def _build_parser() -> argparse.ArgumentParser:
     tail = t_actions.add_parser("tail", help="print the newest records as JSON lines")
     tail.add_argument("-n", "--lines", type=int, default=10, help="how many (default 10; 0: all)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new records")
+    tail.add_argument(
+        "--strict", action="store_true",
+        help="exit 1 if any byte range had to be skipped (each is always reported on stderr)",
+    )
 
     commands.add_parser("selfcheck", help="check that the native codecs are built and work")
     return parser
@@ -72,19 +86,86 @@ def _selfcheck() -> int:
     return 0
 
 
+def _read_devices(name: str) -> list[tuple[str, str | None]]:
+    """(id, password or None) from a CSV (header `id,password`) or JSON file (a list of
+    {"id", "password"}); ValueError naming the file and line for anything else."""
+    import csv
+    import io
+
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {name}: {exc}") from None
+    entries: list[tuple[str, str | None]] = []
+    if name.lower().endswith(".json"):
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{name} is not JSON: {exc}") from None
+        if not isinstance(doc, list):
+            raise ValueError(f"{name}: expected a JSON list of {{\"id\", \"password\"}}")
+        for i, item in enumerate(doc):
+            device_id = item.get("id") if isinstance(item, dict) else None
+            password = item.get("password") if isinstance(item, dict) else None
+            if not isinstance(device_id, str) or not isinstance(password, str | None):
+                raise ValueError(
+                    f"{name}: item {i}: expected {{\"id\": string, \"password\": string}}"
+                )
+            entries.append((device_id, password or None))
+        return entries
+    reader = csv.reader(io.StringIO(text))
+    header = [h.strip().lower() for h in next(reader, [])]
+    if not header or header[0] != "id" or header[1:] not in ([], ["password"]):
+        raise ValueError(f"{name}: the first line must be the header `id,password`")
+    for row in reader:
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) > len(header):
+            raise ValueError(f"{name}: line {reader.line_num}: more fields than the header")
+        device_id = row[0].strip()
+        password = row[1] if len(row) > 1 else ""
+        entries.append((device_id, password or None))
+    return entries
+
+
+def _import_devices(registry: Any, name: str) -> None:
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from gateway.auth import generate_password
+
+    start = time.perf_counter()
+    read = _read_devices(name)
+    generated = {i for i, (_, p) in enumerate(read) if p is None}
+    entries = [(d, p if p is not None else generate_password()) for d, p in read]
+    workers = os.cpu_count() or 1
+    if len(entries) >= 64 and workers > 1:  # PBKDF2 is the cost: one process per core
+        with ProcessPoolExecutor(workers) as pool:
+            count = registry.add_many(entries, pool)
+    else:
+        count = registry.add_many(entries)
+    for i in sorted(generated):
+        print(f"{entries[i][0]}\t{entries[i][1]}")
+    took = time.perf_counter() - start
+    rate = count / took if took > 0 else 0.0
+    print(f"imported {count} devices in {took:.2f} s ({rate:.0f}/s)", file=sys.stderr)
+
+
 def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
-    from gateway.auth import DeviceRegistry
+    from gateway.auth import DeviceRegistry, generate_password
 
     registry = DeviceRegistry(cfg.data_dir)
     if args.action == "add":
-        password = args.password or secrets.token_urlsafe(18)
+        password = args.password or generate_password()
         registry.add(args.device_id, password)
         print(f"{args.device_id}\t{password}" if not args.password else args.device_id)
     elif args.action == "list":
         for device in registry.list():
-            print(device.device_id)
+            print(f"{device.device_id}\tdisabled" if device.disabled else device.device_id)
+    elif args.action == "import":
+        _import_devices(registry, args.file)
     else:
-        registry.remove(args.device_id)
+        getattr(registry, args.action)(args.device_id)
     return 0
 
 
@@ -116,20 +197,44 @@ def _record_json(record: Any) -> str:
 
 
 def _telemetry_tail(args: argparse.Namespace, cfg: config.Config) -> int:
-    from gateway.telemetry.filesink import read_records
+    from gateway.telemetry.filesink import Skipped, read_records
 
     root = Path(cfg.data_dir)
     # One store per gateway process: the data dir's own, and each `--workers` worker's.
     directories = [root / "telemetry", *sorted(root.glob("workers/*/telemetry"))]
     seen = dict.fromkeys(directories, 0)
+    reported: set[Skipped] = set()
+    tails: set[Skipped] = set()  # --follow: torn-looking tails seen once (maybe a write going on)
+    fresh_tails: set[Skipped] = set()
+
+    def warn(skipped: Skipped) -> None:
+        """One stderr line per unreadable byte range, once. Following, a range at the very end
+        of a segment may be a write in progress: it is reported when the next poll still
+        finds it."""
+        if skipped in reported:
+            return
+        if args.follow and skipped.offset + skipped.length >= _size(skipped.segment):
+            fresh_tails.add(skipped)
+            if skipped not in tails:
+                return
+        reported.add(skipped)
+        print(
+            f"iotgw telemetry tail: {skipped.segment}: skipped {skipped.length} unreadable bytes"
+            f" at offset {skipped.offset} ({skipped.reason})",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def new_records() -> list[Any]:
         """What was appended to any store since the last call, oldest first."""
         fresh: list[Any] = []
         for d in directories:
-            records = list(read_records(d)) if d.is_dir() else []
+            records = list(read_records(d, on_skip=warn)) if d.is_dir() else []
             fresh.extend(records[seen[d] :])
             seen[d] = len(records)
+        tails.clear()
+        tails.update(fresh_tails)
+        fresh_tails.clear()
         return sorted(fresh, key=lambda r: r.ts_ms)
 
     records = new_records()
@@ -139,7 +244,14 @@ def _telemetry_tail(args: argparse.Namespace, cfg: config.Config) -> int:
         time.sleep(0.5)
         for record in new_records():
             print(_record_json(record), flush=True)
-    return 0
+    return 1 if args.strict and reported else 0
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -154,6 +266,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tokens(args, cfg)
         if args.command == "telemetry":
             return _telemetry_tail(args, cfg)
+        from gateway.auth import DeviceRegistry
+
+        DeviceRegistry(cfg.data_dir).check()  # a corrupt registry is said plainly, at start
         from gateway.mqtt.acl import Acl
 
         Acl.from_config(cfg.acl, cfg.acl_file)  # a bad ACL file is a usage error, said plainly
@@ -162,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             compression_type(cfg.kafka_compression)
             parse_topics(cfg.kafka_topics)
-    except ValueError as exc:  # ConfigError, RegistryError, AclError
+    except ValueError as exc:  # ConfigError, RegistryError, TokenError, AclError
         print(f"iotgw: {exc}", file=sys.stderr)
         return 2
     from gateway import app

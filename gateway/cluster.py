@@ -25,10 +25,13 @@ nodes:
 - Flow control. A node confirms now and then how many bytes of forwarded messages it has
   handled from each other node; a node with too much unconfirmed towards another stops reading
   from its publishing clients until the other catches up (pub/sub has no backpressure).
+  Forwarded messages carry a number and the bytes sent before them, so a receiver counts the
+  ones Redis dropped (it drops a subscriber that falls too far behind) and confirms past them;
+  a node held back probes the lagging node once a beat, so a loss cannot hold it for ever.
 
 Redis is spoken in RESP directly (`shadow/resp.py`): one pipeline of commands per event-loop
 turn, one subscriber connection whose messages are handled a read at a time. Wire format:
-msgpack arrays on `iotgw:node:{node}` (PUB, KICK, KICKED, CREDIT), `iotgw:routes` and
+msgpack arrays on `iotgw:node:{node}` (PUB, KICK, KICKED, CREDIT, PROBE), `iotgw:routes` and
 `iotgw:retained`.
 """
 
@@ -74,9 +77,10 @@ TAKEOVER_TIMEOUT = 3.0  # seconds a CONNECT waits for another node to hand a ses
 # would otherwise buffer without bound, and at 32 MB drop the slow node's subscription).
 HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
+PAUSE_REASON = "cluster"  # why a held publisher's connection does not read
 CREDIT_EVERY = 256 << 10  # confirm after handling this many bytes from one node (or a beat)
 
-PUB, KICK, KICKED, CREDIT = 0, 1, 2, 3
+PUB, KICK, KICKED, CREDIT, PROBE = 0, 1, 2, 3, 4
 
 # Routes of one node: a hash of filters and a sequence number, changed and announced atomically.
 _ROUTES_SCRIPT = """
@@ -182,6 +186,10 @@ class Cluster:
         self._confirmed: dict[str, int] = {}
         self._handled: dict[str, int] = {}
         self._credited: dict[str, int] = {}
+        # Forwarded messages are numbered per receiving node, so that a receiver can count the
+        # ones Redis dropped (pub/sub delivers at most once and says nothing when it drops).
+        self._pub_numbers: dict[str, int] = {}  # node -> number of the last message sent to it
+        self._pub_seen: dict[str, int] = {}  # origin -> number of the last message from it
         self.blocked = False  # some node is over HIGH_WATER
         self.subscribed = False  # the Redis subscription is up (notes are coming in)
         self._held: set[MqttConnection] = set()
@@ -264,6 +272,7 @@ class Cluster:
                 self._confirmed.pop(node, None)
         self._send_credits(0)
         self._check_flow()
+        self._probe_laggards()
         self.metrics.nodes.set(len(self.alive))
 
     async def _heartbeat_forever(self) -> None:
@@ -462,10 +471,13 @@ class Cluster:
         if nodes:
             wire = persistence.pack_message(message, monotonic())
             sent = self._sent
+            numbers = self._pub_numbers
             for node in nodes:
-                note = _pack([PUB, wire, picked.get(node, []), self.node_id])
+                number = numbers[node] = numbers.get(node, 0) + 1
+                before = sent.get(node, 0)
+                note = _pack([PUB, wire, picked.get(node, []), self.node_id, number, before])
                 self._send("PUBLISH", _node_channel(node), note)
-                total = sent[node] = sent.get(node, 0) + len(note)
+                total = sent[node] = before + len(note)
                 if total - self._confirmed.get(node, 0) > HIGH_WATER:
                     self.blocked = True
             self.metrics.forwarded.inc(len(nodes))
@@ -478,7 +490,7 @@ class Cluster:
         if conn not in self._held:
             self._held.add(conn)
             self.metrics.held_publishers.inc()
-            conn.pause_reading()
+            conn.pause_reading(PAUSE_REASON)
 
     def forget(self, conn: MqttConnection) -> None:
         self._held.discard(conn)
@@ -492,13 +504,35 @@ class Cluster:
             self.blocked = False
             held, self._held = self._held, set()
             for conn in held:
-                conn.resume_reading()
+                conn.resume_reading(PAUSE_REASON)
+
+    def _came_from(self, origin: str, number: int, previous: int, handled: int) -> None:
+        """Bookkeeping of a note from `origin`: its messages up to `number` have passed, the one
+        before should have been `previous`, and `handled` bytes of its notes to us are behind
+        us (lost ones included: they will never come)."""
+        last = self._pub_seen.get(origin, 0)
+        if previous > last and last:
+            self.metrics.lost_forwards.inc(previous - last)
+            log.error("cluster: %d messages forwarded by %s were lost", previous - last, origin)
+        self._pub_seen[origin] = number  # lower than last: the origin started again
+        self._handled[origin] = handled
+
+    def _probe_laggards(self) -> None:
+        """While held back, ask the nodes we wait for how far they got: a note Redis dropped is
+        never confirmed by itself, and nothing new is sent while we hold our publishers."""
+        if not self.blocked:
+            return
+        for node, total in self._sent.items():
+            if total - self._confirmed.get(node, 0) >= LOW_WATER:
+                probe = [PROBE, self.node_id, self._pub_numbers.get(node, 0), total]
+                self._send("PUBLISH", _node_channel(node), _pack(probe))
 
     def _send_credits(self, threshold: int) -> None:
         """Tell the nodes whose messages we handled how far we got (totals: a lost note is
         made good by the next)."""
         for origin, handled in self._handled.items():
-            if handled - self._credited.get(origin, 0) > threshold:
+            # Lower than last time: the origin started again and counts from zero.
+            if abs(handled - self._credited.get(origin, 0)) > threshold:
                 self._credited[origin] = handled
                 self._send("PUBLISH", _node_channel(origin), _pack([CREDIT, self.node_id, handled]))
 
@@ -696,8 +730,12 @@ class Cluster:
             self.metrics.received.inc()
             message = persistence.unpack_message(note[1], monotonic())
             self.broker.deliver_forwarded(message, set(note[2]))
-            origin = note[3]
-            self._handled[origin] = self._handled.get(origin, 0) + len(data)
+            self._came_from(note[3], note[4], note[4] - 1, note[5] + len(data))
+        elif kind == PROBE:
+            origin, handled = note[1], note[3]
+            self._came_from(origin, note[2], note[2], handled)
+            self._credited[origin] = handled
+            self._send("PUBLISH", _node_channel(origin), _pack([CREDIT, self.node_id, handled]))
         elif kind == CREDIT:
             node, handled = note[1], note[2]
             if handled > self._confirmed.get(node, 0):

@@ -76,12 +76,18 @@ class Config:
     spool_max_bytes: int = _opt(1 << 30, "disk spool bound per lane; when full: backpressure")
     # -- end telemetry to Kafka --
     api_token: str | None = _opt(None, "bootstrap admin API token")
+    auth_workers: int = _opt(1, "threads checking device and API secrets (PBKDF2): the most "
+                             "cores failed logins can take")
+    auth_max_pending: int = _opt(32, "secret checks waiting for a thread; more are refused "
+                                 "as busy at once (MQTT 0x89, CoAP 5.03, HTTP 503)")
     log_level: str = _opt("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
         for name in ("max_queued_messages", "max_queued_bytes", "max_queued_bytes_total"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} is not a bound (>= 1)")
+        if self.auth_workers < 1 or self.auth_max_pending < 1:
+            raise ConfigError("auth_workers and auth_max_pending must be at least 1")
         if self.workers < 1:
             raise ConfigError(f"workers: {self.workers} is not a number of processes (>= 1)")
         if (self.cluster or self.workers > 1) and not self.redis:

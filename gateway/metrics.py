@@ -103,6 +103,18 @@ class TelemetryMetrics:
             "iotgw_telemetry_sink_failures", "Sink writes that failed and were retried", ["lane"],
             registry=registry,
         )
+        self.write_errors = Counter(
+            "iotgw_telemetry_write_errors",
+            "Failed sink writes by cause (ENOSPC: disk full, EIO, ...; other: not an OS error)",
+            ["lane", "reason"],
+            registry=registry,
+        )
+        self.sink_blocked = Gauge(
+            "iotgw_telemetry_sink_blocked",
+            "1 while a lane's sink cannot make records durable (nothing is acknowledged)",
+            ["lane"],
+            registry=registry,
+        )
         self.kafka_latency = Histogram(
             "iotgw_telemetry_kafka_latency_seconds",
             "From handing a batch to the Kafka producer to its acknowledgement (acks=all)",
@@ -178,6 +190,60 @@ class ClusterMetrics:
             "Times the Redis subscription was lost (what was published meanwhile is lost)",
             registry=registry,
         )
+        self.lost_forwards = Counter(
+            "iotgw_cluster_lost_forwards",
+            "Messages other nodes forwarded here that never arrived (gaps in their numbering, "
+            "as when Redis drops a subscriber that fell behind)",
+            registry=registry,
+        )
+
+
+class AuthMetrics:
+    """`iotgw_auth_*`: the credential checks of every protocol (gateway/guard.py)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.checks = Counter(
+            "iotgw_auth_checks",
+            "Credential checks by protocol and verdict (ok, denied, throttled, busy, unavailable)",
+            ["protocol", "verdict"],
+            registry=registry,
+        )
+        self.verifications = Counter(
+            "iotgw_auth_verifications",
+            "Secrets verified the slow way (PBKDF2), off the event loop",
+            registry=registry,
+        )
+        self.remembered_failures = Counter(
+            "iotgw_auth_remembered_failures",
+            "Wrong secrets refused from memory, without verifying them again",
+            registry=registry,
+        )
+        self.bans = Counter(
+            "iotgw_auth_bans",
+            "Keys banned for too many failures, by kind (id, user, addr, token)",
+            ["kind"],
+            registry=registry,
+        )
+        self.pending = Gauge(
+            "iotgw_auth_pending", "Credential checks waiting for or running on a thread",
+            registry=registry,
+        )
+        self.banned = Gauge("iotgw_auth_banned_keys", "Keys banned now", registry=registry)
+        self.forgotten_keys = Counter(
+            "iotgw_auth_forgotten_keys",
+            "Failure records dropped because more keys failed than are tracked",
+            registry=registry,
+        )
+
+
+class EventMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.suppressed = Counter(
+            "iotgw_log_suppressed_lines",
+            "Event log lines left out by rate limiting, by event",
+            ["event"],
+            registry=registry,
+        )
 
 
 class Metrics:
@@ -188,6 +254,8 @@ class Metrics:
         self.mqtt = MqttMetrics(self.registry)
         self.telemetry = TelemetryMetrics(self.registry)
         self.cluster = ClusterMetrics(self.registry)
+        self.auth = AuthMetrics(self.registry)
+        self.events = EventMetrics(self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

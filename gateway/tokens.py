@@ -1,17 +1,19 @@
-"""Bearer tokens for the REST API: named, scoped, kept as salted hashes in one JSON file in the
-data dir and managed with `iotgw tokens create|list|revoke`.
+"""Bearer tokens for the REST API: named, scoped, kept as salted hashes in the registry
+database (gateway/registrydb.py: `registry.sqlite` in the data dir) and managed with
+`iotgw tokens create|list|revoke`.
 
 A token reads `iotgw_<id>_<secret>`: `id` finds the entry without trying every hash, `secret`
 (32 random bytes) is checked against a PBKDF2-HMAC-SHA256 hash with a per-token salt, as the
 device registry does for passwords (gateway/auth.py). Successful checks are remembered under a
 keyed digest so that only the first request of a token pays for PBKDF2.
 
-Scopes: `shadow:read`, `shadow:write`, `devices:read`, `commands:write`, and `admin`, which
-grants every scope. A token's name is the writer id of its shadow writes (version vectors).
+Scopes: `shadow:read`, `shadow:write`, `devices:read`, `devices:write` (provisioning:
+add, remove, disable, enable devices), `commands:write`, and `admin`, which grants every
+scope. A token's name is the writer id of its shadow writes (version vectors).
 
 The bootstrap admin token (`--api-token` / `IOTGW_API_TOKEN`) is never written anywhere; it has
-the name `admin`, which stored tokens may therefore not take. The running gateway re-reads the
-file when it changes, so a token created or revoked by the CLI takes effect at once.
+the name `admin`, which stored tokens may therefore not take. Every lookup reads the
+database, so a token created or revoked by the CLI takes effect at once.
 """
 
 from __future__ import annotations
@@ -21,15 +23,14 @@ import hmac
 import os
 import re
 import secrets
+import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from gateway.files import WatchedJson
+from gateway.registrydb import RegistryDb, RegistryUnavailable
 
-FILE_NAME: Final = "tokens.json"
 ITERATIONS: Final = 20_000
 BOOTSTRAP_NAME: Final = "admin"
 PREFIX: Final = "iotgw_"
@@ -37,9 +38,10 @@ PREFIX: Final = "iotgw_"
 SHADOW_READ: Final = "shadow:read"
 SHADOW_WRITE: Final = "shadow:write"
 DEVICES_READ: Final = "devices:read"
+DEVICES_WRITE: Final = "devices:write"
 COMMANDS_WRITE: Final = "commands:write"
 ADMIN: Final = "admin"
-SCOPES: Final = (SHADOW_READ, SHADOW_WRITE, DEVICES_READ, COMMANDS_WRITE, ADMIN)
+SCOPES: Final = (SHADOW_READ, SHADOW_WRITE, DEVICES_READ, DEVICES_WRITE, COMMANDS_WRITE, ADMIN)
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _TOKEN = re.compile(r"iotgw_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
@@ -92,50 +94,43 @@ def _hash(secret: str, salt: bytes, iterations: int) -> bytes:
     return hashlib.pbkdf2_hmac("sha256", secret.encode(), salt, iterations)
 
 
+_COLUMNS: Final = "id, name, scopes, salt, hash, iterations, created"
+
+
+def _token(row: tuple[str, str, str, bytes, bytes, int, float]) -> Token:
+    return Token(row[0], row[1], frozenset(row[2].split(",")), row[3], row[4], row[5], row[6])
+
+
 class TokenStore:
+    """Thread-safe: a connection per thread (gateway/registrydb.py), and the remembered-success
+    cache is one dict whose single-key reads and writes are atomic."""
+
     def __init__(self, data_dir: str | os.PathLike[str], bootstrap: str | None = None) -> None:
-        self.path = Path(data_dir) / FILE_NAME
+        try:
+            self.db = RegistryDb(data_dir)
+        except RegistryUnavailable as exc:
+            raise TokenError(str(exc)) from None
+        self.path = self.db.path
         self._bootstrap = bootstrap.encode() if bootstrap else None
-        self._tokens: dict[str, Token] = {}  # by token id
-        self._file = WatchedJson(self.path)
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[str, bytes] = {}  # token id -> keyed digest of the whole token
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def _refresh(self) -> None:
+    def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[Token]:
         try:
-            changed, raw = self._file.changed()
-            if not changed:
-                return
-            tokens = {
-                t["id"]: Token(
-                    t["id"],
-                    t["name"],
-                    frozenset(t["scopes"]),
-                    bytes.fromhex(t["salt"]),
-                    bytes.fromhex(t["hash"]),
-                    int(t["iterations"]),
-                    float(t["created"]),
-                )
-                for t in (raw or {"tokens": []})["tokens"]
-            }
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise TokenError(f"token file {self.path} is unreadable: {exc}") from None
-        self._file.accept()
-        self._tokens = tokens
-        self._verified.clear()
+            return [_token(r) for r in self.db.query(sql, params)]
+        except RegistryUnavailable as exc:
+            raise TokenError(str(exc)) from None
 
     def list(self) -> list[Token]:
-        self._refresh()
-        return sorted(self._tokens.values(), key=lambda t: t.name)
+        return self._query(f"SELECT {_COLUMNS} FROM tokens ORDER BY name")
 
     def empty(self) -> bool:
         """True when no token can ever be valid: no bootstrap token and no stored token."""
         if self._bootstrap is not None:
             return False
-        self._refresh()
-        return not self._tokens
+        return not self._query(f"SELECT {_COLUMNS} FROM tokens LIMIT 1")
 
     def lookup(self, token: str) -> tuple[Token | Principal | None, bool]:
         """Resolve a presented token without paying for PBKDF2.
@@ -148,12 +143,12 @@ class TokenStore:
         m = _TOKEN.fullmatch(token)
         if m is None:
             return None, True
-        self._refresh()
-        stored = self._tokens.get(m.group(1))
-        if stored is None:
+        found = self._query(f"SELECT {_COLUMNS} FROM tokens WHERE id = ?", (m.group(1),))
+        if not found:
             return None, True
+        stored = found[0]
         remembered = self._verified.get(stored.token_id)
-        if remembered is not None and hmac.compare_digest(remembered, self._digest(token)):
+        if remembered is not None and hmac.compare_digest(remembered, self._digest(token, stored)):
             return Principal(stored.name, stored.scopes), True
         return stored, False
 
@@ -165,7 +160,7 @@ class TokenStore:
         expected = _hash(m.group(2), stored.salt, stored.iterations)
         if not hmac.compare_digest(expected, stored.secret_hash):
             return None
-        self._verified[stored.token_id] = self._digest(token)
+        self._verified[stored.token_id] = self._digest(token, stored)
         return Principal(stored.name, stored.scopes)
 
     def authenticate(self, token: str) -> Principal | None:
@@ -176,8 +171,9 @@ class TokenStore:
         assert isinstance(found, Token)
         return self.verify_slow(found, token)
 
-    def _digest(self, token: str) -> bytes:
-        return hmac.new(self._cache_key, token.encode(), "sha256").digest()
+    def _digest(self, token: str, stored: Token) -> bytes:
+        # the salt is in it: a remembered success belongs to this stored token only
+        return hmac.new(self._cache_key, stored.salt + token.encode(), "sha256").digest()
 
     # ---- writing (the CLI) ------------------------------------------------------------------
 
@@ -191,41 +187,28 @@ class TokenStore:
         if name == BOOTSTRAP_NAME:
             raise TokenError(f"the name {BOOTSTRAP_NAME!r} belongs to the bootstrap token")
         parsed = parse_scopes(scopes)
-        self._refresh()
-        if any(t.name == name for t in self._tokens.values()):
-            raise TokenError(f"a token named {name!r} exists already (revoke it first)")
-        token_id = secrets.token_hex(6)
-        while token_id in self._tokens:  # pragma: no cover - 48 random bits
-            token_id = secrets.token_hex(6)
+        token_id = secrets.token_hex(6)  # 48 random bits: a clash is an IntegrityError below
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
-        entry = Token(
-            token_id, name, parsed, salt, _hash(secret, salt, ITERATIONS), ITERATIONS, time.time()
+        row = (
+            token_id, name, ",".join(sorted(parsed)), salt, _hash(secret, salt, ITERATIONS),
+            ITERATIONS, time.time(),
         )
-        self._write({**self._tokens, token_id: entry})
+        try:
+            with self.db.write() as conn:
+                if conn.execute("SELECT 1 FROM tokens WHERE name = ?", (name,)).fetchone():
+                    raise TokenError(f"a token named {name!r} exists already (revoke it first)")
+                conn.execute(f"INSERT INTO tokens ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", row)
+        except sqlite3.IntegrityError:  # pragma: no cover - 48 random bits
+            raise TokenError("token id clash: try again") from None
+        except RegistryUnavailable as exc:
+            raise TokenError(str(exc)) from None
         return f"{PREFIX}{token_id}_{secret}"
 
     def revoke(self, name: str) -> None:
-        self._refresh()
-        kept = {k: t for k, t in self._tokens.items() if t.name != name}
-        if len(kept) == len(self._tokens):
-            raise TokenError(f"no token named {name!r}")
-        self._write(kept)
-
-    def _write(self, tokens: dict[str, Token]) -> None:
-        doc: dict[str, Any] = {
-            "tokens": [
-                {
-                    "id": t.token_id,
-                    "name": t.name,
-                    "scopes": sorted(t.scopes),
-                    "salt": t.salt.hex(),
-                    "hash": t.secret_hash.hex(),
-                    "iterations": t.iterations,
-                    "created": t.created,
-                }
-                for t in sorted(tokens.values(), key=lambda t: t.name)
-            ]
-        }
-        self._file.write(doc)
-        self._refresh()
+        try:
+            with self.db.write() as conn:
+                if conn.execute("DELETE FROM tokens WHERE name = ?", (name,)).rowcount == 0:
+                    raise TokenError(f"no token named {name!r}")
+        except RegistryUnavailable as exc:
+            raise TokenError(str(exc)) from None

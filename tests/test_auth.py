@@ -16,7 +16,8 @@ def test_added_device_verifies_only_with_its_password(tmp_path: Path) -> None:
     assert not reg.verify("dev-1", None)
     assert not reg.verify("dev-2", b"s3cret")
     assert not reg.verify("dev-1", b"\xff\xfe")
-    assert "s3cret" not in (tmp_path / "devices.json").read_text()
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("registry.sqlite*"))
+    assert b"s3cret" not in stored
 
 
 def test_a_second_reader_sees_additions_and_removals(tmp_path: Path) -> None:
@@ -41,6 +42,6 @@ def test_duplicates_missing_and_corrupt_files_are_errors(tmp_path: Path) -> None
         reg.add("dev-1", "pw")
     with pytest.raises(RegistryError, match="no device"):
         reg.remove("dev-9")
-    (tmp_path / "devices.json").write_text("{not json")
+    (tmp_path / "registry.sqlite").write_bytes(b"{not a database" * 1000)
     with pytest.raises(RegistryError, match="unreadable"):
         DeviceRegistry(tmp_path).list()

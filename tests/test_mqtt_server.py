@@ -551,7 +551,7 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
              p["srv.csr"], "-subj", "/CN=127.0.0.1")
     _openssl("x509", "-req", "-in", p["srv.csr"], "-CA", p["ca.pem"], "-CAkey", p["ca.key"],
              "-CAcreateserial", "-out", p["srv.pem"], "-days", "2", "-extfile", p["ext"])
-    for cn in ("dev-7",):
+    for cn in ("dev-7", "#"):  # "#": a CA-signed certificate whose CN is no device id
         key, csr, pem = (str(d / f"{cn}.{x}") for x in ("key", "csr", "pem"))
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
                  "-subj", f"/CN={cn}")

@@ -542,10 +542,10 @@ def test_full_spool_withholds_acks_and_pauses_reading_until_kafka_returns(
             self.paused = 0
             self.resumed = 0
 
-        def pause_reading(self) -> None:
+        def pause_reading(self, reason: str) -> None:
             self.paused += 1
 
-        def resume_reading(self) -> None:
+        def resume_reading(self, reason: str) -> None:
             self.resumed += 1
 
     async def main() -> tuple[Collector, Flow, SpoolingSink]:

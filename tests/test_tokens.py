@@ -3,7 +3,7 @@ revocation seen by a running store."""
 
 from __future__ import annotations
 
-import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -31,18 +31,22 @@ def test_created_token_authenticates_with_its_name_and_scopes(tmp_path: Path) ->
     assert store.authenticate("not-a-token") is None
 
 
+def _stored(tmp_path: Path) -> bytes:
+    """Every byte of the registry, its write-ahead log included."""
+    return b"".join(p.read_bytes() for p in sorted(tmp_path.glob("registry.sqlite*")))
+
+
 def test_only_a_salted_hash_is_stored(tmp_path: Path) -> None:
     store = TokenStore(tmp_path)
     token = store.create("app1", [SHADOW_READ])
-    text = (tmp_path / "tokens.json").read_text()
-    secret = token.rsplit("_", 1)[-1]
-    assert secret not in text and token not in text
-    (entry,) = json.loads(text)["tokens"]
-    assert set(entry) == {"id", "name", "scopes", "salt", "hash", "iterations", "created"}
-    assert (tmp_path / "tokens.json").stat().st_mode & 0o077 == 0
+    data = _stored(tmp_path)
+    secret = token.split("_", 2)[2]  # the secret itself may hold an underscore
+    assert secret.encode() not in data and token.encode() not in data
+    assert (tmp_path / "registry.sqlite").stat().st_mode & 0o077 == 0
     store.create("app2", [SHADOW_READ])
-    salts = {t["salt"] for t in json.loads((tmp_path / "tokens.json").read_text())["tokens"]}
-    assert len(salts) == 2
+    with sqlite3.connect(tmp_path / "registry.sqlite") as db:
+        rows = db.execute("SELECT salt, hash, iterations FROM tokens").fetchall()
+    assert len({salt for salt, _, _ in rows}) == 2 and {i for _, _, i in rows} == {20_000}
 
 
 def test_first_check_pays_pbkdf2_then_it_is_remembered(tmp_path: Path) -> None:
@@ -72,7 +76,7 @@ def test_bootstrap_token_is_an_admin_named_admin_and_never_stored(tmp_path: Path
     store = TokenStore(tmp_path, bootstrap="boot")
     principal = store.authenticate("boot")
     assert principal is not None and principal.name == "admin" and principal.allows(SHADOW_WRITE)
-    assert not (tmp_path / "tokens.json").exists()
+    assert b"boot" not in _stored(tmp_path)
     assert not store.empty()
     with pytest.raises(TokenError):
         store.create("admin", [ADMIN])
@@ -106,6 +110,10 @@ def test_scopes_are_checked_and_duplicates_refused(tmp_path: Path) -> None:
 
 
 def test_an_unreadable_token_file_is_an_error_not_an_empty_store(tmp_path: Path) -> None:
-    (tmp_path / "tokens.json").write_text("{broken")
+    (tmp_path / "registry.sqlite").write_bytes(b"{broken" * 1000)
     with pytest.raises(TokenError):
         TokenStore(tmp_path).empty()
+    (tmp_path / "registry.sqlite").unlink()
+    (tmp_path / "tokens.json").write_text("{broken")  # an earlier version's file
+    with pytest.raises(TokenError, match="cannot migrate"):
+        TokenStore(tmp_path)

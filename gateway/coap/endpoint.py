@@ -41,7 +41,9 @@ from gateway.coap.blockwise import Block1Assembler, block2_slice
 from gateway.coap.exchanges import Addr, Deduplicator, Exchange, Retransmitter, Timing
 from gateway.coap.observe import ObserveRegistry
 from gateway.coap.resources import Resources
-from gateway.metrics import CoapMetrics
+from gateway.events import EventLog
+from gateway.guard import AuthGuard
+from gateway.metrics import AuthMetrics, CoapMetrics, EventMetrics
 
 if TYPE_CHECKING:
     from gateway.auth import DeviceRegistry
@@ -72,7 +74,6 @@ class CoapLimits:
     con_interval: float = 24 * 3600.0  # ... and at least one CON this often (RFC 7641 4.5)
     overload_max_age: int = 5  # Max-Age of the 5.03 sent while telemetry is over high water
     sweep_interval: float = 0.25
-    auth_cache_seconds: float = 5.0  # device token checks remembered (revocation delay)
     preferred_szx: int = 6  # Block2 size when the client names none: 1024 bytes
     socket_buffer: int = 4 << 20  # SO_RCVBUF / SO_SNDBUF asked for (bytes)
 
@@ -85,6 +86,8 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         pipeline: TelemetryPipeline | None,
         broker: Broker | None,
         registry: DeviceRegistry | None,
+        guard: AuthGuard | None = None,
+        events: EventLog | None = None,
         allow_anonymous: bool = False,
         metrics: CoapMetrics | None = None,
         limits: CoapLimits | None = None,
@@ -93,6 +96,12 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         self.limits = limits = limits or CoapLimits()
         self.timing = timing = timing or Timing()
         self.metrics = metrics if metrics is not None else CoapMetrics(CollectorRegistry())
+        if events is None:
+            events = EventLog(EventMetrics(CollectorRegistry()))
+        if guard is None:  # an endpoint without a registry checks no secrets
+            guard = AuthGuard(AuthMetrics(CollectorRegistry()), events)
+        self.events = events
+        self.guard = guard
         self.transport: asyncio.DatagramTransport | None = None
         self.port: int | None = None
         self.dedup = Deduplicator(timing, limits.max_exchanges, limits.max_cached_bytes)

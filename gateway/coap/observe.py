@@ -164,6 +164,16 @@ class ObserveRegistry:
         obs.queue = None
         self.on_removed(obs)
 
+    def end_device(self, device: str, code: int, reason: bytes, now: float) -> int:
+        """End every observation of one device's resources with a final `code` notification
+        (the device was removed or disabled); returns how many ended."""
+        ended = 0
+        for kind in (SHADOW, DELTA, COMMANDS):
+            for obs in self.observers(kind, device):
+                self.notify(obs, code, (), reason, now)
+                ended += 1
+        return ended
+
     def observers(self, kind: str, device: str) -> list[Observer]:
         members = self.by_resource.get((kind, device))
         return list(members.values()) if members else []

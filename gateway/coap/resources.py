@@ -14,8 +14,9 @@
     GET /.well-known/core                       RFC 6690 link format (rt= / href= filters)
 
 Authentication: the device id is the path's `{id}`; a token in the `t` query (`?t=...`) must be
-the device's password in the registry; a request without one is served only with
---allow-anonymous. Checks are remembered for `auth_cache_seconds`.
+the device's password in the registry, checked by the gateway's guard (gateway/guard.py: off
+the event loop, remembered, throttled); a request without one is served only with
+--allow-anonymous, and then only for a device id that is not registered.
 
 Writes take `If-Match` with the ETag (the version as a big-endian unsigned integer): a stale
 one gets 4.12 Precondition Failed; a stale `"version"` in the body gets 4.09 Conflict
@@ -43,8 +44,9 @@ from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
+from gateway import guard
 from gateway._native import coap, mqtt
-from gateway.auth import RegistryError, check_device_id
+from gateway.auth import RegistryError, valid_device_id
 from gateway.coap import blockwise
 from gateway.coap.exchanges import Exchange
 from gateway.coap.observe import COMMANDS, DELTA, SHADOW, Observer
@@ -93,7 +95,6 @@ LINKS = (
 
 REPLY_TO_SECONDS = 300.0  # how long an MQTT 5 response topic of a command is remembered
 MAX_REPLY_TO = 10_000
-MAX_AUTH_CACHE = 100_000
 
 _POST, _GET = coap.POST, coap.GET
 _monotonic = time.monotonic
@@ -141,8 +142,6 @@ class Resources:
         self.registry = registry
         self.allow_anonymous = allow_anonymous
         self.max_body = endpoint.limits.max_body
-        self._auth: dict[tuple[str, str | None], bool] = {}
-        self._auth_flushed = _monotonic()
         self._tasks: set[asyncio.Task[None]] = set()
         self._command_subs: dict[str, Callable[[], None]] = {}
         # In a cluster, a shadow written on another node is heard of through its accepted
@@ -160,7 +159,11 @@ class Resources:
 
     # ---- dispatch --------------------------------------------------------------------------
 
-    def handle(self, ex: Exchange, msg: coap.Message, code: int, now: float) -> None:
+    def handle(
+        self, ex: Exchange, msg: coap.Message, code: int, now: float, verdict: str | None = None
+    ) -> None:
+        """`verdict`: the guard's answer on the request's credentials, when it came later than
+        the request (the request is handled again with it)."""
         ex.method = code
         if msg.bad_critical:
             bad = ", ".join(str(n) for n in msg.bad_critical)
@@ -177,8 +180,7 @@ class Resources:
                 self._error(ex, coap.METHOD_NOT_ALLOWED, "POST only")
                 return
             device = path[1]
-            if not self._authorized(device, msg):
-                self._error(ex, coap.UNAUTHORIZED, "a valid ?t= token is required")
+            if not self._authorized(ex, msg, code, device, verdict):
                 return
             cf = msg.content_format
             if cf is not None and cf not in CONTENT_TYPES:
@@ -193,9 +195,9 @@ class Resources:
             return
         ex.block2 = msg.block2
         if first == "shadow" and (n == 2 or (n == 3 and path[2] == "delta")):
-            self._shadow(ex, msg, code, path[1], n == 3, now)
+            self._shadow(ex, msg, code, path[1], n == 3, now, verdict)
         elif first == "commands" and n >= 2:
-            self._commands(ex, msg, code, path, now)
+            self._commands(ex, msg, code, path, now, verdict)
         elif n == 2 and first == ".well-known" and path[1] == "core":
             if code != _GET:
                 self._error(ex, coap.METHOD_NOT_ALLOWED, "GET only")
@@ -210,29 +212,66 @@ class Resources:
         """A response with a diagnostic payload (RFC 7252 5.5.2: UTF-8 text)."""
         self.respond(ex, code, options or (), text.encode()[:512])
 
-    def _authorized(self, device: str, msg: coap.Message) -> bool:
+    def _authorized(
+        self, ex: Exchange, msg: coap.Message, code: int, device: str, verdict: str | None
+    ) -> bool:
+        """True when the request may act as `device`; else it was answered (4.01, 4.29, 5.03),
+        or it waits for the guard and is handled again with its verdict."""
+        if verdict is None:
+            result = self._check(ex, msg, device)
+            if not isinstance(result, str):
+                result.add_done_callback(
+                    lambda f: self.handle(ex, msg, code, _monotonic(), f.result())
+                )
+                return False
+            verdict = result
+        if verdict == guard.OK:
+            return True
+        self.endpoint.events.refused("coap", device, f"{ex.addr[0]}:{ex.addr[1]}", verdict)
+        if verdict == guard.DENIED:
+            self._error(ex, coap.UNAUTHORIZED, "a valid ?t= token is required")
+        elif verdict == guard.DISABLED:
+            self._error(ex, coap.UNAUTHORIZED, "the device is disabled")
+        elif verdict == guard.THROTTLED:
+            self._error(ex, coap.TOO_MANY_REQUESTS, "too many failed attempts: try later",
+                        [(coap.MAX_AGE, 60)])
+        else:
+            self._error(ex, coap.SERVICE_UNAVAILABLE, "credentials cannot be checked now",
+                        [(coap.MAX_AGE, self.endpoint.limits.overload_max_age)])
+        return False
+
+    def _check(
+        self, ex: Exchange, msg: coap.Message, device: str
+    ) -> guard.Verdict | asyncio.Future[guard.Verdict]:
+        if not valid_device_id(device):
+            return guard.DENIED
         token: str | None = None
         for q in msg.uri_query:
             if q.startswith("t="):
                 token = q[2:]
                 break
-        key = (device, token)
-        ok = self._auth.get(key)
-        if ok is None:
-            ok = self._verify(device, token)
-            if len(self._auth) >= MAX_AUTH_CACHE:
-                self._auth.clear()
-            self._auth[key] = ok
-        return ok
+        registry = self.registry
+        if token is None:  # anonymous: only as a device no one registered
+            if not self.allow_anonymous:
+                return guard.DENIED
+            try:
+                return guard.DENIED if registry and registry.get(device) else guard.OK
+            except RegistryError:
+                return guard.UNAVAILABLE
+        if registry is None:
+            return guard.DENIED
+        return self.endpoint.guard.check_device(
+            "coap", registry, device, token.encode(), (f"id:{device}", f"addr:{ex.addr[0]}")
+        )
 
-    def _verify(self, device: str, token: str | None) -> bool:
-        try:
-            check_device_id(device)
-        except RegistryError:
-            return False
-        if token is None:
-            return self.allow_anonymous
-        return self.registry is not None and self.registry.verify(device, token.encode())
+    def revoke(self, changes: dict[str, str]) -> None:
+        """Devices removed, disabled or added (observed until now without a token, as an
+        unregistered id): their observations end with 4.01. (The guard's memory of their secrets
+        no longer matches the registry's.)"""
+        now = _monotonic()
+        for device, op in changes.items():
+            self.observers.end_device(device, coap.UNAUTHORIZED, f"device {op}".encode(), now)
+
 
     def _body(
         self, ex: Exchange, msg: coap.Message, now: float
@@ -316,7 +355,14 @@ class Resources:
     # ---- shadows -------------------------------------------------------------------------------
 
     def _shadow(
-        self, ex: Exchange, msg: coap.Message, code: int, device: str, delta: bool, now: float
+        self,
+        ex: Exchange,
+        msg: coap.Message,
+        code: int,
+        device: str,
+        delta: bool,
+        now: float,
+        verdict: str | None,
     ) -> None:
         if code != _GET and (delta or code not in (coap.PUT, coap.PATCH, coap.POST, coap.DELETE)):
             self._error(ex, coap.METHOD_NOT_ALLOWED,
@@ -325,8 +371,7 @@ class Resources:
         if self.shadows is None:
             self._error(ex, coap.SERVICE_UNAVAILABLE, "no shadow service")
             return
-        if not self._authorized(device, msg):
-            self._error(ex, coap.UNAUTHORIZED, "a valid ?t= token is required")
+        if not self._authorized(ex, msg, code, device, verdict):
             return
         if code == _GET:
             accept = msg.accept
@@ -581,7 +626,13 @@ class Resources:
     # ---- commands ----------------------------------------------------------------------------
 
     def _commands(
-        self, ex: Exchange, msg: coap.Message, code: int, path: list[str], now: float
+        self,
+        ex: Exchange,
+        msg: coap.Message,
+        code: int,
+        path: list[str],
+        now: float,
+        verdict: str | None,
     ) -> None:
         device = path[1]
         n = len(path)
@@ -592,8 +643,7 @@ class Resources:
         if self.broker is None:
             self._error(ex, coap.SERVICE_UNAVAILABLE, "no broker")
             return
-        if not self._authorized(device, msg):
-            self._error(ex, coap.UNAUTHORIZED, "a valid ?t= token is required")
+        if not self._authorized(ex, msg, code, device, verdict):
             return
         if n == 2:
             self._observe_commands(ex, device, msg.observe, now)
@@ -694,9 +744,6 @@ class Resources:
     # ---- sweep and stop ----------------------------------------------------------------------
 
     def sweep(self, now: float) -> None:
-        if now - self._auth_flushed >= self.endpoint.limits.auth_cache_seconds:
-            self._auth.clear()  # registry changes (a removed device) apply within this time
-            self._auth_flushed = now
         deadlines = self._reply_deadlines
         while deadlines and deadlines[0][0] <= now:
             _, key, topic = deadlines.popleft()

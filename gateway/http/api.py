@@ -9,7 +9,6 @@ invalid bearer token (with `WWW-Authenticate: Bearer`), 403 a token without the 
 are 400, not FastAPI's 422. Bad input never gets a 5xx.
 """
 
-import asyncio
 import logging
 import re
 import time
@@ -28,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.auth import DeviceRegistry
+from gateway.guard import BUSY, DENIED, OK, THROTTLED, UNAVAILABLE, AuthGuard
 from gateway.metrics import Metrics, ShadowMetrics
 from gateway.mqtt.broker import Broker
 from gateway.shadows import ShadowService
@@ -196,8 +196,11 @@ class ApiContext:
     broker: Broker
     registry: DeviceRegistry
     tokens: TokenStore
+    guard: AuthGuard
     node_id: str
     shadow_metrics: ShadowMetrics | None = None
+    # the app acts on devices removed or disabled (closes connections): called after a change
+    registry_changed: Callable[[], None] = lambda: None
 
     @asynccontextmanager
     async def timed(self, operation: str) -> AsyncIterator[None]:
@@ -224,8 +227,14 @@ SECURITY_SCHEMES: Final = {
 Auth = Callable[..., Awaitable[Principal]]
 
 
-def auth_dependencies(tokens: TokenStore) -> Callable[[str], Auth]:
-    """`require(scope)`: a dependency that yields the request's Principal or raises 401/403."""
+def _host(request: Request) -> str:
+    return request.client.host if request.client is not None else "?"
+
+
+def auth_dependencies(tokens: TokenStore, guard: AuthGuard) -> Callable[[str], Auth]:
+    """`require(scope)`: a dependency that yields the request's Principal or raises 401/403
+    (429 while the token or the address is banned for failures, 503 when the checks are
+    saturated)."""
 
     def unauthorized(error: str, detail: str, code: str | None = None) -> ApiError:
         challenge = _WWW_AUTHENTICATE if code is None else f'{_WWW_AUTHENTICATE}, error="{code}"'
@@ -247,22 +256,48 @@ def auth_dependencies(tokens: TokenStore) -> Callable[[str], Auth]:
                     "invalid_request",
                 )
             found, final = tokens.lookup(token)
-            if not final:  # first use of a stored token: PBKDF2, off the event loop
+            if not final:  # first use of a stored token: the guard checks it
                 assert isinstance(found, Token)
-                found = await asyncio.to_thread(tokens.verify_slow, found, token)
-        except TokenError as exc:
-            log.error("%s", exc)
+                found = await _check_token(request, found, token)
+        except TokenError as exc:  # logged by the registry database, once a minute
             raise ApiError(503, "token_store_unavailable", str(exc)) from None
         if not isinstance(found, Principal):
+            guard.events.refused("http", "", _host(request), "invalid_token")
             raise unauthorized(
                 "invalid_token", "the token is unknown, revoked or malformed", "invalid_token"
             )
         return found
 
+    async def _check_token(request: Request, stored: Token, token: str) -> Principal | None:
+        host = _host(request)
+        verdict = guard.check(
+            "http", "token", stored.token_id, token.encode(),
+            lambda: tokens.verify_slow(stored, token) is not None,
+            (f"token:{stored.token_id}", f"addr:{host}"),
+            stored.secret_hash,
+        )
+        if not isinstance(verdict, str):
+            verdict = await verdict
+        if verdict == OK:
+            return Principal(stored.name, stored.scopes)
+        if verdict != DENIED:
+            guard.events.refused("http", stored.name, host, verdict)
+        if verdict == THROTTLED:
+            raise ApiError(429, "too_many_failures",
+                           "too many failed attempts from this address or with this token: "
+                           "try again later", headers={"Retry-After": "60"})
+        if verdict in (BUSY, UNAVAILABLE):
+            raise ApiError(503, "auth_busy", "credentials cannot be checked now",
+                           headers={"Retry-After": "1"})
+        return None
+
     def require(scope: str) -> Auth:
         async def dependency(request: Request) -> Principal:
             principal = await authenticate(request)
             if not principal.allows(scope):
+                guard.events.denied(
+                    "http", principal.name, _host(request), "scope", f"{request.url.path}"
+                )
                 raise ApiError(
                     403,
                     "insufficient_scope",
@@ -397,7 +432,7 @@ def build_api(
         from gateway.http.devices_api import devices_router
         from gateway.http.shadow_api import shadow_router
 
-        require = auth_dependencies(context.tokens)
+        require = auth_dependencies(context.tokens, context.guard)
         api.include_router(shadow_router(context, require), prefix="/v1")
         api.include_router(devices_router(context, require), prefix="/v1")
 

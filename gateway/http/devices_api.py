@@ -1,5 +1,10 @@
 """REST routes of devices and commands: `GET /v1/devices`, `GET /v1/devices/{id}`,
-`POST /v1/devices/{id}/commands`.
+`POST /v1/devices/{id}/commands`, and provisioning (scope `devices:write`): `POST /v1/devices`,
+`DELETE /v1/devices/{id}`, `POST /v1/devices/{id}/disable`, `POST /v1/devices/{id}/enable`.
+
+Provisioning writes the registry database (gateway/auth.py) in a worker thread (PBKDF2 and a
+transaction that may wait for another writer), then lets the app act on the change at once:
+a removed or disabled device's connections close and its observations end.
 
 A device is known when it is registered (gateway/auth.py), has an MQTT session (online, or
 offline with a persistent session) or has a shadow. Its status comes from the broker of this
@@ -26,16 +31,18 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway._native import mqtt
+from gateway.auth import DeviceExists, DeviceUnavailableError, UnknownDevice, generate_password
 from gateway.http.api import ApiContext, ApiError, Auth, error_responses
 from gateway.http.shadow_api import DeviceId, device_id
 from gateway.mqtt.session import Message, monotonic
-from gateway.tokens import COMMANDS_WRITE, DEVICES_READ, Principal
+from gateway.tokens import COMMANDS_WRITE, DEVICES_READ, DEVICES_WRITE, Principal
 
 MAX_PAGE: Final = 1000
 
@@ -61,6 +68,26 @@ class DeviceInfo(BaseModel):
     )
     shadow_version: int | None = Field(description="null: no shadow")
     session: DeviceSession | None
+
+
+class DeviceCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(
+        min_length=1, max_length=128,
+        description="one topic level: no `/ + #` or U+0000, not starting with `$`",
+    )
+    password: str | None = Field(
+        None, min_length=1, max_length=1024,
+        description="omit to have one generated (returned once, in the response)",
+    )
+
+
+class DeviceCreated(BaseModel):
+    id: str
+    password: str | None = Field(
+        description="the generated password (shown only here); null when you gave one"
+    )
 
 
 class DeviceSummary(BaseModel):
@@ -206,6 +233,10 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _unavailable(exc: DeviceUnavailableError) -> ApiError:
+    return ApiError(503, "registry_unavailable", str(exc), headers={"Retry-After": "5"})
+
+
 # --------------------------------------------------------------------------- routes
 
 
@@ -232,7 +263,7 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         operation_id="listDevices",
         summary="Known devices (registered, with a session or with a shadow), by id, paged",
         response_model=DevicePage,
-        responses=error_responses(400, 401, 403),
+        responses=error_responses(400, 401, 403, 503),
     )
     async def list_devices(
         principal: Annotated[Principal, Depends(reader)],
@@ -244,7 +275,10 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         def later(ids: list[str]) -> list[str]:
             return [d for d in ids if after is None or d > after]
 
-        registered = set(later([d.device_id for d in ctx.registry.list()]))
+        try:
+            registered = set(ctx.registry.ids(after, limit))
+        except DeviceUnavailableError as exc:
+            raise _unavailable(exc) from None
         sessions = set(later(list(ctx.broker.sessions)))
         shadows = set(await ctx.shadows.store.list_devices(after, limit))
         # each source's first `limit` ids after `after` are enough for the union's first `limit`
@@ -272,13 +306,16 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         operation_id="getDevice",
         summary="A device's status: registration, connection, session, shadow version",
         response_model=DeviceInfo,
-        responses=error_responses(400, 401, 403, 404),
+        responses=error_responses(400, 401, 403, 404, 503),
     )
     async def get_device(
         device: DeviceId, principal: Annotated[Principal, Depends(reader)]
     ) -> Response:
         device_id(device)
-        registered = ctx.registry.get(device) is not None
+        try:
+            registered = ctx.registry.get(device) is not None
+        except DeviceUnavailableError as exc:
+            raise _unavailable(exc) from None
         shadow = await ctx.shadows.store.get(device)
         conn = ctx.broker.online.get(device)
         session = ctx.broker.sessions.get(device)
@@ -384,5 +421,77 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
             "response_topic": response_topic,
         }
         return JSONResponse(accepted, status_code=202)
+
+    writer = require(DEVICES_WRITE)
+
+    @router.post(
+        "/devices",
+        operation_id="createDevice",
+        summary="Register a device; a generated password is returned once",
+        status_code=201,
+        response_model=DeviceCreated,
+        responses=error_responses(400, 401, 403, 409, 503),
+    )
+    async def create_device(
+        body: DeviceCreate, principal: Annotated[Principal, Depends(writer)]
+    ) -> Response:
+        device_id(body.id)
+        password = body.password or generate_password()
+        try:
+            await asyncio.to_thread(ctx.registry.add, body.id, password)
+        except DeviceExists as exc:
+            raise ApiError(409, "device_exists", str(exc)) from None
+        except DeviceUnavailableError as exc:
+            raise _unavailable(exc) from None
+        created = {"id": body.id, "password": None if body.password else password}
+        location = f"/v1/devices/{quote(body.id, safe='')}"  # headers are Latin-1: encoded
+        return JSONResponse(created, status_code=201, headers={"Location": location})
+
+    async def change(device: str, action: str) -> Response:
+        device_id(device)
+        try:
+            await asyncio.to_thread(getattr(ctx.registry, action), device)
+        except UnknownDevice as exc:
+            raise ApiError(404, "unknown_device", str(exc)) from None
+        except DeviceUnavailableError as exc:
+            raise _unavailable(exc) from None
+        ctx.registry_changed()  # its connections and observations end now, not at the sweep
+        return Response(status_code=204)
+
+    @router.delete(
+        "/devices/{device}",
+        operation_id="deleteDevice",
+        summary="Unregister a device: its connection closes, its sessions and observations end",
+        status_code=204,
+        responses=error_responses(400, 401, 403, 404, 503),
+    )
+    async def delete_device(
+        device: DeviceId, principal: Annotated[Principal, Depends(writer)]
+    ) -> Response:
+        return await change(device, "remove")
+
+    @router.post(
+        "/devices/{device}/disable",
+        operation_id="disableDevice",
+        summary="Refuse a device's connections (a connected one is disconnected)",
+        status_code=204,
+        responses=error_responses(400, 401, 403, 404, 503),
+    )
+    async def disable_device(
+        device: DeviceId, principal: Annotated[Principal, Depends(writer)]
+    ) -> Response:
+        return await change(device, "disable")
+
+    @router.post(
+        "/devices/{device}/enable",
+        operation_id="enableDevice",
+        summary="Let a disabled device connect again",
+        status_code=204,
+        responses=error_responses(400, 401, 403, 404, 503),
+    )
+    async def enable_device(
+        device: DeviceId, principal: Annotated[Principal, Depends(writer)]
+    ) -> Response:
+        return await change(device, "enable")
 
     return router

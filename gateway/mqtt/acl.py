@@ -2,6 +2,8 @@
 
 `device` mode: a device publishes under `devices/{id}/...` and `$shadow/{id}/...` and subscribes to
 `devices/{id}/commands/...` and `$shadow/{id}/...`, its own id spelled out (no wildcard for the id).
+An identity that is not a valid device id (`+`, `#`, `a/b`, empty, `$...`) is granted nothing:
+its characters must never widen a pattern (the CONNECT refuses such ids in device mode too).
 Service accounts (applications, named in the ACL file and registered like devices) get the
 publish and subscribe patterns the file gives them instead.
 `open` mode: a general broker. In both, configured deny filters win (anonymous clients too).
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway._native import mqtt
+from gateway.auth import valid_device_id
 from gateway.mqtt.topics import SubscriptionTrie
 
 
@@ -121,7 +124,15 @@ class Acl:
         if service is not None:
             return bool(service.match(topic))
         levels = topic.split("/", 2)
-        return len(levels) == 3 and levels[1] == identity and levels[0] in ("devices", "$shadow")
+        # An identity that is no device id (empty, `$...`) owns no topic: it must not match an
+        # empty or `$` level of someone's topic. (Wildcards cannot occur in a topic name.)
+        return (
+            len(levels) == 3
+            and levels[1] == identity
+            and levels[0] in ("devices", "$shadow")
+            and identity != ""
+            and not identity.startswith("$")
+        )
 
     def can_subscribe(self, identity: str, topic_filter: str) -> bool:
         if self._deny_subscribe and any(_overlaps(p, topic_filter) for p in self._deny_subscribe):
@@ -132,8 +143,8 @@ class Acl:
         if service is not None:
             return any(_within(topic_filter, p) for p in service.subscribe)
         levels = topic_filter.split("/")
-        if len(levels) < 3 or levels[1] != identity:
-            return False
+        if len(levels) < 3 or levels[1] != identity or not valid_device_id(identity):
+            return False  # a client id `+` must not subscribe to `$shadow/+/#`
         if levels[0] == "$shadow":
             return True
         return levels[0] == "devices" and levels[2] == "commands"

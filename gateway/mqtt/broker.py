@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway._native import mqtt
-from gateway.auth import DeviceRegistry
+from gateway.auth import ADDED, DISABLED, DeviceRegistry
+from gateway.events import EventLog
+from gateway.guard import AuthGuard
 from gateway.metrics import MqttMetrics
 from gateway.mqtt.acl import Acl
 from gateway.mqtt.session import (
@@ -92,6 +94,8 @@ class Broker:
         *,
         acl: Acl,
         metrics: MqttMetrics,
+        guard: AuthGuard,
+        events: EventLog,
         registry: DeviceRegistry | None = None,
         allow_anonymous: bool = False,
         limits: BrokerLimits | None = None,
@@ -99,6 +103,8 @@ class Broker:
     ) -> None:
         self.acl = acl
         self.metrics = metrics
+        self.guard = guard
+        self.events = events
         self.registry = registry
         self.allow_anonymous = allow_anonymous
         self.limits = limits or BrokerLimits()
@@ -191,6 +197,30 @@ class Broker:
             self.journal.ended.add(session.client_id)
             session.leave()
         return self.pending_wills.pop(session.client_id, None)
+
+    def revoke(self, changes: dict[str, str]) -> int:
+        """Devices removed, disabled or added in the registry (gateway/auth.py's REMOVED,
+        DISABLED, ADDED): the connections of a removed or disabled device close (MQTT 5:
+        DISCONNECT 0x98 Administrative action; 3.1.1: the socket closes) and a removed device's
+        sessions end; an anonymous client acting as an id just registered goes, session and all.
+        Matched by identity, so that it works whatever client id a device used. Returns the
+        connections closed."""
+        closed = 0
+        for session in [s for s in self.sessions.values() if s.identity in changes]:
+            op = changes[session.identity]
+            if (op == ADDED) != session.anonymous:
+                continue  # a registered device stays when its id is added again elsewhere
+            conn = self.online.get(session.client_id)
+            if conn is not None:
+                conn.close_with(mqtt.ADMINISTRATIVE_ACTION, f"device {op}")
+                self.detach(conn, conn.will, 0)
+                conn.will = None
+                closed += 1
+            if op != DISABLED and self.sessions.get(session.client_id) is session:
+                self.end_session(session)
+        if closed:
+            self.flush()
+        return closed
 
     # ---- subscriptions -------------------------------------------------------------------------
 

@@ -14,7 +14,9 @@ import secrets
 from collections import OrderedDict, deque
 from typing import Any, ClassVar, cast
 
+from gateway import guard
 from gateway._native import mqtt
+from gateway.auth import valid_device_id
 from gateway.mqtt.broker import Broker
 from gateway.mqtt.session import (
     AWAIT_PUBACK,
@@ -38,6 +40,24 @@ V4_REFUSED_IDENTIFIER = 2
 V4_BAD_CREDENTIALS = 4
 V4_SERVER_UNAVAILABLE = 3
 V4_NOT_AUTHORIZED = 5
+
+CONNECTING = "connecting"  # a reason to pause reading: the CONNECT is not decided yet
+
+# A guard's verdict -> (MQTT 5 reason code, 3.1.1 return code), and its name in metrics.
+_REFUSALS = {
+    guard.DENIED: (mqtt.BAD_USER_NAME_OR_PASSWORD, V4_BAD_CREDENTIALS),
+    guard.THROTTLED: (mqtt.BANNED, V4_NOT_AUTHORIZED),
+    guard.BUSY: (mqtt.SERVER_BUSY, V4_SERVER_UNAVAILABLE),
+    guard.UNAVAILABLE: (mqtt.SERVER_UNAVAILABLE, V4_SERVER_UNAVAILABLE),
+    guard.DISABLED: (mqtt.NOT_AUTHORIZED, V4_NOT_AUTHORIZED),
+}
+_REFUSAL_NAMES = {
+    guard.DENIED: "bad_credentials",
+    guard.THROTTLED: "throttled",
+    guard.BUSY: "busy",
+    guard.UNAVAILABLE: "registry_unavailable",
+    guard.DISABLED: "device_disabled",
+}
 
 
 class ProtocolViolation(Exception):
@@ -68,9 +88,15 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.alias_max_out = 0
         self.aliases_out: OrderedDict[str, int] = OrderedDict()
         self.peer = ""
+        self.peer_host = ""
         self.cert_identity: str | None = None  # device id from a verified TLS client certificate
+        self.anonymous = False  # connected without credentials
         self._closing = False
+        self._close_reason = ""  # why the server ended the connection, for the event log
         self.paused = False  # the transport's write buffer is over its high-water mark
+        # Why reading is paused (telemetry backlog, a cluster node behind, a CONNECT being
+        # decided): reading resumes only once no reason is left.
+        self._read_holds: set[str] = set()
         # Acknowledgements leave in the order the PUBLISHes came (3.1.1 4.6, 5.0 4.6); one that
         # waits for its telemetry record to be durable holds back the ones behind it.
         # Entries: [packet type, packet id, reason code, ready].
@@ -90,6 +116,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer_host = str(peer[0]) if peer else "?"
         self.cert_identity = _certificate_identity(transport.get_extra_info("peercert"))
         self.transport.set_write_buffer_limits(high=self.broker.limits.max_write_buffer)
         self.broker.connecting.add(self)
@@ -121,6 +148,10 @@ class MqttConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.broker.metrics.connections.dec()
+        session = self.session
+        if session is not None:
+            reason = self._close_reason or (f"lost: {exc}" if exc else "closed by the client")
+            self.broker.events.disconnected("mqtt", session.client_id, self.peer, reason)
         if self.broker.telemetry is not None:
             self.broker.telemetry.forget(self)
         if self.broker.cluster is not None:
@@ -162,7 +193,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         published, as for any close that is not a normal DISCONNECT from the client)."""
         if self._closing:
             return
-        log.info("closing %s (%s): %s", self.session and self.session.client_id, self.peer, why)
+        self._close_reason = f"0x{reason_code:02x} {why}"
         self.broker.metrics.protocol_errors.labels(f"0x{reason_code:02x}").inc()
         if self.version == 5 and self.session is not None:
             props = mqtt.Properties()
@@ -172,7 +203,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.broker.mark_dirty(self)
 
     def abort(self, why: str) -> None:
-        log.info("aborting %s: %s", self.peer, why)
+        self._close_reason = why
         self._closing = True
         if self.transport is not None:
             self.transport.close()
@@ -218,8 +249,9 @@ class MqttConnection(asyncio.BufferedProtocol):
             )
         )
 
-    def _refuse(self, v5_reason: int, v4_code: int, why: str) -> None:
+    def _refuse(self, v5_reason: int, v4_code: int, why: str, client_id: str = "") -> None:
         self.broker.metrics.auth_failures.labels(why).inc()
+        self.broker.events.refused("mqtt", client_id, self.peer, why)
         self._connack(v5_reason if self.version == 5 else v4_code)
         self._closing = True
         self.broker.mark_dirty(self)
@@ -239,25 +271,86 @@ class MqttConnection(asyncio.BufferedProtocol):
             assigned = True
 
         # Authentication: a verified client certificate, registry credentials, else anonymous
-        # when allowed. An authenticated device connects under its own id only (device mode).
-        identity = client_id
+        # when allowed. Secrets are checked by the guard: at once when it knows the answer,
+        # else off the event loop, while this connection's further packets wait unread.
         if self.cert_identity is not None:
-            identity = self.cert_identity
+            self._authenticated(c, client_id, self.cert_identity, assigned)
         elif c.username is not None and broker.registry is not None:
-            if not broker.registry.verify(c.username, c.password):
-                self._refuse(mqtt.BAD_USER_NAME_OR_PASSWORD, V4_BAD_CREDENTIALS, "bad_credentials")
+            user: str = c.username
+            password: bytes = bytes(c.password or b"")
+            verdict = broker.guard.check_device(
+                "mqtt", broker.registry, user, password,
+                (f"id:{client_id}", f"user:{user}", f"addr:{self.peer_host}"),
+            )
+            if isinstance(verdict, str):
+                self._checked(c, client_id, user, assigned, verdict)
                 return
-            identity = c.username
+            self._stash = []
+            self.pause_reading(CONNECTING)
+            verdict.add_done_callback(
+                lambda f: self._checked_later(c, client_id, user, assigned, f.result())
+            )
         elif not broker.allow_anonymous:
-            self._refuse(mqtt.NOT_AUTHORIZED, V4_NOT_AUTHORIZED, "anonymous")
+            self._refuse(mqtt.NOT_AUTHORIZED, V4_NOT_AUTHORIZED, "anonymous", client_id)
+        else:
+            self._authenticated(c, client_id, None, assigned)
+
+    def _checked(self, c: Any, client_id: str, user: str, assigned: bool, verdict: str) -> None:
+        if verdict == guard.OK:
+            self._authenticated(c, client_id, user, assigned)
             return
-        if (
-            identity != client_id
-            and broker.acl.mode == "device"
-            and not broker.acl.is_service(identity)
-        ):
+        v5, v4 = _REFUSALS[verdict]
+        self._refuse(v5, v4, _REFUSAL_NAMES[verdict], client_id)
+
+    def _checked_later(
+        self, c: Any, client_id: str, user: str, assigned: bool, verdict: str
+    ) -> None:
+        """The guard answered after the read that brought the CONNECT."""
+        if self.transport is None or self._closing:
+            return  # the client left meanwhile
+        self._checked(c, client_id, user, assigned, verdict)
+        if self._pending_connect is None:  # not waiting for a cluster claim now
+            stash, self._stash = self._stash or [], None
+            self.resume_reading(CONNECTING)
+            self._handle_batch(stash)
+        self.broker.flush()
+
+    def _authenticated(
+        self, c: Any, client_id: str, identity: str | None, assigned: bool
+    ) -> None:
+        """`identity`: the device or service account the client proved to be; None for an
+        anonymous client, which acts as the device its client id names, unless that is a
+        registered device or a service account: no one acts as those without their secret."""
+        broker = self.broker
+        acl = broker.acl
+        anonymous = self.anonymous = identity is None
+        if identity is None:
+            identity = client_id
+        if acl.mode == "device" and not valid_device_id(identity):
+            why = "client_id_invalid" if anonymous else "identity_invalid"
+            self._refuse(mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, why, client_id)
+            return
+        if anonymous or identity != client_id:
+            # A client id that is not the client's own must not be someone else's either: a
+            # registered device's or a service account's (taking it would kick that one).
+            try:
+                taken = acl.is_service(client_id) or (
+                    broker.registry is not None and broker.registry.get(client_id) is not None
+                )
+            except ValueError as exc:  # the registry is unreadable: not the client's fault
+                log.error("CONNECT of %s: %s", client_id, exc)
+                self._refuse(
+                    mqtt.SERVER_UNAVAILABLE, V4_SERVER_UNAVAILABLE, "registry_unavailable",
+                    client_id,
+                )
+                return
+            if taken:
+                self._refuse(mqtt.NOT_AUTHORIZED, V4_NOT_AUTHORIZED, "client_id_taken", client_id)
+                return
+        if identity != client_id and acl.mode == "device" and not acl.is_service(identity):
             self._refuse(
-                mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch"
+                mqtt.CLIENT_IDENTIFIER_NOT_VALID, V4_REFUSED_IDENTIFIER, "client_id_mismatch",
+                client_id,
             )
             return
 
@@ -271,8 +364,9 @@ class MqttConnection(asyncio.BufferedProtocol):
         claim = cluster.claim(client_id, epoch)
         cluster.claiming[client_id] = (epoch, self)
         self._pending_connect = (c, client_id, identity, assigned, epoch)
-        self._stash = []
-        self.pause_reading()
+        if self._stash is None:
+            self._stash = []
+            self.pause_reading(CONNECTING)
         claim.add_done_callback(self._claimed)
 
     def _claimed(self, claim: asyncio.Future[Any]) -> None:
@@ -333,7 +427,7 @@ class MqttConnection(asyncio.BufferedProtocol):
             return
         stash, self._stash = self._stash or [], None
         self._establish(c, client_id, identity, assigned, epoch)
-        self.resume_reading()
+        self.resume_reading(CONNECTING)
         self._handle_batch(stash)
         broker.flush()
 
@@ -357,15 +451,21 @@ class MqttConnection(asyncio.BufferedProtocol):
             expiry = NEVER_EXPIRES
         session = broker.sessions.get(client_id)
         present = False
-        if session is not None and (c.clean_start or session.identity != identity):
+        anonymous = self.anonymous
+        if session is not None and (
+            c.clean_start
+            or session.identity != identity
+            or session.anonymous not in (anonymous, None)
+        ):
             broker.end_session(session)
             session = None
         if session is None:
-            session = Session(client_id, self.version, identity)
+            session = Session(client_id, self.version, identity, anonymous=anonymous)
             session.max_queue = broker.limits.max_queued_messages
         else:
             present = True
         session.version = self.version
+        session.anonymous = anonymous
         session.expiry_interval = expiry
         session.send_quota = 65535
         if props is not None:
@@ -403,6 +503,10 @@ class MqttConnection(asyncio.BufferedProtocol):
             if server_keep_alive is not None:
                 ack_props.server_keep_alive = server_keep_alive
         self._connack(mqtt.SUCCESS, ack_props, present)
+        broker.events.connected(
+            "mqtt", client_id, self.peer, identity=identity, version=self.version,
+            session_present=present, keep_alive=self.keep_alive,
+        )
         self._resume_session()
 
     def _will_message(self, will: Any, client_id: str) -> Message | None:
@@ -410,6 +514,7 @@ class MqttConnection(asyncio.BufferedProtocol):
             self.session.identity if self.session else client_id, will.topic
         ):
             self.broker.metrics.acl_denials.labels("will").inc()
+            self.broker.events.denied("mqtt", client_id, self.peer, "will", will.topic)
             return None
         return Message(
             will.topic,
@@ -545,6 +650,7 @@ class MqttConnection(asyncio.BufferedProtocol):
             shadow and not self._shadow_request(topic, p, qos, packet_id)
         ):
             self.broker.metrics.acl_denials.labels("publish").inc()
+            self.broker.events.denied("mqtt", session.client_id, self.peer, "publish", topic)
             reason = mqtt.NOT_AUTHORIZED if self.version == 5 else 0
             if qos:
                 self._ack(mqtt.PUBACK if qos == 1 else mqtt.PUBREC, packet_id, reason)
@@ -633,12 +739,22 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.broker.mark_dirty(self)
         self.broker.flush()
 
-    def pause_reading(self) -> None:
-        if self.transport is not None:
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the client until `resume_reading(reason)`: the one place that
+        pauses this transport, so that no owner of a reason undoes another's."""
+        if not self._read_holds and self.transport is not None:
             self.transport.pause_reading()
+        self._read_holds.add(reason)
 
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._read_holds:
+            return
+        self._read_holds.discard(reason)
+        if (
+            not self._read_holds
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
             self.transport.resume_reading()
 
     def _on_pubrel(self, p: Any) -> None:
@@ -697,6 +813,9 @@ class MqttConnection(asyncio.BufferedProtocol):
             acl_filter = topic_filter if shared is None else shared[1]
             if not broker.acl.can_subscribe(session.identity, acl_filter):
                 broker.metrics.acl_denials.labels("subscribe").inc()
+                broker.events.denied(
+                    "mqtt", session.client_id, self.peer, "subscribe", topic_filter
+                )
                 codes.append(mqtt.NOT_AUTHORIZED if self.version == 5 else 0x80)
                 continue
             opts = SubOptions(
@@ -749,6 +868,7 @@ class MqttConnection(asyncio.BufferedProtocol):
                 session.expiry_interval = props.session_expiry_interval
         if not (self.version == 5 and p.reason_code == mqtt.DISCONNECT_WITH_WILL_MESSAGE):
             self.will = None  # a normal DISCONNECT discards the will
+        self._close_reason = "DISCONNECT from the client"
         self._closing = True
         self.broker.mark_dirty(self)
 

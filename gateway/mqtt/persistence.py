@@ -131,6 +131,7 @@ def pack_session(s: Session, now: float, wall: float) -> dict[str, Any]:
         "client_id": s.client_id,
         "version": s.version,
         "identity": s.identity,
+        "anonymous": s.anonymous,
         "expiry": s.expiry_interval,
         "offline_since": wall - offline_for,
         "subscriptions": _subscriptions_out(s.subscriptions),
@@ -152,6 +153,7 @@ def _install(broker: Broker, session: Session, subscriptions: dict[str, list[Any
 def unpack_session(broker: Broker, d: dict[str, Any], now: float, wall: float) -> Session | None:
     """Install a packed session (with its subscriptions) in the broker; None if it expired."""
     session = Session(d["client_id"], d["version"], d["identity"], d["expiry"])
+    session.anonymous = d.get("anonymous")  # None: from a version that did not say
     session.max_queue = broker.limits.max_queued_messages
     session.disconnected_at = now - max(0.0, wall - d["offline_since"])
     if session.expired(now):
@@ -354,10 +356,10 @@ class StateStore:
         self, client: str, blob: bytes, stored: _Stored, message: Any, now: float, wall: float
     ) -> bool:
         broker = self.broker
-        version, identity, expiry, offline_since, subscriptions, qos2 = msgpack.unpackb(
-            blob, raw=False, strict_map_key=False
+        version, identity, expiry, offline_since, subscriptions, qos2, anonymous = (
+            msgpack.unpackb(blob, raw=False, strict_map_key=False)
         )
-        session = Session(client, version, identity, expiry)
+        session = Session(client, version, identity, expiry, anonymous)
         session.max_queue = broker.limits.max_queued_messages
         # Online when last saved: it went offline when this process ended, at a moment no
         # file records; its expiry counts from the restart (keeping it a little longer, rather
@@ -465,7 +467,8 @@ class StateStore:
             offline_since = int(wall - (now - s.disconnected_at))
         meta: bytes = msgpack.packb(
             [s.version, s.identity, s.expiry_interval, offline_since,
-             _subscriptions_out(subscriptions), sorted(incoming_qos2)], use_bin_type=True,
+             _subscriptions_out(subscriptions), sorted(incoming_qos2), s.anonymous],
+            use_bin_type=True,
         )
         if meta != s.saved_meta:
             batch.sessions.append((client, meta))

@@ -177,6 +177,7 @@ class Session:
         "_queue",
         "_subscriptions",
         "_touched",
+        "anonymous",
         "client_id",
         "cluster_epoch",
         "disconnected_at",
@@ -190,11 +191,15 @@ class Session:
     )
 
     def __init__(
-        self, client_id: str, version: int, identity: str, expiry_interval: int = 0
+        self, client_id: str, version: int, identity: str, expiry_interval: int = 0,
+        anonymous: bool | None = False,
     ) -> None:
         self.client_id = client_id
         self.version = version
         self.identity = identity  # authenticated device id (or the client id if anonymous)
+        # Connected without credentials (acting as its client id); None: restored from a
+        # snapshot of a version that did not record it.
+        self.anonymous = anonymous
         self._expiry_interval = expiry_interval  # seconds after disconnect; NEVER_EXPIRES
         self._subscriptions: dict[str, SubOptions] = {}
         self._outgoing: dict[int, Delivery] = {}  # in flight, by packet id

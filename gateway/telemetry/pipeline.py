@@ -12,12 +12,22 @@ serve both), so a slow telemetry batch never delays a shadow record. Backpressur
 a connection whose submission pushes its lane past `high_water` records is paused (stops
 reading its socket) until that lane is back under `low_water`. QoS 0 records (no ack target)
 are shed, and counted, once their lane holds `shed_water` records: never silently.
+
+A sink that cannot write (a full disk, an I/O error, Kafka down with a full spool) raises; the
+batch is kept and written again with back-off (from `RETRY_FIRST` doubling up to `RETRY_DELAY`
+seconds), and nothing of it is acknowledged until a write succeeds. The lane's backlog keeps
+growing meanwhile, so the high-water pause above applies: no second flow-control mechanism.
+Failures are counted by cause (`iotgw_telemetry_write_errors_total{lane,reason}`), the lane is
+shown blocked (`iotgw_telemetry_sink_blocked{lane}` = 1) until a write succeeds again, and the
+log gets one line when a lane blocks, at most one per `LOG_EVERY` seconds while it stays
+blocked, and one when it recovers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 from collections import Counter
 from collections.abc import Hashable, Mapping
@@ -31,7 +41,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("iotgw.telemetry")
 
-RETRY_DELAY = 1.0  # seconds before a failed batch is written again
+RETRY_FIRST = 0.05  # seconds before a failed batch is first written again
+RETRY_DELAY = 1.0  # the longest wait between two attempts (the back-off's cap)
+LOG_EVERY = 30.0  # seconds between two log lines about a lane that stays blocked
 
 
 class Sink(Protocol):
@@ -48,11 +60,15 @@ class AckTarget(Protocol):
 
 
 class Flow(Protocol, Hashable):
-    """Something that reads from the network and can stop and resume (a connection)."""
+    """Something that reads from the network and can stop and resume (a connection). It may be
+    paused for other reasons too: it resumes only once no reason is left."""
 
-    def pause_reading(self) -> None: ...
+    def pause_reading(self, reason: str) -> None: ...
 
-    def resume_reading(self) -> None: ...
+    def resume_reading(self, reason: str) -> None: ...
+
+
+PAUSE_REASON = "telemetry"  # the pipeline's reason to pause a Flow
 
 
 class _Lane:
@@ -148,7 +164,7 @@ class TelemetryPipeline:
         lane = self._last
         if lane.backlog < self.high_water:
             return False
-        flow.pause_reading()
+        flow.pause_reading(PAUSE_REASON)
         lane.paused.add(flow)
         return True
 
@@ -168,21 +184,7 @@ class TelemetryPipeline:
                         metrics.records_in.labels(kind).inc(n)
                     metrics.batch_records.labels(lane.name).observe(len(records))
                     metrics.backlog.labels(lane.name).set(lane.backlog)
-                while True:
-                    try:
-                        await lane.sink.write(records)
-                        break
-                    except Exception:
-                        # Not durable: nothing is acknowledged; keep the batch and try again.
-                        self.failures += 1
-                        if metrics is not None:
-                            metrics.sink_failures.labels(lane.name).inc()
-                        log.exception(
-                            "telemetry sink failed (%s lane); retrying in %ss",
-                            lane.name,
-                            RETRY_DELAY,
-                        )
-                        await asyncio.sleep(RETRY_DELAY)
+                await self._write(lane, records)
                 lane.in_flight = 0
                 self.written += len(records)
                 if metrics is not None:
@@ -197,11 +199,53 @@ class TelemetryPipeline:
         finally:
             lane.flusher = None
 
+    async def _write(self, lane: _Lane, records: list[Record]) -> None:
+        """Write until the sink takes the batch. The same list goes back each time: a sink
+        that failed half-way has undone its part (or knows what it kept)."""
+        metrics = self.metrics
+        attempt = 0
+        blocked_at = logged_at = 0.0
+        while True:
+            try:
+                await lane.sink.write(records)
+                break
+            except Exception as exc:
+                # Not durable: nothing is acknowledged; keep the batch and try again.
+                self.failures += 1
+                reason = _reason(exc)
+                now = asyncio.get_running_loop().time()
+                if metrics is not None:
+                    metrics.sink_failures.labels(lane.name).inc()
+                    metrics.write_errors.labels(lane.name, reason).inc()
+                    metrics.sink_blocked.labels(lane.name).set(1)
+                if attempt == 0:
+                    blocked_at = logged_at = now
+                    log.error(
+                        "telemetry sink failed (%s lane: %s); holding %d records, retrying",
+                        lane.name, exc, len(records), exc_info=reason == "other",
+                    )
+                elif now - logged_at >= LOG_EVERY:
+                    logged_at = now
+                    log.error(
+                        "telemetry sink still failing (%s lane: %s) after %d attempts in %.0fs",
+                        lane.name, exc, attempt + 1, now - blocked_at,
+                    )
+                delay = min(RETRY_DELAY, RETRY_FIRST * 2 ** min(attempt, 30))  # no overflow
+                attempt += 1
+                await asyncio.sleep(delay)
+        if attempt:
+            if metrics is not None:
+                metrics.sink_blocked.labels(lane.name).set(0)
+            log.warning(
+                "telemetry sink writes again (%s lane) after %d failed attempts in %.1fs",
+                lane.name, attempt, asyncio.get_running_loop().time() - blocked_at,
+            )
+
     def _release(self, lane: _Lane) -> None:
         paused, lane.paused = lane.paused, set()
         for flow in paused:
             if not any(flow in other.paused for other in self.lanes.values()):
-                flow.resume_reading()
+                flow.resume_reading(PAUSE_REASON)
 
     @staticmethod
     def _acknowledge(acks: list[tuple[AckTarget, Any]]) -> None:
@@ -238,3 +282,11 @@ class TelemetryPipeline:
                         await lane.flusher
         for sink in self._sinks():
             await sink.close()
+
+
+def _reason(exc: BaseException) -> str:
+    """The metric label of a failed write: the errno's name (ENOSPC, EIO, EDQUOT...)."""
+    code = getattr(exc, "errno", None)
+    if isinstance(code, int) and code in errno.errorcode:
+        return errno.errorcode[code]
+    return "other"

@@ -1,14 +1,16 @@
 """The disk spool in front of Kafka: records are durable (and devices acknowledged) while Kafka
 is unreachable or slower than ingest, and reach Kafka later, in order, without loss.
 
-`Spool` is an append-only log of records in segment files, in the framing of filesink.py
-(`[u32 length][u32 crc32][body]`, fsynced per append), plus a committed position: everything
-before it has been acknowledged by Kafka. Each record has a position (0, 1, 2, ... for the life
-of the directory); a segment is named after its first position (`{first:020d}.seg`) and is
-deleted whole once every record in it is committed. The committed position lives in the file
-`committed` (8 bytes + CRC, fsynced). Total size is bounded (`max_bytes`): an append that does
-not fit waits for the replayer to free whole segments, which stalls the pipeline lane, which
-withholds acknowledgements and pauses reading from sockets (backpressure, never loss).
+`Spool` is an append-only log of records in segment files, in the segment format of filesink.py
+(version 2: a header, then sync-marked, byte-stuffed `[u32 length][u32 crc32][body]` frames;
+version 1 segments left by older releases are still read), fsynced per append, plus a committed
+position: everything before it has been acknowledged by Kafka. Each record has a position
+(0, 1, 2, ... for the life of the directory); a segment is named after its first position
+(`{first:020d}.seg`) and is deleted whole once every record in it is committed. The committed
+position lives in the file `committed` (8 bytes + CRC, fsynced). Total size is bounded
+(`max_bytes`): an append that does not fit waits for the replayer to free whole segments, which
+stalls the pipeline lane, which withholds acknowledgements and pauses reading from sockets
+(backpressure, never loss).
 
 `SpoolingSink` is the pipeline's sink for one lane: Kafka first, the spool when Kafka cannot
 take the batch in time. The rule that keeps per-device order:
@@ -29,7 +31,14 @@ take the batch in time. The rule that keeps per-device order:
   commits the position and deletes segments it no longer needs. When the spool is empty again,
   writes go straight to Kafka again.
 - on start (a gateway killed with SIGKILL), a non-empty spool is replayed from its committed
-  position. A torn record at the tail (crash mid-write: never acknowledged) is cut off.
+  position. A torn record at the tail (crash mid-write: never acknowledged) is cut off (one log
+  line with the byte count); a damaged range anywhere else is logged (segment, offset, length)
+  and skipped, and reading resumes at the next intact frame of the same segment.
+- a failed append (short write, ENOSPC, EIO, a failed fdatasync) is truncated back before
+  anything else is appended, and the append raises `AppendError` saying how many of its records
+  were durable before the failure; the spooling sink resumes the batch from there when the
+  pipeline retries it (never spooling a record twice, never sending it to Kafka again), and
+  nothing of the batch is acknowledged until then: a full disk is backpressure, not loss.
 
 Guarantee: every record whose device was acknowledged reaches Kafka, per-device order kept
 (one partition per device; the producer is idempotent with one batch in flight per
@@ -54,7 +63,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from gateway.telemetry.filesink import HEADER, SUFFIX, frame, scan_frames, write_all
+from gateway.telemetry.filesink import (
+    MAGIC,
+    SUFFIX,
+    PWrite,
+    frame_one,
+    fsync_dir,
+    scan_segment,
+    write_all,
+)
 from gateway.telemetry.records import Record
 
 if TYPE_CHECKING:
@@ -79,12 +96,23 @@ def decode(body: bytes) -> Record:
     return Record.from_envelope(envelope, content_type)
 
 
+class AppendError(OSError):
+    """An append failed after its first `done` records were made durable (from position
+    `first` on); the rest were not written (a partial write was cut back)."""
+
+    def __init__(self, cause: OSError, first: int, done: int) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.first = first
+        self.done = done
+
+
 @dataclass
 class _Segment:
     first: int  # position of its first record
     path: Path
-    count: int  # records in it
-    size: int  # bytes, all of them intact
+    count: int  # intact records in it
+    size: int  # bytes (damaged ranges that readers skip included)
+    legacy: bool = False  # version 1 framing (written by an older release)
 
 
 class Spool:
@@ -99,8 +127,13 @@ class Spool:
         segment_bytes: int | None = None,
         metrics: TelemetryMetrics | None = None,
         lane: str = "low",
+        pwrite: PWrite = os.pwrite,
+        fdatasync: Callable[[int], None] = os.fdatasync,
     ) -> None:
         self.directory = Path(directory)
+        # The OS calls that can fail with ENOSPC/EIO, a seam for tests that inject short writes.
+        self._pwrite = pwrite
+        self._fdatasync = fdatasync
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or max(64 << 10, min(64 << 20, max_bytes // 8))
         self.metrics = metrics
@@ -108,6 +141,7 @@ class Spool:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="iotgw-spool")
         self._segments: list[_Segment] = []
         self._fd = -1  # the segment being appended to (the last one), -1: start a new one
+        self._dirty = False  # a failed write left bytes past the last segment's size
         self._read_fd = -1
         self._read_segment: _Segment | None = None
         self._read_offset = 0
@@ -152,20 +186,27 @@ class Spool:
         paths = sorted(self.directory.glob("*" + SUFFIX))
         for i, path in enumerate(paths):
             data = path.read_bytes()
-            count, size = 0, 0
-            for _, size in scan_frames(data):  # noqa: B007 - the last offset is the intact size
-                count += 1
-            if size < len(data):
-                if i == len(paths) - 1:
-                    # Torn by a crash mid-append: those records were never acknowledged.
-                    log.warning("%s: cutting a torn tail of %d bytes", path, len(data) - size)
-                else:
-                    log.error("%s: corrupt after %d intact records; skipping the rest", path, count)
-                os.truncate(path, size)
-            if count == 0:
+            scan = scan_segment(data)
+            size = len(data)
+            newest = i == len(paths) - 1
+            for gap in scan.skipped:
+                if newest and gap.offset + gap.length == size:
+                    continue  # the torn tail, cut below
+                log.warning(
+                    "%s: skipped %d unreadable bytes at offset %d (%s)",
+                    path, gap.length, gap.offset, gap.reason,
+                )
+            if newest and scan.good_end < size:
+                # Torn by a crash mid-append: those records were never acknowledged.
+                log.warning("%s: cutting a torn tail of %d bytes", path, size - scan.good_end)
+                os.truncate(path, scan.good_end)
+                size = scan.good_end
+            if not scan.frames:
                 path.unlink()
                 continue
-            self._segments.append(_Segment(int(path.stem), path, count, size))
+            self._segments.append(
+                _Segment(int(path.stem), path, len(scan.frames), size, scan.legacy)
+            )
         if self._segments:
             last = self._segments[-1]
             self.end = last.first + last.count
@@ -178,7 +219,7 @@ class Spool:
         self.read_position = self.committed
         self.bytes = sum(s.size for s in self._segments)
         self._commit_fd = os.open(self.directory / COMMITTED, os.O_RDWR | os.O_CREAT, 0o644)
-        self._fsync_dir()
+        fsync_dir(self.directory)
         # Appends always start a new segment: an existing one is never written again.
 
     def _read_committed(self) -> int | None:
@@ -194,13 +235,6 @@ class Spool:
             return None
         return int(position)
 
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
     # ---- append ------------------------------------------------------------------------------
 
     async def append(
@@ -211,16 +245,17 @@ class Spool:
         makes sure something drains the spool: the replayer)."""
         await self.open()
         first = self.end
-        bodies = [encode(r) for r in records]
+        framed = [frame_one(encode(r)) for r in records]
         i = 0
-        while i < len(bodies):
+        while i < len(framed):
             room = self.max_bytes - self.bytes
             n, size = 0, 0
-            for body in bodies[i:]:
-                need = HEADER.size + len(body)
-                if size + need > room:
+            for data in framed[i:]:
+                need = size + len(data)
+                # each segment this may start costs a header too
+                if need + len(MAGIC) * (1 + need // self.segment_bytes) > room:
                     break
-                size += need
+                size = need
                 n += 1
             if n == 0:
                 if not self.empty:
@@ -230,39 +265,66 @@ class Spool:
                     await self._room.wait()  # the replayer frees whole segments
                     continue
                 n = 1  # one record bigger than the whole spool: accept it rather than stall
-            await self._run(self._append, bodies[i : i + n])
+            progress = [0]
+            try:
+                await self._run(self._append, framed[i : i + n], progress)
+            except OSError as exc:
+                self._report()
+                raise AppendError(exc, first, i + progress[0]) from exc
             i += n
             self._report()
         return first
 
-    def _append(self, bodies: list[bytes]) -> None:
+    def _append(self, framed: list[bytes], progress: list[int]) -> None:
         """Fill the current segment up to `segment_bytes`, then new ones (so that space comes
-        back in segment-sized steps); each written segment is fsynced before returning."""
+        back in segment-sized steps); each written segment is fsynced before the next. A write
+        that fails is cut back before this raises; `progress[0]` counts the records that are
+        durable."""
+        if self._dirty:
+            self._cut_back()  # raises while it cannot: nothing is appended after garbage
         i = 0
-        while i < len(bodies):
+        while i < len(framed):
             segment = self._segments[-1] if self._segments and self._fd >= 0 else None
             if segment is None or segment.size >= self.segment_bytes:
                 segment = self._rotate()
             room = self.segment_bytes - segment.size
             j, size = i, 0
-            while j < len(bodies) and (j == i or size + HEADER.size + len(bodies[j]) <= room):
-                size += HEADER.size + len(bodies[j])
+            while j < len(framed) and (j == i or size + len(framed[j]) <= room):
+                size += len(framed[j])
                 j += 1
-            data = frame(bodies[i:j])
-            write_all(self._fd, data)
-            os.fdatasync(self._fd)
+            data = b"".join(framed[i:j])
+            if segment.size == 0:
+                data = MAGIC + data
+            try:
+                write_all(self._fd, data, segment.size, self._pwrite)
+                self._fdatasync(self._fd)
+            except OSError:
+                self._dirty = True
+                try:
+                    self._cut_back()
+                except OSError:
+                    log.error("%s: cannot truncate a failed write back", segment.path)
+                raise
             segment.count += j - i
             segment.size += len(data)
             self.bytes += len(data)
             self.end += j - i
+            progress[0] += j - i
             i = j
+
+    def _cut_back(self) -> None:
+        os.ftruncate(self._fd, self._segments[-1].size)
+        self._dirty = False
 
     def _rotate(self) -> _Segment:
         if self._fd >= 0:
             os.close(self._fd)
         path = self.directory / f"{self.end:020d}{SUFFIX}"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-        self._fsync_dir()  # the new file's name is durable too
+        # The name is free: a segment is never appended to across opens, and one left without
+        # an intact record was removed by `_open` or is the failed segment of this run.
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._dirty = False
+        fsync_dir(self.directory)  # the new file's name is durable too
         segment = _Segment(self.end, path, 0, 0)
         self._segments.append(segment)
         return segment
@@ -286,21 +348,32 @@ class Spool:
                 if segment is None:
                     break
             remaining = segment.size - self._read_offset
-            if remaining <= 0:
-                break
-            data = os.pread(self._read_fd, min(remaining, max_bytes), self._read_offset)
-            if len(data) < HEADER.size + HEADER.unpack_from(data)[0]:
-                length = HEADER.unpack_from(data)[0]  # one record bigger than max_bytes
-                data = os.pread(self._read_fd, HEADER.size + length, self._read_offset)
-            offset = 0
-            for body, offset in scan_frames(data):  # noqa: B007
-                bodies.append(body)
+            if remaining <= 0:  # its intact records are all read: on to the next segment
+                self.read_position = segment.first + segment.count
+                continue
+            # A frame may be bigger than the window: widen it until one fits (or the end).
+            window = min(remaining, max_bytes)
+            while True:
+                data = os.pread(self._read_fd, window, self._read_offset)
+                final = len(data) >= remaining
+                scan = scan_segment(
+                    data,
+                    None if self._read_offset == 0 else 0,
+                    final=final,
+                    legacy=segment.legacy,
+                )
+                if scan.frames or final:
+                    break
+                window = min(remaining, 2 * window)
+            # Damaged ranges were reported when the spool was opened; here they are passed.
+            taken = scan.consumed
+            for f in scan.frames:
+                bodies.append(f.body)
                 self.read_position += 1
                 if len(bodies) >= max_records:
+                    taken = f.end
                     break
-            if offset == 0:  # cannot happen: segments hold intact records only
-                raise OSError(f"{segment.path}: unreadable record at {self._read_offset}")
-            self._read_offset += offset
+            self._read_offset += taken
             if bodies and sum(map(len, bodies)) >= max_bytes:
                 break
         return first, bodies
@@ -324,10 +397,8 @@ class Spool:
         skip = position - segment.first
         if skip:
             data = os.pread(self._read_fd, segment.size, 0)
-            for n, (_, offset) in enumerate(scan_frames(data), 1):
-                if n == skip:
-                    self._read_offset = offset
-                    break
+            frames = scan_segment(data, legacy=segment.legacy).frames
+            self._read_offset = frames[skip].offset if skip < len(frames) else segment.size
         return segment
 
     def rewind(self) -> None:
@@ -369,6 +440,11 @@ class Spool:
         self._executor.shutdown()
 
     def _close(self) -> None:
+        if self._dirty:
+            try:
+                self._cut_back()
+            except OSError:
+                log.error("%s: a failed write could not be cut; the next open will", self.directory)
         for fd in (self._fd, self._read_fd, self._commit_fd):
             if fd >= 0:
                 os.close(fd)
@@ -412,6 +488,15 @@ async def deliver(kafka: Deliverer, records: Sequence[Record], out: list[Deliver
             raise exc
 
 
+@dataclass
+class _Unfinished:
+    records: list[Record]  # the pipeline's batch (the same list comes back on a retry)
+    out: list[Delivery]  # what Kafka was handed of it
+    rest: list[int]  # indices of the records that go to the spool
+    done: int  # how many of `rest` are in the spool already
+    first: int  # the spool position of rest[0] (once done > 0)
+
+
 class SpoolingSink:
     """The sink of one pipeline lane with Kafka: see the module docstring."""
 
@@ -436,6 +521,8 @@ class SpoolingSink:
         self._in_doubt: dict[int, asyncio.Future[Any]] = {}  # spool position -> batch ack
         self._delivered: set[int] = set()  # spooled positions found acknowledged after all
         self._replayer: asyncio.Task[None] | None = None
+        # A batch whose spooling failed part-way (disk full): resumed when it is written again.
+        self._unfinished: _Unfinished | None = None
         self._closed = False
         self._failing = False
         self.replayed = 0
@@ -456,7 +543,11 @@ class SpoolingSink:
 
     async def write(self, records: list[Record]) -> None:
         await self.spool.open()
-        if self.spool.empty:
+        unfinished, self._unfinished = self._unfinished, None
+        if unfinished is not None and unfinished.records is records:
+            # The pipeline retries the batch whose spooling failed: go on where it stopped.
+            await self._spool_rest(records, unfinished.out, unfinished)
+        elif self.spool.empty:
             out: list[Delivery] = []
             started = asyncio.get_running_loop().time()
             try:
@@ -478,16 +569,32 @@ class SpoolingSink:
             await self._spool_rest(records, out)
         else:
             self._kick()
-            await self.spool.append(records, self._kick)
-            self._count(records, "spool")
+            await self._spool_rest(records, [])
         self._kick()
 
-    async def _spool_rest(self, records: list[Record], out: list[Delivery]) -> None:
-        acked = _delivered(out)
-        rest = [i for i in range(len(records)) if i not in acked]
-        self._count([records[i] for i in acked], "kafka")
-        first = await self.spool.append([records[i] for i in rest], self._kick)
-        self._count([records[i] for i in rest], "spool")
+    async def _spool_rest(
+        self, records: list[Record], out: list[Delivery], resume: _Unfinished | None = None
+    ) -> None:
+        if resume is None:
+            acked = _delivered(out)
+            rest = [i for i in range(len(records)) if i not in acked]
+            self._count([records[i] for i in acked], "kafka")
+            done, first = 0, -1
+        else:
+            rest, done, first = resume.rest, resume.done, resume.first
+        try:
+            start = await self.spool.append([records[i] for i in rest[done:]], self._kick)
+        except AppendError as exc:
+            if exc.done:
+                self._count([records[i] for i in rest[done : done + exc.done]], "spool")
+            self._unfinished = _Unfinished(
+                records, out, rest, done + exc.done, first if done else exc.first
+            )
+            raise
+        if not done:
+            first = start
+        self._count([records[i] for i in rest[done:]], "spool")
+        # The batch's positions are consecutive: this lane's flusher is the spool's only writer.
         position = {index: first + n for n, index in enumerate(rest)}
         for future, indices in out:
             if not future.done():
