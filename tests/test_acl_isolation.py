@@ -173,3 +173,29 @@ def test_a_certificate_whose_name_is_no_device_id_is_refused(
     )
     refused = _tls_connect(gw.mqtts_port, "#", c["ca.pem"], c["#.pem"], c["#.key"])
     assert refused is not None and refused.value == mqtt.CLIENT_IDENTIFIER_NOT_VALID
+
+
+def test_registering_an_id_ends_only_its_anonymous_coap_observations(
+    gateway_factory: Any,
+) -> None:
+    from test_coap_endpoint import RawCoap
+
+    gw = gateway_factory(allow_anonymous=True)
+    anon, owner = RawCoap(gw.coap_port), RawCoap(gw.coap_port)
+    try:
+        anon.request(coap.GET, "/commands/dev-5", 1, b"a1", options=[(coap.OBSERVE, 0)])
+        assert anon.recv().observe is not None
+        gw.gateway.registry.add("dev-5", "secret-5")
+        owner.request(coap.GET, "/commands/dev-5?t=secret-5", 2, b"o1",
+                      options=[(coap.OBSERVE, 0)])
+        assert owner.recv().observe is not None
+        gw.call(gw.gateway.registry_changed)  # what the sweep does every half second
+        last = anon.recv()
+        assert last.code == coap.UNAUTHORIZED and last.token == b"a1"
+        observers = gw.gateway.coap.observers
+        assert gw.call(lambda: [o.token for o in observers.observers("commands", "dev-5")]) == [
+            b"o1"
+        ]
+    finally:
+        anon.close()
+        owner.close()

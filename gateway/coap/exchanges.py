@@ -56,6 +56,7 @@ class Exchange:
 
     __slots__ = (
         "addr",
+        "anonymous",
         "arrived",
         "block1",
         "block2",
@@ -77,6 +78,7 @@ class Exchange:
         self.token = token
         self.key = (addr, mid)
         self.arrived = now
+        self.anonymous = False  # served without a token (--allow-anonymous)
         self.response: bytes | None = None
         self.done = False
         self.separate = False

@@ -43,6 +43,7 @@ MAX_NON_REMEMBERED = 65536  # NON notifications remembered for that
 class Observer:
     __slots__ = (
         "addr",
+        "anonymous",
         "device",
         "inflight",
         "key",
@@ -63,6 +64,7 @@ class Observer:
         self.addr = addr
         self.token = token
         self.key = (addr, token)
+        self.anonymous = False  # registered without a token
         self.seq = 2  # the registration response carries the next number
         self.ready = False  # the registration response has gone out
         self.last_version: int | None = None
@@ -164,14 +166,18 @@ class ObserveRegistry:
         obs.queue = None
         self.on_removed(obs)
 
-    def end_device(self, device: str, code: int, reason: bytes, now: float) -> int:
-        """End every observation of one device's resources with a final `code` notification
-        (the device was removed or disabled); returns how many ended."""
+    def end_device(
+        self, device: str, code: int, reason: bytes, now: float, anonymous_only: bool = False
+    ) -> int:
+        """End every observation of one device's resources (only those made without a token,
+        with `anonymous_only`) with a final `code` notification (the device was removed or
+        disabled, or registered); returns how many ended."""
         ended = 0
         for kind in (SHADOW, DELTA, COMMANDS):
             for obs in self.observers(kind, device):
-                self.notify(obs, code, (), reason, now)
-                ended += 1
+                if obs.anonymous or not anonymous_only:
+                    self.notify(obs, code, (), reason, now)
+                    ended += 1
         return ended
 
     def observers(self, kind: str, device: str) -> list[Observer]:

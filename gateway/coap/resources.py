@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway import guard
 from gateway._native import coap, mqtt
-from gateway.auth import RegistryError, valid_device_id
+from gateway.auth import ADDED, RegistryError, valid_device_id
 from gateway.coap import blockwise
 from gateway.coap.exchanges import Exchange
 from gateway.coap.observe import COMMANDS, DELTA, SHADOW, Observer
@@ -254,6 +254,7 @@ class Resources:
         if token is None:  # anonymous: only as a device no one registered
             if not self.allow_anonymous:
                 return guard.DENIED
+            ex.anonymous = True
             try:
                 return guard.DENIED if registry and registry.get(device) else guard.OK
             except RegistryError:
@@ -270,7 +271,9 @@ class Resources:
         no longer matches the registry's.)"""
         now = _monotonic()
         for device, op in changes.items():
-            self.observers.end_device(device, coap.UNAUTHORIZED, f"device {op}".encode(), now)
+            self.observers.end_device(
+                device, coap.UNAUTHORIZED, f"device {op}".encode(), now, op == ADDED
+            )
 
 
     def _body(
@@ -424,6 +427,8 @@ class Resources:
             # Registered before the read, so that a change after it is not missed: the
             # notification task skips the observer until this response has gone out.
             obs = observers.register(kind, device, ex.addr, ex.token, now)
+            if obs is not None:
+                obs.anonymous = ex.anonymous
             broker = self.broker
             clustered = broker is not None and broker.cluster is not None
             if obs is not None and clustered and device not in self._shadow_subs:
@@ -669,6 +674,7 @@ class Resources:
         if observe == 0:
             obs = observers.register(COMMANDS, device, ex.addr, ex.token, now)
             if obs is not None:
+                obs.anonymous = ex.anonymous
                 if device not in self._command_subs and self.broker is not None:
                     self._command_subs[device] = self.broker.subscribe_internal(
                         f"devices/{device}/commands/#",
