@@ -392,6 +392,7 @@ def test_restart_restores_in_flight_queued_incoming_qos2_and_retained_state(
     again = gateway_factory(**settings)
     session = again.call(lambda: again.gateway.broker.sessions["dev"])
     assert session.expiry_interval == 3600
+    assert session.anonymous is True  # it connected without credentials
     back = RawClient(again.mqtt_port, version=5)
     ack = back.connect("dev", clean_start=False, properties=props)
     assert ack.session_present
