@@ -22,7 +22,6 @@ from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
 from gateway.config import Config
 from gateway.events import EventLog
-from gateway.files import write_atomically
 from gateway.guard import AuthGuard, GuardLimits
 from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
@@ -42,7 +41,7 @@ from shadow import ShadowStore, SqliteShadowStore
 log = logging.getLogger("iotgw")
 
 SWEEP_INTERVAL = 0.5  # seconds between timeout sweeps
-SNAPSHOT_INTERVAL = 5.0  # seconds between session snapshots while something changed
+SAVE_INTERVAL = 1.0  # seconds between saves of what changed in sessions and retained messages
 
 
 class Gateway:
@@ -84,6 +83,8 @@ class Gateway:
             limits=BrokerLimits(
                 max_packet_size=config.max_packet_size,
                 max_queued_messages=config.max_queued_messages,
+                max_queued_bytes=config.max_queued_bytes,
+                max_queued_bytes_total=config.max_queued_bytes_total,
             ),
             telemetry=self.telemetry,
         )
@@ -117,8 +118,11 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         self.mqtt_port: int | None = None
         self.mqtts_port: int | None = None
-        self.snapshot_path = self.state_dir / "mqtt-state.msgpack"
-        self._saved_changes = -1
+        self.state = persistence.StateStore(
+            self.state_dir / "mqtt-state.sqlite", self.broker,
+            legacy=self.state_dir / "mqtt-state.msgpack",
+        )
+        self._saving: asyncio.Task[bool] | None = None
         self._registry_cursor: int | None = None  # the last registry change acted upon
 
     async def start(self) -> None:
@@ -127,8 +131,7 @@ class Gateway:
         await self.telemetry.start()  # issue 5: replays a Kafka spool left by a previous run
         if self.cluster is not None:
             await self.cluster.start()
-        restored = persistence.load(self.broker, self.snapshot_path)
-        self._saved_changes = self.broker.changes
+        restored = await self.state.open()
         if restored:
             log.info("restored %d persistent sessions", restored)
         if self.cluster is not None:
@@ -230,27 +233,29 @@ class Gateway:
         return ctx
 
     async def _sweep_forever(self) -> None:
-        last_snapshot = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        last_save = loop.time()
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 self.broker.sweep()
                 self.guard.sweep()
                 self.registry_changed()
-                now = asyncio.get_running_loop().time()
-                if now - last_snapshot >= SNAPSHOT_INTERVAL:
-                    last_snapshot = now
-                    await self.save_state()
+                now = loop.time()
+                # A save runs beside the sweeps (its writing is on the store's thread); the
+                # next one starts once it is done.
+                if now - last_save >= SAVE_INTERVAL and (
+                    self._saving is None or self._saving.done()
+                ):
+                    last_save = now
+                    self._saving = asyncio.create_task(self.save_state())
             except Exception:  # a bug in one sweep must not stop every timeout for good
                 log.exception("sweep failed")
 
-    async def save_state(self) -> None:
-        """Snapshot sessions and retained messages if anything changed since the last one."""
-        if self.broker.changes == self._saved_changes:
-            return
-        self._saved_changes = self.broker.changes
-        data = persistence.snapshot(self.broker)  # on the loop: the state must not move under it
-        await asyncio.to_thread(write_atomically, self.snapshot_path, data)
+    async def save_state(self) -> bool:
+        """Save what changed in sessions and retained messages since the last save; False if
+        that failed (the next save writes it: nothing is taken as saved that was not)."""
+        return await self.state.save()
 
     async def stop(self) -> None:
         if self.http is not None:
@@ -265,7 +270,12 @@ class Gateway:
             await server.wait_closed()
         await self.shadows.close()
         await self.telemetry.close()
-        await self.save_state()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if not await self.save_state():
+            log.error("the last save of session state failed: changes since the one before "
+                      "are lost")
+        await self.state.close()
         if self.cluster is not None:
             await self.cluster.stop()
         self.guard.close()

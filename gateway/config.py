@@ -46,6 +46,12 @@ class Config:
     max_queued_messages: int = _opt(
         1000, "QoS 1/2 messages queued per offline or slow session before dropping"
     )
+    max_queued_bytes: int = _opt(
+        16 << 20, "payload bytes queued per offline or slow session before dropping"
+    )
+    max_queued_bytes_total: int = _opt(
+        256 << 20, "payload bytes queued by all sessions together before dropping"
+    )
     acl_file: str | None = _opt(
         None, "TOML file with deny rules and service accounts (see README, ACL)"
     )
@@ -77,6 +83,9 @@ class Config:
     log_level: str = _opt("info", "debug, info, warning or error")
 
     def __post_init__(self) -> None:
+        for name in ("max_queued_messages", "max_queued_bytes", "max_queued_bytes_total"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} is not a bound (>= 1)")
         if self.auth_workers < 1 or self.auth_max_pending < 1:
             raise ConfigError("auth_workers and auth_max_pending must be at least 1")
         if self.workers < 1:

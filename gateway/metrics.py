@@ -55,6 +55,16 @@ class MqttMetrics:
         self.sessions = Gauge(
             "iotgw_mqtt_sessions", "Sessions, online and offline", registry=registry
         )
+        self.queued_bytes = Gauge(
+            "iotgw_mqtt_queued_bytes",
+            "Payload bytes queued for offline or slow sessions, all sessions together",
+            registry=registry,
+        )
+        self.state_save_failures = Counter(
+            "iotgw_mqtt_state_save_failures",
+            "Saves of sessions and retained messages that failed (retried at the next save)",
+            registry=registry,
+        )
 
 
 class TelemetryMetrics:

@@ -9,6 +9,7 @@ and written once, by `flush()` at the end of that read.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +20,16 @@ from gateway.events import EventLog
 from gateway.guard import AuthGuard
 from gateway.metrics import MqttMetrics
 from gateway.mqtt.acl import Acl
-from gateway.mqtt.session import Delivery, Message, Session, SubOptions, monotonic
+from gateway.mqtt.session import (
+    QUEUE_FULL_TOTAL,
+    ChangeLog,
+    Delivery,
+    Message,
+    QueueBudget,
+    Session,
+    SubOptions,
+    monotonic,
+)
 from gateway.mqtt.topics import SubscriptionTrie, TopicTree
 from gateway.telemetry.pipeline import TelemetryPipeline
 
@@ -28,6 +38,10 @@ if TYPE_CHECKING:
     from gateway.mqtt.connection import MqttConnection
     from gateway.shadows import ShadowService
 
+log = logging.getLogger("iotgw.mqtt")
+
+SHED_LOG_INTERVAL = 10.0  # seconds: at most one log line about shed messages per interval
+
 
 @dataclass(frozen=True)
 class BrokerLimits:
@@ -35,6 +49,8 @@ class BrokerLimits:
     receive_maximum: int = 1024  # QoS 1/2 publishes a client may have unacknowledged with us
     topic_alias_maximum: int = 64
     max_queued_messages: int = 1000  # per offline or slow session
+    max_queued_bytes: int = 16 << 20  # payload bytes queued per offline or slow session
+    max_queued_bytes_total: int = 256 << 20  # payload bytes queued by all sessions together
     max_write_buffer: int = 1 << 20  # bytes buffered for a slow subscriber before shedding QoS 0
     connect_timeout: float = 10.0  # seconds from TCP accept to CONNECT
     max_keep_alive: int = 65535
@@ -107,10 +123,18 @@ class Broker:
         self.retained: TopicTree[Message] = TopicTree()
         self.pending_wills: dict[str, _PendingWill] = {}
         self._dirty: set[MqttConnection] = set()
-        self.changes = 0  # bumped by every change a snapshot must keep (persistence.py)
+        self.changes = 0  # bumped by changes to routing and sessions
+        # What changed since the last save (persistence.py), and the queues' byte bounds.
+        self.journal = ChangeLog()
+        self.budget = QueueBudget(
+            self.limits.max_queued_bytes, self.limits.max_queued_bytes_total
+        )
+        self._shed: dict[str, int] = {}  # messages shed since the last log line, by reason
+        self._shed_logged = 0.0
         # Counted when scraped: a gauge's set() on every CONNECT costs more than it tells.
         metrics.sessions.set_function(lambda: len(self.sessions))
         metrics.retained.set_function(lambda: len(self.retained))
+        metrics.queued_bytes.set_function(lambda: self.budget.queued)
 
     # ---- output batching -------------------------------------------------------------------
 
@@ -132,6 +156,7 @@ class Broker:
         self.sessions[session.client_id] = session
         self.pending_wills.pop(session.client_id, None)  # a will delayed for this session is off
         session.disconnected_at = None
+        session.join(self.journal, self.budget)
 
     def detach(self, conn: MqttConnection, will: Message | None, will_delay: int) -> None:
         """The connection is gone: keep or end its session, publish or schedule its will."""
@@ -142,6 +167,7 @@ class Broker:
         del self.online[session.client_id]
         now = monotonic()
         session.disconnected_at = now
+        session.touch()
         if will is not None:
             delay = min(will_delay, session.expiry_interval)
             if delay <= 0:
@@ -168,6 +194,8 @@ class Broker:
             self.remove_subscription(session.client_id, topic_filter)
         if self.sessions.get(session.client_id) is session:
             del self.sessions[session.client_id]
+            self.journal.ended.add(session.client_id)
+            session.leave()
         return self.pending_wills.pop(session.client_id, None)
 
     def revoke(self, changes: dict[str, str]) -> int:
@@ -314,6 +342,8 @@ class Broker:
 
     def _retain(self, message: Message) -> None:
         self.changes += 1
+        if self.cluster is None:  # a cluster keeps its retained messages in Redis
+            self.journal.retained.add(message.topic)
         if message.payload:
             message.own()
             self.retained.set(message.topic, message)
@@ -342,10 +372,30 @@ class Broker:
         self.changes += 1
         if conn is not None and not session.queue and session.can_send_now() and not conn.paused:
             conn.send_publish(delivery)
-        elif not session.enqueue(delivery):
-            self.metrics.dropped.labels("queue_full").inc()
-            if conn is not None:  # a slow consumer: it cannot keep up, so it goes
-                conn.close_with(mqtt.QUOTA_EXCEEDED, "slow consumer: message queue full")
+        else:
+            reason = session.enqueue(delivery)
+            if reason is not None:
+                self._shed_one(reason)
+                if conn is not None and reason != QUEUE_FULL_TOTAL:
+                    # A slow consumer: it cannot keep up, so it goes. (When all queues together
+                    # are full, this one is not to blame.)
+                    conn.close_with(mqtt.QUOTA_EXCEEDED, f"slow consumer: {reason}")
+
+    def _shed_one(self, reason: str) -> None:
+        self.metrics.dropped.labels(reason).inc()
+        self._shed[reason] = self._shed.get(reason, 0) + 1
+
+    def _log_shed(self, now: float) -> None:
+        """One line per interval at most, however many messages were shed."""
+        if self._shed and now - self._shed_logged >= SHED_LOG_INTERVAL:
+            self._shed_logged = now
+            counts = ", ".join(f"{n} {reason}" for reason, n in sorted(self._shed.items()))
+            self._shed.clear()
+            log.warning(
+                "queued QoS 1/2 messages shed (newest refused): %s (bounds: %d messages, "
+                "%d bytes per session, %d bytes in all)", counts,
+                self.limits.max_queued_messages, self.budget.per_session, self.budget.total,
+            )
 
     def retained_for(self, topic_filter: str) -> list[Message]:
         """Retained messages a new subscription receives; expired ones are deleted here."""
@@ -354,6 +404,8 @@ class Broker:
         for topic, message in found:
             if message.expired(now):
                 self.retained.delete(topic)
+                if self.cluster is None:
+                    self.journal.retained.add(topic)
         return [m for _, m in found if not m.expired(now)]
 
     # ---- the sweep ---------------------------------------------------------------------------
@@ -374,4 +426,5 @@ class Broker:
         for session in list(self.sessions.values()):
             if session.expired(now):
                 self.end_session(session)
+        self._log_shed(now)
         self.flush()
