@@ -281,8 +281,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"iotgw: {exc}", file=sys.stderr)
         return 2
     from gateway import app
+    from gateway.startup import StartupError
 
-    app.run(cfg)
+    try:
+        app.run(cfg)
+    except StartupError as exc:  # busy port, data dir in use or unusable, TLS files
+        print(f"iotgw: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,0 +1,296 @@
+"""`iotgw run` start-up: operator mistakes (busy ports, a data dir in use or unusable, bad
+values, TLS files that do not load) are one line on stderr and exit 2, never a traceback nor a
+gateway that starts anyway. Every case runs the real command in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import free_port, free_ports, wait_for_tcp
+
+RUN = [sys.executable, "-m", "gateway.cli", "run"]
+TIMEOUT = 20  # seconds: a gateway that starts instead of refusing fails the test here
+
+
+class Ports:
+    def __init__(self, workers: int = 1) -> None:
+        self.mqtt = free_port()
+        self.http = free_ports(workers)
+        self.coap = free_port(socket.SOCK_DGRAM)
+
+    def args(self) -> list[str]:
+        return ["--mqtt-port", str(self.mqtt), "--http-port", str(self.http),
+                "--coap-port", str(self.coap)]
+
+
+def refused(args: list[str], *, prefix: list[str] | None = None) -> str:
+    """Run `iotgw run ARGS`, expect exit 2 with one line on stderr; return that line."""
+    proc = subprocess.run([*(prefix or []), *RUN, *args], capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("iotgw: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Started:
+    """A gateway subprocess that has bound all its listeners (it logged `CoAP listening`, its
+    last, once per process)."""
+
+    def __init__(self, args: list[str], processes: int = 1) -> None:
+        self.proc = subprocess.Popen([*RUN, *args], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:  # also keeps draining, so the gateway never blocks on the pipe
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.log.append(line)
+                if sum("CoAP listening" in seen for seen in self.log) >= processes:
+                    ready.set()
+            ready.set()  # exited
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(60) or self.proc.poll() is not None:
+            _stop(self.proc)
+            raise RuntimeError("gateway did not start:\n" + "".join(self.log))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+@pytest.fixture
+def started() -> Iterator[Any]:
+    running: list[Started] = []
+
+    def start(args: list[str], processes: int = 1) -> Started:
+        gw = Started(args, processes)
+        running.append(gw)
+        return gw
+
+    yield start
+    for gw in running:
+        gw.stop()
+
+
+# ---- ports -------------------------------------------------------------------------------
+
+
+def test_second_gateway_on_the_same_ports_is_refused(tmp_path: Path, started: Any) -> None:
+    ports = Ports()
+    first = started([*ports.args(), "--data-dir", str(tmp_path / "a")])
+    line = refused([*ports.args(), "--data-dir", str(tmp_path / "b")])
+    assert "--mqtt-port" in line and "in use" in line
+    assert first.proc.poll() is None  # the first one is untouched
+    wait_for_tcp(ports.mqtt)
+
+
+def test_port_held_by_mosquitto_is_a_one_line_error(tmp_path: Path, mosquitto: Any) -> None:
+    ports = Ports()
+    line = refused([*ports.args(), "--mqtt-port", str(mosquitto.port),
+                    "--data-dir", str(tmp_path)])
+    assert f"127.0.0.1:{mosquitto.port}" in line and "--mqtt-port" in line
+
+
+def test_http_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    ports = Ports()
+    with socket.create_server(("127.0.0.1", ports.http)):
+        line = refused([*ports.args(), "--data-dir", str(tmp_path)])
+    assert "--http-port" in line and "in use" in line
+
+
+def test_coap_port_shared_with_reuse_port_is_refused(tmp_path: Path) -> None:
+    """A UDP socket with SO_REUSEPORT (another gateway, another CoAP server) would otherwise get
+    half of the devices' datagrams."""
+    ports = Ports()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", ports.coap))
+        line = refused([*ports.args(), "--data-dir", str(tmp_path)])
+    assert "--coap-port" in line and "in use" in line
+
+
+def test_mqtt_port_shared_with_reuse_port_is_refused(tmp_path: Path) -> None:
+    ports = Ports()
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", ports.mqtt))
+        other.listen()
+        line = refused([*ports.args(), "--data-dir", str(tmp_path)])
+    assert "--mqtt-port" in line
+
+
+def test_workers_refuse_ports_of_a_running_gateway(
+    tmp_path: Path, started: Any, redis_server: Any
+) -> None:
+    ports = Ports(workers=2)
+    started([*ports.args(), "--data-dir", str(tmp_path / "a")])
+    line = refused([*ports.args(), "--data-dir", str(tmp_path / "b"), "--workers", "2",
+                    "--redis", f"redis://{redis_server.url}"])
+    assert "--mqtt-port" in line and "in use" in line
+
+
+def test_gateway_refuses_ports_of_running_workers(
+    tmp_path: Path, started: Any, redis_server: Any
+) -> None:
+    ports = Ports(workers=2)
+    workers = started([*ports.args(), "--data-dir", str(tmp_path / "a"), "--workers", "2",
+                       "--redis", f"redis://{redis_server.url}", "--node-id", "w"], 2)
+    other = Ports()
+    line = refused([*other.args(), "--mqtt-port", str(ports.mqtt),
+                    "--data-dir", str(tmp_path / "b")])
+    assert "--mqtt-port" in line
+    line = refused([*other.args(), "--coap-port", str(ports.coap),
+                    "--data-dir", str(tmp_path / "c")])
+    assert "--coap-port" in line
+    assert workers.proc.poll() is None
+
+
+# ---- the data dir -------------------------------------------------------------------------
+
+
+def test_data_dir_in_use_names_the_pid_holding_it(tmp_path: Path, started: Any) -> None:
+    first = started([*Ports().args(), "--data-dir", str(tmp_path)])
+    line = refused([*Ports().args(), "--data-dir", str(tmp_path)])
+    assert str(tmp_path) in line and f"pid {first.pid}" in line
+
+
+def test_data_dir_is_free_again_after_a_stop(tmp_path: Path, started: Any) -> None:
+    ports = Ports()
+    first = started([*ports.args(), "--data-dir", str(tmp_path)])
+    first.stop()
+    assert first.proc.returncode == 0
+    started([*ports.args(), "--data-dir", str(tmp_path)])
+
+
+def test_data_dir_that_is_a_file_is_a_one_line_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_text("not a directory")
+    line = refused([*Ports().args(), "--data-dir", str(data)])
+    assert str(data) in line and "not a directory" in line
+
+
+def test_unwritable_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    if os.geteuid() != 0:
+        data.chmod(0o500)
+        prefix: list[str] = []
+    else:  # root writes anywhere but on a read-only file system: mount one, privately
+        if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-m", "true"], capture_output=True
+        ).returncode:
+            pytest.skip("needs unshare -m to mount a read-only file system as root")
+        prefix = ["unshare", "-m", "sh", "-c",
+                  f'mount -t tmpfs -o ro tmpfs "{data}" && exec "$0" "$@"']
+    line = refused([*Ports().args(), "--data-dir", str(data)], prefix=prefix)
+    assert str(data) in line and "writ" in line
+
+
+# ---- values -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--log-level", "verbose"], "--log-level"),
+        (["--log-format", "xml"], "--log-format"),
+        (["--mqtt-port", "99999"], "--mqtt-port"),
+        (["--coap-port", "-1"], "--coap-port"),
+        (["--http-port", "65536"], "--http-port"),
+        (["--mqtts-port", "70000"], "--mqtts-port"),
+        (["--max-packet-size", "0"], "--max-packet-size"),
+        (["--max-packet-size", "-5"], "--max-packet-size"),
+        (["--max-queued-messages", "0"], "--max-queued-messages"),
+        (["--spool-max-bytes", "0"], "--spool-max-bytes"),
+        (["--kafka-ack-timeout-ms", "-1"], "--kafka-ack-timeout-ms"),
+        (["--redis", "localhost:6379"], "--redis"),
+        (["--workers", "3", "--redis", "redis://r", "--http-port", "65534"], "--http-port"),
+    ],
+)
+def test_bad_values_are_one_line_errors(args: list[str], message: str, tmp_path: Path) -> None:
+    ports = Ports()
+    line = refused([*ports.args(), "--data-dir", str(tmp_path), *args])
+    assert message in line
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+         "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("key_without_cert", "--tls-key"),
+        ("ca_without_cert", "--tls-client-ca"),
+        ("missing_cert", "--tls-cert"),
+        ("garbage_cert", "--tls-cert"),
+        ("key_of_another_cert", "--tls-key"),
+        ("missing_ca", "--tls-client-ca"),
+        ("garbage_ca", "--tls-client-ca"),
+    ],
+)
+def test_tls_files_that_do_not_load_are_one_line_errors(
+    case: str, message: str, tmp_path: Path
+) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs openssl to make a certificate")
+    cert, key = _self_signed(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key = _self_signed(other)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    missing = str(tmp_path / "missing.pem")
+    args = {
+        "key_without_cert": ["--tls-key", str(key)],
+        "ca_without_cert": ["--tls-client-ca", str(cert)],
+        "missing_cert": ["--tls-cert", missing, "--tls-key", str(key)],
+        "garbage_cert": ["--tls-cert", str(garbage), "--tls-key", str(key)],
+        "key_of_another_cert": ["--tls-cert", str(cert), "--tls-key", str(other_key)],
+        "missing_ca": ["--tls-cert", str(cert), "--tls-key", str(key),
+                       "--tls-client-ca", missing],
+        "garbage_ca": ["--tls-cert", str(cert), "--tls-key", str(key),
+                       "--tls-client-ca", str(garbage)],
+    }[case]
+    line = refused([*Ports().args(), "--mqtts-port", str(free_port()),
+                    "--data-dir", str(tmp_path / "data"), *args])
+    assert message in line
+
+
+def test_unreadable_acl_file_is_a_one_line_error(tmp_path: Path) -> None:
+    acl = tmp_path / "acl.toml"
+    acl.mkdir()  # exists, but cannot be read as a file
+    line = refused([*Ports().args(), "--data-dir", str(tmp_path / "d"), "--acl-file", str(acl)])
+    assert "--acl-file" in line or "ACL file" in line
