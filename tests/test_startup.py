@@ -4,13 +4,18 @@ gateway that starts anyway. Every case runs the real command in a subprocess."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -294,3 +299,82 @@ def test_unreadable_acl_file_is_a_one_line_error(tmp_path: Path) -> None:
     acl.mkdir()  # exists, but cannot be read as a file
     line = refused([*Ports().args(), "--data-dir", str(tmp_path / "d"), "--acl-file", str(acl)])
     assert "--acl-file" in line or "ACL file" in line
+
+
+# ---- logging and metrics ------------------------------------------------------------------
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _wait_for(log: list[str], text: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(log):
+            if text in line:
+                return line
+        time.sleep(0.05)
+    raise TimeoutError(f"no log line with {text!r}:\n" + "".join(log))
+
+
+def test_json_log_format_is_one_object_per_line_with_the_access_log(
+    tmp_path: Path, started: Any
+) -> None:
+    ports = Ports()
+    gw = started([*ports.args(), "--data-dir", str(tmp_path), "--log-format", "json",
+                  "--http-access-log"])
+    assert _get(ports.http, "/healthz")[0] == 200
+    assert _get(ports.http, "/v1/devices/d1/shadow?x=1")[0] == 401
+    line = _wait_for(gw.log, "/v1/devices/d1/shadow")
+    records = [json.loads(raw) for raw in gw.log]  # every line is one JSON object
+    assert {"time", "level", "logger", "message", "pid"} <= set(records[0])
+    assert any(r["message"].startswith("MQTT listening") for r in records)
+    access = json.loads(line)
+    assert access["logger"] == "iotgw.http.access" and access["level"] == "INFO"
+    assert (access["method"], access["path"], access["status"]) == (
+        "GET", "/v1/devices/d1/shadow?x=1", 401)
+    assert access["duration_ms"] >= 0 and access["peer"].startswith("127.0.0.1:")
+
+
+def test_text_access_log_is_one_line_per_request_and_off_by_default(
+    tmp_path: Path, started: Any
+) -> None:
+    ports = Ports()
+    gw = started([*ports.args(), "--data-dir", str(tmp_path / "a"), "--http-access-log"])
+    assert _get(ports.http, "/healthz")[0] == 200
+    line = _wait_for(gw.log, "GET /healthz")
+    assert re.search(r"iotgw\.http\.access: GET /healthz 200 [0-9.]+ms 127\.0\.0\.1:\d+$",
+                     line.rstrip()), line
+    quiet_ports = Ports()
+    quiet = started([*quiet_ports.args(), "--data-dir", str(tmp_path / "b")])
+    assert _get(quiet_ports.http, "/healthz")[0] == 200
+    gw.stop()
+    quiet.stop()
+    assert not any("iotgw.http.access" in line for line in quiet.log)
+
+
+def test_metrics_include_the_process_and_the_build(gateway_factory: Any) -> None:
+    import platform
+
+    import uvloop
+
+    from gateway import __version__
+
+    gw = gateway_factory()
+    status, body = _get(gw.gateway.http.port, "/metrics")
+    text = body.decode()
+    assert status == 200
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_start_time_seconds"):
+        assert re.search(rf"^{name} [0-9.e+]+$", text, re.M), name
+    (info,) = re.findall(r"^iotgw_build_info\{(.*)\} 1\.0$", text, re.M)
+    labels = dict(re.findall(r'(\w+)="([^"]*)"', info))
+    assert labels["version"] == __version__
+    assert labels["python"] == platform.python_version()
+    assert labels["uvloop"] == uvloop.__version__
+    assert re.fullmatch(r"\d+\.\d+(\.\d+)?", labels["cython"]), labels
