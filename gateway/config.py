@@ -101,6 +101,18 @@ class Config:
                 f"--http-port: worker {self.workers - 1} would serve HTTP on "
                 f"{self.http_port + self.workers - 1}, past {MAX_PORT}: pick a lower port"
             )
+        tcp = {"--mqtt-port": [self.mqtt_port], "--http-port": [
+            self.http_port + i for i in range(self.workers) if self.http_port]}
+        if self.tls_cert:
+            tcp["--mqtts-port"] = [self.mqtts_port]
+        owner: dict[int, str] = {}
+        for flag, ports in tcp.items():
+            for port in ports:
+                if port and port in owner:
+                    raise ConfigError(f"{flag}: port {port} is also {owner[port]}'s "
+                                      "(workers serve HTTP on --http-port + i): give each "
+                                      "listener its own port")
+                owner.setdefault(port, flag)
         if not MIN_PACKET_SIZE <= self.max_packet_size <= MAX_PACKET_SIZE:
             raise ConfigError(
                 f"--max-packet-size: {self.max_packet_size} is not a packet size in bytes "
@@ -114,6 +126,11 @@ class Config:
             raise ConfigError(
                 f"--log-level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
             )
+        if not self.data_dir:
+            raise ConfigError("--data-dir: give a directory (it is made if missing)")
+        if self.api_token is not None and (not self.api_token or any(
+                c.isspace() for c in self.api_token)):
+            raise ConfigError("--api-token: a bearer token is one word (no spaces)")
         if not self.bind.strip():
             raise ConfigError("--bind: give an address (0.0.0.0 or :: for every interface)")
         if self.tls_key and not self.tls_cert:

@@ -236,6 +236,13 @@ def test_unwritable_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
         (["--kafka-ack-timeout-ms", "-1"], "--kafka-ack-timeout-ms"),
         (["--redis", "localhost:6379"], "--redis"),
         (["--workers", "3", "--redis", "redis://r", "--http-port", "65534"], "--http-port"),
+        (["--mqtt-port", "1999", "--http-port", "1999"], "--http-port: port 1999 is also"),
+        (["--workers", "2", "--redis", "redis://r", "--mqtt-port", "1999", "--http-port",
+          "1998"], "--http-port: port 1999 is also --mqtt-port"),
+        (["--mqtts-port", "1999", "--mqtt-port", "1999", "--tls-cert", "c.pem"],
+         "--mqtts-port: port 1999 is also --mqtt-port"),
+        (["--data-dir", ""], "--data-dir"),
+        (["--api-token", "two words"], "--api-token"),
     ],
 )
 def test_bad_values_are_one_line_errors(args: list[str], message: str, tmp_path: Path) -> None:
