@@ -4,6 +4,7 @@ gateway that starts anyway. Every case runs the real command in a subprocess."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -38,10 +39,23 @@ class Ports:
                 "--coap-port", str(self.coap)]
 
 
+def run_bounded(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """subprocess.run in a session of its own: on a timeout (a gateway that started instead of
+    refusing) its workers are killed with it, not left running."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
 def refused(args: list[str], *, prefix: list[str] | None = None) -> str:
     """Run `iotgw run ARGS`, expect exit 2 with one line on stderr; return that line."""
-    proc = subprocess.run([*(prefix or []), *RUN, *args], capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = run_bounded([*(prefix or []), *RUN, *args], TIMEOUT)
     lines = proc.stderr.splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("iotgw: "), proc.stderr[-3000:]
@@ -174,6 +188,29 @@ def test_gateway_refuses_ports_of_running_workers(
                     "--data-dir", str(tmp_path / "c")])
     assert "--coap-port" in line
     assert workers.proc.poll() is None
+
+
+def test_a_worker_that_cannot_start_stops_the_run_with_exit_2(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """Worker 1's state dir is held (by this test): starting it again and again would not help."""
+    held = tmp_path / "data" / "workers" / "1"
+    held.mkdir(parents=True)
+    with open(held / "iotgw.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        ports = Ports(workers=2)
+        proc = run_bounded(
+            [*RUN, *ports.args(), "--data-dir", str(tmp_path / "data"), "--workers", "2",
+             "--redis", f"redis://{redis_server.url}"], 60,
+        )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("iotgw: ")]
+    assert len(errors) == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"worker 1: data dir {held} is in use by another gateway (pid {os.getpid()})" \
+        in errors[0]
+    assert "worker 1 could not start" in errors[1]
 
 
 # ---- the data dir -------------------------------------------------------------------------
