@@ -106,8 +106,13 @@ def tls_context(config: Config) -> ssl.SSLContext:
     if config.tls_client_ca:
         readable_file("--tls-client-ca", config.tls_client_ca)
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def encrypted() -> str:  # else OpenSSL prompts on the terminal (each worker again)
+        raise StartupError(f"--tls-key {config.tls_key or config.tls_cert}: the private key is "
+                           "encrypted: give it unencrypted (readable by the gateway only)")
+
     try:
-        ctx.load_cert_chain(config.tls_cert, config.tls_key)
+        ctx.load_cert_chain(config.tls_cert, config.tls_key, password=encrypted)
     except ssl.SSLError as exc:
         flags = "--tls-cert" + (" and --tls-key" if config.tls_key else "")
         raise StartupError(

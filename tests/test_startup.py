@@ -308,6 +308,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
         ("key_of_another_cert", "--tls-key"),
         ("missing_ca", "--tls-client-ca"),
         ("garbage_ca", "--tls-client-ca"),
+        ("encrypted_key", "--tls-key"),
     ],
 )
 def test_tls_files_that_do_not_load_are_one_line_errors(
@@ -322,6 +323,9 @@ def test_tls_files_that_do_not_load_are_one_line_errors(
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
     missing = str(tmp_path / "missing.pem")
+    locked = tmp_path / "locked.pem"  # the key, encrypted: the gateway must not prompt for it
+    subprocess.run(["openssl", "pkey", "-in", str(key), "-out", str(locked), "-aes256",
+                    "-passout", "pass:secret"], check=True, capture_output=True)
     args = {
         "key_without_cert": ["--tls-key", str(key)],
         "ca_without_cert": ["--tls-client-ca", str(cert)],
@@ -332,6 +336,7 @@ def test_tls_files_that_do_not_load_are_one_line_errors(
                        "--tls-client-ca", missing],
         "garbage_ca": ["--tls-cert", str(cert), "--tls-key", str(key),
                        "--tls-client-ca", str(garbage)],
+        "encrypted_key": ["--tls-cert", str(cert), "--tls-key", str(locked)],
     }[case]
     line = refused([*Ports().args(), "--mqtts-port", str(free_port()),
                     "--data-dir", str(tmp_path / "data"), *args])
