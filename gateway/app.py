@@ -312,24 +312,27 @@ def run(config: Config, worker: int | None = None, listeners: Listeners | None =
     import uvloop
 
     raise_file_limit()
-    setup_logging(config, worker)
-    if worker is None:
-        check_files(config)
-        lock = DataDirLock(config.data_dir).acquire()
-        try:
-            if config.workers > 1:
-                supervise(config)
-                return
-            (listeners,) = bind_listeners(config)
-            uvloop.run(serve(config, None, listeners))
-        finally:
-            lock.release()
-        return
-    worker_lock = DataDirLock(Path(config.data_dir) / "workers" / str(worker)).acquire()
+    logs = setup_logging(config, worker)
     try:
-        uvloop.run(serve(config, worker, listeners))
+        if worker is None:
+            check_files(config)
+            lock = DataDirLock(config.data_dir).acquire()
+            try:
+                if config.workers > 1:
+                    supervise(config)
+                    return
+                (listeners,) = bind_listeners(config)
+                uvloop.run(serve(config, None, listeners))
+            finally:
+                lock.release()
+            return
+        worker_lock = DataDirLock(Path(config.data_dir) / "workers" / str(worker)).acquire()
+        try:
+            uvloop.run(serve(config, worker, listeners))
+        finally:
+            worker_lock.release()
     finally:
-        worker_lock.release()
+        logs.stop()  # writes what is still queued
 
 
 def run_worker(config: Config, worker: int, listeners: Listeners) -> None:

@@ -5,6 +5,7 @@ gateway that starts anyway. Every case runs the real command in a subprocess."""
 from __future__ import annotations
 
 import fcntl
+import http.client
 import json
 import os
 import re
@@ -23,6 +24,8 @@ from typing import Any
 
 import pytest
 from conftest import free_port, free_ports, wait_for_tcp
+
+from gateway.logs import QUEUED_RECORDS
 
 RUN = [sys.executable, "-m", "gateway.cli", "run"]
 TIMEOUT = 20  # seconds: a gateway that starts instead of refusing fails the test here
@@ -427,3 +430,35 @@ def test_metrics_include_the_process_and_the_build(gateway_factory: Any) -> None
     assert labels["python"] == platform.python_version()
     assert labels["uvloop"] == uvloop.__version__
     assert re.fullmatch(r"\d+\.\d+(\.\d+)?", labels["cython"]), labels
+
+
+def test_a_stderr_nobody_reads_does_not_stop_the_gateway(tmp_path: Path) -> None:
+    """Logs go to a pipe that fills up (a stuck log collector): requests are still answered,
+    and records that do not fit are dropped, not queued without bound."""
+    ports = Ports()
+    proc = subprocess.Popen([*RUN, *ports.args(), "--data-dir", str(tmp_path),
+                             "--http-access-log", "--log-level", "debug"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        wait_for_tcp(ports.http, proc=proc, timeout=30)
+        # Each request logs a line: more than the pipe's 64 KiB and the queue's bound hold.
+        conn = http.client.HTTPConnection("127.0.0.1", ports.http, timeout=10)
+        for _ in range(QUEUED_RECORDS + 2000):
+            conn.request("GET", "/healthz")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200
+        conn.close()
+        # Once the collector reads again, the next record says how many were dropped.
+        log: list[str] = []
+        threading.Thread(target=lambda: log.extend(b.decode() for b in proc.stderr or ()),
+                         daemon=True).start()
+        deadline = time.monotonic() + 20
+        while not any("log records dropped" in line for line in log):
+            assert time.monotonic() < deadline, "".join(log[-5:])
+            assert _get(ports.http, "/healthz")[0] == 200
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
