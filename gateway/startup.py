@@ -204,18 +204,25 @@ def _group(what: str, flag: str, host: str, port: int, kind: int,
     (copies=None), or `copies` SO_REUSEPORT sockets on a port first proven free.
     Returned as one list per copy."""
     out: list[list[socket.socket]] = [[] for _ in range(copies or 1)]
-    for family, address in _addresses(host, port, kind):
-        if copies is None:
-            sock = _bind(what, flag, family, address, kind, reuse_port=False)
-            out[0].append(sock)
-            address = sock.getsockname()[:2]  # port 0: later addresses share the one picked
-            port = address[1]
-            continue
-        # A plain bind fails if anyone holds the port, SO_REUSEPORT or not; then the group
-        # is made at once by this process alone.
-        _bind(what, flag, family, address, kind, reuse_port=False).close()
-        for i in range(copies):
-            out[i].append(_bind(what, flag, family, address, kind, reuse_port=True))
+    picked = port
+    try:
+        for family, (ip, _) in _addresses(host, port, kind):
+            address = (ip, picked)  # port 0: every address gets the one the first was given
+            if copies is None:
+                sock = _bind(what, flag, family, address, kind, reuse_port=False)
+                out[0].append(sock)
+                picked = sock.getsockname()[1]
+                continue
+            # A plain bind fails if anyone holds the port, SO_REUSEPORT or not; then the
+            # group is made at once by this process alone.
+            _bind(what, flag, family, address, kind, reuse_port=False).close()
+            for i in range(copies):
+                out[i].append(_bind(what, flag, family, address, kind, reuse_port=True))
+    except BaseException:
+        for socks in out:
+            for sock in socks:
+                sock.close()
+        raise
     return out
 
 
@@ -224,7 +231,7 @@ def bind_listeners(config: Config, workers: int | None = None) -> list[Listeners
     else one per worker (MQTT, MQTTS and CoAP shared with SO_REUSEPORT, HTTP on
     --http-port + i). Raises StartupError, having closed what it bound."""
     count = workers or 1
-    shared = workers if workers is not None else None
+    shared = workers  # None: plain sockets
     result = [Listeners() for _ in range(count)]
     try:
         host = config.bind
