@@ -12,7 +12,9 @@ import os
 import resource
 import signal
 import socket
+import sqlite3
 import ssl
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from gateway.events import EventLog
 from gateway.guard import AuthGuard, GuardLimits
 from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
+from gateway.logs import setup_logging
 from gateway.metrics import Metrics, ShadowMetrics
 from gateway.mqtt import persistence
 from gateway.mqtt.acl import Acl
@@ -32,6 +35,14 @@ from gateway.mqtt.broker import Broker, BrokerLimits
 from gateway.mqtt.connection import MqttConnection
 from gateway.mqtt.session import Message
 from gateway.shadows import ShadowService
+from gateway.startup import (
+    DataDirLock,
+    Listeners,
+    StartupError,
+    bind_listeners,
+    check_files,
+    tls_context,
+)
 from gateway.telemetry.filesink import FileSink
 from gateway.telemetry.pipeline import Sink, TelemetryPipeline
 from gateway.telemetry.records import SHADOW, Record
@@ -125,7 +136,11 @@ class Gateway:
         self._saving: asyncio.Task[bool] | None = None
         self._registry_cursor: int | None = None  # the last registry change acted upon
 
-    async def start(self) -> None:
+    async def start(self, listeners: Listeners | None = None) -> None:
+        """Serve `listeners` (bound by `run`/`supervise`), or bind them here (embedded, tests):
+        plain sockets, so a port in use fails."""
+        if listeners is None:
+            (listeners,) = bind_listeners(self.config)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.registry_changed()  # from now on: devices removed or disabled are let go
         await self.telemetry.start()  # issue 5: replays a Kafka spool left by a previous run
@@ -139,27 +154,19 @@ class Gateway:
                 self.cluster.reclaim(session)
         loop = asyncio.get_running_loop()
         arena = mqtt.ReadArena()  # one read buffer shared by every connection of this loop
-        server = await loop.create_server(
-            lambda: MqttConnection(self.broker, arena),
-            self.config.bind,
-            self.config.mqtt_port,
-            reuse_port=True,
-            backlog=4096,
-        )
-        self._servers.append(server)
-        sock: socket.socket = server.sockets[0]
-        self.mqtt_port = sock.getsockname()[1]
+        for sock in listeners.mqtt:
+            self._servers.append(await loop.create_server(
+                lambda: MqttConnection(self.broker, arena), sock=sock, backlog=4096
+            ))
+        self.mqtt_port = listeners.mqtt[0].getsockname()[1]
         if self.config.tls_cert:
-            tls_server = await loop.create_server(
-                lambda: MqttConnection(self.broker, arena),
-                self.config.bind,
-                self.config.mqtts_port,
-                ssl=self._tls_context(),
-                reuse_port=True,
-                backlog=4096,
-            )
-            self._servers.append(tls_server)
-            self.mqtts_port = tls_server.sockets[0].getsockname()[1]
+            ctx = self._tls_context()
+            for sock in listeners.mqtts:
+                self._servers.append(await loop.create_server(
+                    lambda: MqttConnection(self.broker, arena), sock=sock, ssl=ctx,
+                    backlog=4096,
+                ))
+            self.mqtts_port = listeners.mqtts[0].getsockname()[1]
             log.info("MQTT over TLS listening on %s:%s", self.config.bind, self.mqtts_port)
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("MQTT listening on %s:%s", self.config.bind, self.mqtt_port)
@@ -174,14 +181,16 @@ class Gateway:
                 ),
             ),
             self.config.bind,
-            self.config.http_port + self.worker
-            if self.worker and self.config.http_port
-            else self.config.http_port,
+            self.config.http_port,
+            sockets=listeners.http,
+            access_log=self.config.http_access_log,
         )
         await self.http.start()
         log.info("HTTP listening on %s:%s", self.config.bind, self.http.port)
         # -- CoAP endpoint (gateway/coap/) --
-        self.coap_port = await self.coap.start(self.config.bind, self.config.coap_port)
+        self.coap_port = await self.coap.start(
+            self.config.bind, self.config.coap_port, listeners.coap
+        )
         log.info("CoAP listening on %s:%s (UDP)", self.config.bind, self.coap_port)
         # -- end CoAP endpoint --
 
@@ -221,16 +230,7 @@ class Gateway:
         self.telemetry.submit(record)
 
     def _tls_context(self) -> ssl.SSLContext:
-        """Server certificate; with --tls-client-ca, client certificates are verified when a
-        device presents one (its common name is then the device id) and optional otherwise, so
-        that devices with passwords can use TLS too."""
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        assert self.config.tls_cert is not None
-        ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        if self.config.tls_client_ca:
-            ctx.load_verify_locations(self.config.tls_client_ca)
-            ctx.verify_mode = ssl.CERT_OPTIONAL
-        return ctx
+        return tls_context(self.config)  # gateway/startup.py: what it checks and verifies
 
     async def _sweep_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -285,19 +285,24 @@ class Gateway:
                 await self._sweeper
 
 
-async def serve(config: Config, worker: int | None = None) -> None:
+async def serve(
+    config: Config, worker: int | None = None, listeners: Listeners | None = None
+) -> None:
     """Run until SIGINT/SIGTERM, then stop gracefully."""
-    gateway = Gateway(config, worker)
-    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # first: a signal during start stops after it
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        gateway = Gateway(config, worker)
+        await gateway.start(listeners)
+    except (OSError, sqlite3.Error) as exc:  # the data dir's files, mostly: one line, not a trace
+        raise StartupError(f"cannot start: {exc}") from exc
     # What exists now lives as long as the process: keep the collector from walking it again,
     # and collect the young generation less often (the hot path makes few reference cycles).
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await gateway.stop()
 
@@ -310,33 +315,66 @@ def raise_file_limit() -> int:
     return hard
 
 
-def run(config: Config, worker: int | None = None) -> None:
+def run(config: Config, worker: int | None = None, listeners: Listeners | None = None) -> None:
+    """`iotgw run`: check the files, own the data dir, bind, serve. A lone gateway (or the
+    supervisor of `--workers`) locks the data dir; a worker locks its own state dir and serves
+    the sockets the supervisor bound. Raises StartupError (one line for the operator)."""
     import uvloop
 
     raise_file_limit()
-    logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if config.workers > 1 and worker is None:
-        supervise(config)
-        return
-    uvloop.run(serve(config, worker))
+    logs = setup_logging(config, worker)
+    try:
+        if worker is None:
+            check_files(config)
+            lock = DataDirLock(config.data_dir).acquire()
+            try:
+                if config.workers > 1:
+                    supervise(config)
+                    return
+                (listeners,) = bind_listeners(config)
+                uvloop.run(serve(config, None, listeners))
+            finally:
+                lock.release()
+            return
+        worker_lock = DataDirLock(Path(config.data_dir) / "workers" / str(worker)).acquire()
+        try:
+            uvloop.run(serve(config, worker, listeners))
+        finally:
+            worker_lock.release()
+    finally:
+        logs.stop()  # writes what is still queued
+
+
+def run_worker(config: Config, worker: int, listeners: Listeners) -> None:
+    """A worker process's entry: a start-up error is one line and exit code 2, which tells the
+    supervisor not to start it again."""
+    try:
+        run(config, worker, listeners)
+    except StartupError as exc:
+        print(f"iotgw: worker {worker}: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 
 
 def supervise(config: Config) -> None:
-    """`--workers N`: N gateway processes on the same ports (SO_REUSEPORT spreads connections
-    over them), each a cluster node; one that dies is started again. SIGINT/SIGTERM stop all.
+    """`--workers N`: N gateway processes on the same ports, each a cluster node; one that dies
+    is started again. SIGINT/SIGTERM stop all. The sockets are bound here, once (see
+    gateway/startup.py): SO_REUSEPORT spreads connections over the workers, and a port some
+    other process holds is a StartupError before any worker starts.
 
     Each process has its own open-file limit, so N workers hold N times the connections one
     process can (and use up to N cores)."""
+    listeners = bind_listeners(config, workers=config.workers)
     context = multiprocessing.get_context("spawn")
     stopping = False
+    failed: str | None = None
 
     def start(i: int) -> multiprocessing.process.BaseProcess:
-        process = context.Process(target=run, args=(config, i), name=f"iotgw-w{i}")
+        process = context.Process(
+            target=run_worker, args=(config, i, listeners[i]), name=f"iotgw-w{i}"
+        )
         process.start()
         return process
 
@@ -352,6 +390,10 @@ def supervise(config: Config) -> None:
         time.sleep(0.2)
         for i, process in enumerate(workers):
             if not process.is_alive() and not stopping:
+                if process.exitcode == 2:  # it said why on stderr; starting it again won't help
+                    failed = f"worker {i} could not start (see above): stopping the others"
+                    stopping = True
+                    break
                 log.error("worker %d exited with %s: starting it again", i, process.exitcode)
                 time.sleep(RESTART_DELAY)
                 workers[i] = start(i)
@@ -362,3 +404,7 @@ def supervise(config: Config) -> None:
         process.join(30)
         if process.is_alive():
             process.kill()
+    for worker_listeners in listeners:
+        worker_listeners.close()
+    if failed:
+        raise StartupError(failed)

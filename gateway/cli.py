@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__, config
+from gateway.startup import StartupError, usable_dir
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -268,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _telemetry_tail(args, cfg)
         from gateway.auth import DeviceRegistry
 
+        usable_dir(Path(cfg.data_dir))  # a file, or not writable: said before anything opens it
         DeviceRegistry(cfg.data_dir).check()  # a corrupt registry is said plainly, at start
         from gateway.mqtt.acl import Acl
 
@@ -277,12 +279,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             compression_type(cfg.kafka_compression)
             parse_topics(cfg.kafka_topics)
-    except ValueError as exc:  # ConfigError, RegistryError, TokenError, AclError
+    except (ValueError, StartupError) as exc:  # ConfigError, RegistryError, TokenError, ...
         print(f"iotgw: {exc}", file=sys.stderr)
         return 2
     from gateway import app
 
-    app.run(cfg)
+    try:
+        app.run(cfg)
+    except StartupError as exc:  # busy port, data dir in use or unusable, TLS files
+        print(f"iotgw: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -81,20 +81,94 @@ class Config:
     auth_max_pending: int = _opt(32, "secret checks waiting for a thread; more are refused "
                                  "as busy at once (MQTT 0x89, CoAP 5.03, HTTP 503)")
     log_level: str = _opt("info", "debug, info, warning or error")
+    log_format: Literal["text", "json"] = _opt(
+        "text", "text: one readable line per event; json: one JSON object per line"
+    )
+    http_access_log: bool = _opt(
+        False, "log one line per REST request: method, path, status, duration, peer"
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_queued_messages", "max_queued_bytes", "max_queued_bytes_total"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: {getattr(self, name)} is not a bound (>= 1)")
-        if self.auth_workers < 1 or self.auth_max_pending < 1:
-            raise ConfigError("auth_workers and auth_max_pending must be at least 1")
+        """Values only (ranges, combinations); files, directories and ports are checked when
+        the gateway starts (gateway/startup.py)."""
         if self.workers < 1:
-            raise ConfigError(f"workers: {self.workers} is not a number of processes (>= 1)")
+            raise ConfigError(f"--workers: {self.workers} is not a number of processes (>= 1)")
         if (self.cluster or self.workers > 1) and not self.redis:
             raise ConfigError("--cluster and --workers above 1 need --redis (the nodes share it)")
         if self.workers > 1 and (self.mqtt_port == 0 or self.coap_port == 0):
             raise ConfigError("--workers above 1 share their ports: give --mqtt-port and "
                               "--coap-port (0 would pick one port per process)")
+        for name in ("mqtt_port", "mqtts_port", "coap_port", "http_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= MAX_PORT:
+                raise ConfigError(f"{_flag(name)}: {port} is not a port (0 to {MAX_PORT})")
+        if self.http_port and self.http_port + self.workers - 1 > MAX_PORT:
+            raise ConfigError(
+                f"--http-port: worker {self.workers - 1} would serve HTTP on "
+                f"{self.http_port + self.workers - 1}, past {MAX_PORT}: pick a lower port"
+            )
+        tcp = {"--mqtt-port": [self.mqtt_port], "--http-port": [
+            self.http_port + i for i in range(self.workers) if self.http_port]}
+        if self.tls_cert:
+            tcp["--mqtts-port"] = [self.mqtts_port]
+        owner: dict[int, str] = {}
+        for flag, ports in tcp.items():
+            for port in ports:
+                if port and port in owner:
+                    raise ConfigError(f"{flag}: port {port} is also {owner[port]}'s "
+                                      "(workers serve HTTP on --http-port + i): give each "
+                                      "listener its own port")
+                owner.setdefault(port, flag)
+        if not MIN_PACKET_SIZE <= self.max_packet_size <= MAX_PACKET_SIZE:
+            raise ConfigError(
+                f"--max-packet-size: {self.max_packet_size} is not a packet size in bytes "
+                f"({MIN_PACKET_SIZE} to {MAX_PACKET_SIZE}; smaller refuses every client)"
+            )
+        for name in ("max_queued_messages", "max_queued_bytes", "max_queued_bytes_total",
+                     "kafka_ack_timeout_ms", "spool_max_bytes", "auth_workers",
+                     "auth_max_pending"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)}: {getattr(self, name)} must be 1 or more")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(
+                f"--log-level: {self.log_level!r} is not one of {', '.join(LOG_LEVELS)}"
+            )
+        if not self.data_dir:
+            raise ConfigError("--data-dir: give a directory (it is made if missing)")
+        if self.api_token is not None and (not self.api_token or any(
+                c.isspace() for c in self.api_token)):
+            raise ConfigError("--api-token: a bearer token is one word (no spaces)")
+        if not self.bind.strip():
+            raise ConfigError("--bind: give an address (0.0.0.0 or :: for every interface)")
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError("--tls-key needs --tls-cert (the certificate the key belongs to)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca needs --tls-cert (client certificates are "
+                              "checked on the TLS listener only)")
+        if self.redis and not self.redis.startswith(REDIS_SCHEMES):
+            raise ConfigError(f"--redis: {self.redis!r} is not a Redis URL "
+                              f"({', '.join(s + '...' for s in REDIS_SCHEMES)})")
+        if self.kafka:
+            for address in self.kafka.split(","):
+                host, _, port = address.strip().rpartition(":")
+                if not host or not port.isdigit() or not 0 < int(port) <= MAX_PORT:
+                    raise ConfigError(f"--kafka: {address.strip()!r} is not host:port "
+                                      "(several: host:port,host:port)")
+        if self.node_id is not None and (not self.node_id.strip() or "|" in self.node_id):
+            raise ConfigError(f"--node-id: {self.node_id!r} must be a non-blank name without |")
+
+
+MAX_PORT = 65535
+# Below this even a CONNECT does not fit (Mosquitto refuses max_packet_size under 20 too);
+# above it MQTT cannot encode the length.
+MIN_PACKET_SIZE = 20
+MAX_PACKET_SIZE = 268_435_455 + 5
+LOG_LEVELS = ("debug", "info", "warning", "error")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _field_type(f: dataclasses.Field[Any]) -> Any:
@@ -111,7 +185,7 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
         args = typing.get_args(kind)
     if typing.get_origin(kind) is Literal:
         if raw not in args:
-            raise ConfigError(f"{name}: {raw!r} is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{_flag(name)}: {raw!r} is not one of {', '.join(map(str, args))}")
         return raw
     if kind is bool:
         if isinstance(raw, bool):
@@ -121,19 +195,19 @@ def _convert(name: str, raw: Any, kind: Any) -> Any:
             return True
         if text in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"{name}: {raw!r} is not a boolean (true/false)")
+        raise ConfigError(f"{_flag(name)}: {raw!r} is not a boolean (true/false)")
     if kind is int:
         if isinstance(raw, bool):
-            raise ConfigError(f"{name}: {raw!r} is not an integer")
+            raise ConfigError(f"{_flag(name)}: {raw!r} is not an integer")
         try:
             return int(raw)
         except (TypeError, ValueError):
-            raise ConfigError(f"{name}: {raw!r} is not an integer") from None
+            raise ConfigError(f"{_flag(name)}: {raw!r} is not an integer") from None
     if kind is str:
         if not isinstance(raw, str):
-            raise ConfigError(f"{name}: {raw!r} is not a string")
+            raise ConfigError(f"{_flag(name)}: {raw!r} is not a string")
         return raw
-    raise ConfigError(f"{name}: unsupported setting type {kind!r}")  # pragma: no cover
+    raise ConfigError(f"{_flag(name)}: unsupported setting type {kind!r}")  # pragma: no cover
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,11 +3,33 @@ so several gateways can live in one process (tests) without clashing."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+
+def build_info() -> tuple[str, str, str, str]:
+    """(iotgw, Python, uvloop, Cython) versions. Cython is the one that compiled the native
+    codecs: its runtime module is named `_cython_X_Y_Z` (Cython itself is not installed)."""
+    import platform
+    from importlib.metadata import version
+
+    from gateway import __version__
+    from gateway._native import mqtt  # noqa: F401  (loads the Cython runtime module)
+
+    cython = next((name.removeprefix("_cython_").replace("_", ".")
+                   for name in sys.modules if name.startswith("_cython_")), "unknown")
+    return __version__, platform.python_version(), version("uvloop"), cython
 
 
 class MqttMetrics:
@@ -256,6 +278,13 @@ class Metrics:
         self.cluster = ClusterMetrics(self.registry)
         self.auth = AuthMetrics(self.registry)
         self.events = EventMetrics(self.registry)
+        # process_cpu_seconds_total, _resident_memory_bytes, _open_fds, ... (from /proc)
+        ProcessCollector(registry=self.registry)
+        build = Gauge(
+            "iotgw_build_info", "Always 1: what this gateway runs on, as labels",
+            ["version", "python", "uvloop", "cython"], registry=self.registry,
+        )
+        build.labels(*build_info()).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

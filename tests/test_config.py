@@ -32,10 +32,10 @@ def test_boolean_flags_and_variables() -> None:
 @pytest.mark.parametrize(
     ("environ", "message"),
     [
-        ({"IOTGW_MQTT_PORT": "eighty"}, "mqtt_port: 'eighty' is not an integer"),
-        ({"IOTGW_ACL": "closed"}, "acl: 'closed' is not one of device, open"),
+        ({"IOTGW_MQTT_PORT": "eighty"}, "--mqtt-port: 'eighty' is not an integer"),
+        ({"IOTGW_ACL": "closed"}, "--acl: 'closed' is not one of device, open"),
         ({"IOTGW_ALLOW_ANONYMOUS": "maybe"}, "not a boolean"),
-        ({"IOTGW_WORKERS": "0"}, "workers: 0 is not a number of processes"),
+        ({"IOTGW_WORKERS": "0"}, "--workers: 0 is not a number of processes"),
         ({"IOTGW_WORKERS": "2"}, "need --redis"),
         ({"IOTGW_CLUSTER": "1"}, "need --redis"),
         ({"IOTGW_WORKERS": "2", "IOTGW_REDIS": "redis://r", "IOTGW_MQTT_PORT": "0"},

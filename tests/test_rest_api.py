@@ -253,6 +253,22 @@ def test_bad_device_ids_and_headers_are_400(api: Api) -> None:
     assert_error(api("PATCH", SHADOW, b"{}", headers={"Content-Type": "text/plain"}), 400)
 
 
+def test_ids_with_escapes_that_are_not_utf8_are_400_not_a_replacement_character(
+    api: Api,
+) -> None:
+    update = {"state": {"desired": {"on": True}}}
+    for path in ("/v1/devices/%FF%FE/shadow", "/v1/devices/a%C3/shadow",
+                 "/v1/devices/%ED%A0%80/shadow"):  # the last: a UTF-16 surrogate
+        assert_error(api("PATCH", path, update), 400, "invalid_path")
+        assert_error(api("GET", path), 400, "invalid_path")
+    assert_error(api("GET", "/v1/devices/%FF"), 400, "invalid_path")
+    assert_error(api("POST", "/v1/devices/%FF/commands", {"name": "x"}), 400, "invalid_path")
+    # Nothing was made under U+FFFD, and a proper escape of a non-ASCII id still works.
+    assert api("GET", "/v1/devices/%EF%BF%BD%EF%BF%BD/shadow").status == 404
+    assert api("PATCH", "/v1/devices/caf%C3%A9/shadow", update).status == 200
+    assert api("GET", "/v1/devices/caf%C3%A9/shadow").body["state"]["desired"] == {"on": True}
+
+
 # --------------------------------------------------------------------------- MQTT and REST
 
 

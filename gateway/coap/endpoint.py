@@ -136,13 +136,17 @@ class CoapEndpoint(asyncio.DatagramProtocol):
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind the UDP socket, start the sweep; returns the port (useful with port 0)."""
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Bind the UDP socket (or serve `sock`, bound already), start the sweep; returns the
+        port (useful with port 0)."""
         loop = asyncio.get_running_loop()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: self, local_addr=(host, port), family=family, reuse_port=True
-        )
+        if sock is not None:
+            transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: self, local_addr=(host, port), family=family
+            )
         sock = transport.get_extra_info("socket")
         # Bursts of small datagrams: the default buffer (~200 KB) holds only ~200 of them
         # (each costs ~1 KB of kernel accounting). The kernel caps this at net.core.rmem_max.

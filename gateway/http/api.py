@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -183,6 +184,27 @@ class BodyLimit:
 
 async def _no_receive() -> Message:  # pragma: no cover - a response never reads
     return {"type": "http.disconnect"}
+
+
+class Utf8Path:
+    """ASGI middleware: a path whose %-escapes do not decode as UTF-8 (`%FF%FE`) is 400. The
+    server would decode them to U+FFFD, and `/devices/%FF/...` would then name the device
+    "\ufffd" (which `%EF%BF%BD` names properly)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path") if scope["type"] == "http" else None
+        if raw and b"%" in raw:
+            try:
+                unquote_to_bytes(raw).decode()
+            except UnicodeDecodeError as exc:
+                error = ApiError(400, "invalid_path", "the path's %-escapes are not UTF-8 "
+                                 f"(byte {exc.start + 1} of the decoded path)")
+                await error.response()({"type": "http"}, _no_receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # --------------------------------------------------------------------------- what routes use
@@ -394,6 +416,7 @@ def build_api(
     )
     _install_error_handlers(api)
     api.add_middleware(BodyLimit)
+    api.add_middleware(Utf8Path)
 
     @api.get(
         "/healthz", operation_id="healthz", summary="The process is alive", response_model=Status
