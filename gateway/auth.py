@@ -13,6 +13,7 @@ when the database cannot be read.
 
 from __future__ import annotations
 
+import base64
 import builtins
 import hashlib
 import hmac
@@ -67,6 +68,35 @@ def hash_password(password: str) -> tuple[bytes, bytes]:
     """(salt, hash) for a new password; module-level so that a process pool can run it."""
     salt = secrets.token_bytes(16)
     return salt, _hash(password, salt, ITERATIONS)
+
+
+MIN_IMPORTED_ITERATIONS: Final = 10_000
+Hashed = tuple[bytes, bytes, int]  # (salt, PBKDF2-HMAC-SHA256 digest, iterations)
+
+
+def parse_password_hash(text: str) -> Hashed:
+    """A password hash in the PHC / passlib form `$pbkdf2-sha256$ITERATIONS$SALT$HASH` (salt and
+    hash in base64, passlib's `.` for `+` and no padding accepted): devices moved from another
+    system keep their passwords, and importing them costs no PBKDF2."""
+    parts = text.strip().split("$")
+    if len(parts) != 5 or parts[0] or parts[1] != "pbkdf2-sha256":
+        raise RegistryError("a password hash reads $pbkdf2-sha256$ITERATIONS$SALT$HASH")
+
+    def b64(field: str) -> bytes:
+        field = field.replace(".", "+")
+        try:
+            return base64.b64decode(field + "=" * (-len(field) % 4), validate=True)
+        except ValueError:
+            raise RegistryError(f"{field!r} in a password hash is not base64") from None
+
+    if not parts[2].isdigit() or int(parts[2]) < MIN_IMPORTED_ITERATIONS:
+        raise RegistryError(
+            f"a password hash needs {MIN_IMPORTED_ITERATIONS} iterations or more, not {parts[2]}"
+        )
+    salt, digest = b64(parts[3]), b64(parts[4])
+    if len(salt) < 8 or len(digest) != 32:
+        raise RegistryError("a password hash needs a salt of 8 bytes or more and a 32-byte hash")
+    return salt, digest, int(parts[2])
 
 
 def generate_password() -> str:
@@ -215,30 +245,38 @@ class DeviceRegistry:
         return device
 
     def add_many(
-        self, entries: Sequence[tuple[str, str]], pool: ProcessPoolExecutor | None = None
+        self,
+        entries: Sequence[tuple[str, str | Hashed]],
+        pool: ProcessPoolExecutor | None = None,
     ) -> int:
-        """Register many devices at once, all or none: (id, password) pairs, hashed in `pool`
-        when given (PBKDF2 is the cost), stored in one transaction. RegistryError names the
-        first bad, duplicate or existing id."""
+        """Register many devices at once, all or none: (id, password or ready hash) pairs,
+        passwords hashed in `pool` when given (PBKDF2 is the cost; a ready hash costs nothing),
+        stored in one transaction. RegistryError names the first bad, duplicate or existing
+        id."""
         seen: set[str] = set()
-        for device_id, password in entries:
+        for device_id, secret in entries:
             check_device_id(device_id)
-            _check_password(password)
+            if isinstance(secret, str):
+                _check_password(secret)
             if device_id in seen:
                 raise DeviceExists(f"device {device_id!r} is listed twice")
             seen.add(device_id)
-        passwords = [p for _, p in entries]
-        if pool is not None:
+        passwords = [secret for _, secret in entries if isinstance(secret, str)]
+        if pool is not None and passwords:
             hashed: Iterable[tuple[bytes, bytes]] = pool.map(
                 hash_password, passwords, chunksize=max(1, len(passwords) // 64)
             )
         else:
             hashed = map(hash_password, passwords)
+        made = iter(hashed)
         now = time.time()
-        devices = [
-            Device(device_id, salt, digest, ITERATIONS, now)
-            for (device_id, _), (salt, digest) in zip(entries, hashed, strict=True)
-        ]
+        devices = []
+        for device_id, secret in entries:
+            if isinstance(secret, str):
+                salt, digest = next(made)
+                devices.append(Device(device_id, salt, digest, ITERATIONS, now))
+            else:
+                devices.append(Device(device_id, secret[0], secret[1], secret[2], now))
         self._insert(devices)
         return len(devices)
 

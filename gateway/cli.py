@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import __version__, config
+from gateway.auth import Hashed, parse_password_hash
 from gateway.startup import StartupError, usable_dir
 
 
@@ -38,8 +39,10 @@ def _build_parser() -> argparse.ArgumentParser:
         actions.add_parser(action, help=text).add_argument("device_id")
     imp = actions.add_parser(
         "import",
-        help="register many devices, all or none: CSV with header `id,password` or a JSON list "
-        "of {id, password}; missing passwords are generated and printed",
+        help="register many devices, all or none: CSV with the header `id,password` (or "
+        "`id,password_hash`: $pbkdf2-sha256$ITERATIONS$SALT$HASH, moved from another system "
+        "without hashing again) or a JSON list of {id, password|password_hash}; missing "
+        "passwords are generated and printed",
     )
     imp.add_argument("file", help="a .csv or .json file; `-` reads CSV from stdin")
 
@@ -87,9 +90,10 @@ def _selfcheck() -> int:
     return 0
 
 
-def _read_devices(name: str) -> list[tuple[str, str | None]]:
-    """(id, password or None) from a CSV (header `id,password`) or JSON file (a list of
-    {"id", "password"}); ValueError naming the file and line for anything else."""
+def _read_devices(name: str) -> list[tuple[str, str | Hashed | None]]:
+    """(id, password, ready hash or None) from a CSV file (header `id`, then `password` and/or
+    `password_hash`) or a JSON file (a list of {"id", "password"} or {"id", "password_hash"});
+    ValueError naming the file and line for anything else. None: generate a password."""
     import csv
     import io
 
@@ -97,7 +101,21 @@ def _read_devices(name: str) -> list[tuple[str, str | None]]:
         text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {name}: {exc}") from None
-    entries: list[tuple[str, str | None]] = []
+    entries: list[tuple[str, str | Hashed | None]] = []
+
+    def entry(where: str, device_id: object, password: object, hashed: object) -> None:
+        if not isinstance(device_id, str) or not isinstance(password, str | None) or (
+            not isinstance(hashed, str | None)
+        ):
+            raise ValueError(f"{name}: {where}: expected an id and a password or password_hash")
+        if password and hashed:
+            raise ValueError(f"{name}: {where}: give a password or a password_hash, not both")
+        try:
+            secret = parse_password_hash(hashed) if hashed else password or None
+        except ValueError as exc:
+            raise ValueError(f"{name}: {where}: {exc}") from None
+        entries.append((device_id.strip(), secret))
+
     if name.lower().endswith(".json"):
         try:
             doc = json.loads(text)
@@ -106,26 +124,27 @@ def _read_devices(name: str) -> list[tuple[str, str | None]]:
         if not isinstance(doc, list):
             raise ValueError(f"{name}: expected a JSON list of {{\"id\", \"password\"}}")
         for i, item in enumerate(doc):
-            device_id = item.get("id") if isinstance(item, dict) else None
-            password = item.get("password") if isinstance(item, dict) else None
-            if not isinstance(device_id, str) or not isinstance(password, str | None):
-                raise ValueError(
-                    f"{name}: item {i}: expected {{\"id\": string, \"password\": string}}"
-                )
-            entries.append((device_id, password or None))
+            if not isinstance(item, dict):
+                raise ValueError(f"{name}: item {i}: expected an object")
+            entry(f"item {i}", item.get("id"), item.get("password"), item.get("password_hash"))
         return entries
     reader = csv.reader(io.StringIO(text))
     header = [h.strip().lower() for h in next(reader, [])]
-    if not header or header[0] != "id" or header[1:] not in ([], ["password"]):
-        raise ValueError(f"{name}: the first line must be the header `id,password`")
+    known = ("id", "password", "password_hash")
+    if not header or header[0] != "id" or any(h not in known for h in header) or len(
+        set(header)
+    ) != len(header):
+        raise ValueError(
+            f"{name}: the first line must be a header: id, then password and/or password_hash"
+        )
     for row in reader:
         if not row or not "".join(row).strip():
             continue
         if len(row) > len(header):
             raise ValueError(f"{name}: line {reader.line_num}: more fields than the header")
-        device_id = row[0].strip()
-        password = row[1] if len(row) > 1 else ""
-        entries.append((device_id, password or None))
+        fields = dict(zip(header, row, strict=False))
+        entry(f"line {reader.line_num}", fields["id"], fields.get("password"),
+              fields.get("password_hash"))
     return entries
 
 
@@ -139,8 +158,9 @@ def _import_devices(registry: Any, name: str) -> None:
     read = _read_devices(name)
     generated = {i for i, (_, p) in enumerate(read) if p is None}
     entries = [(d, p if p is not None else generate_password()) for d, p in read]
+    to_hash = sum(1 for _, p in entries if isinstance(p, str))
     workers = os.cpu_count() or 1
-    if len(entries) >= 64 and workers > 1:  # PBKDF2 is the cost: one process per core
+    if to_hash >= 64 and workers > 1:  # PBKDF2 is the cost: one process per core
         with ProcessPoolExecutor(workers) as pool:
             count = registry.add_many(entries, pool)
     else:

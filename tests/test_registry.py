@@ -166,6 +166,31 @@ def test_import_csv_generates_missing_passwords_and_every_one_verifies(tmp_path:
         assert reg.verify(f"csv-{i}", password.encode())
 
 
+def test_import_of_ready_hashes_needs_no_pbkdf2_and_keeps_the_passwords(tmp_path: Path) -> None:
+    """Devices moved from another system (passlib's pbkdf2_sha256 format) keep their passwords;
+    storing a ready hash costs no PBKDF2, so thousands go in per second."""
+    import base64
+    import hashlib
+
+    salt = b"moved-salt-16by!"
+    digest = hashlib.pbkdf2_hmac("sha256", b"old-password", salt, 29000)
+
+    def ab64(raw: bytes) -> str:  # passlib's alphabet: '.' for '+', no padding
+        return base64.b64encode(raw).decode().rstrip("=").replace("+", ".")
+
+    phc = f"$pbkdf2-sha256$29000${ab64(salt)}${ab64(digest)}"
+    count = 5000
+    rows = ["id,password_hash"] + [f"moved-{i},{phc}" for i in range(count)]
+    (tmp_path / "moved.csv").write_text("\n".join(rows) + "\n")
+    result = _cli(tmp_path / "d", "import", str(tmp_path / "moved.csv"))
+    assert result.returncode == 0, result.stderr
+    assert f"imported {count} devices" in result.stderr and result.stdout == ""
+    print(result.stderr.strip())  # the rate, for the record
+    reg = DeviceRegistry(tmp_path / "d")
+    assert reg.verify("moved-0", b"old-password") and reg.verify("moved-4999", b"old-password")
+    assert not reg.verify("moved-1", b"new-password")
+
+
 def test_import_json_is_all_or_nothing(tmp_path: Path) -> None:
     DeviceRegistry(tmp_path).add("taken", "pw")
     doc = [{"id": "j-1", "password": "a"}, {"id": "taken"}, {"id": "j-2"}]
@@ -185,7 +210,11 @@ def test_import_json_is_all_or_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "text", "message"),
     [
-        ("a.csv", "device,secret\nx,y\n", "header `id,password`"),
+        ("a.csv", "device,secret\nx,y\n", "the first line must be a header"),
+        ("a.csv", "id,password_hash\nx,$md5$1$2\n", "line 2: a password hash reads"),
+        ("a.csv", "id,password_hash\nx,$pbkdf2-sha256$1000$c2FsdHNhbHQ$" + "A" * 43 + "\n",
+         "10000 iterations or more"),
+        ("a.json", '[{"id": "x", "password": "a", "password_hash": "b"}]', "not both"),
         ("a.csv", "id,password\nok,1\nbad/id,2\n", "may not contain"),
         ("a.csv", "id,password\nd,1\nd,2\n", "listed twice"),
         ("a.json", '{"id": "x"}', "JSON list"),
