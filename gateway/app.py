@@ -93,6 +93,7 @@ class Gateway:
             allow_anonymous=config.allow_anonymous,
             limits=BrokerLimits(
                 max_packet_size=config.max_packet_size,
+                max_keep_alive=config.max_keepalive,
                 max_queued_messages=config.max_queued_messages,
                 max_queued_bytes=config.max_queued_bytes,
                 max_queued_bytes_total=config.max_queued_bytes_total,

@@ -43,6 +43,10 @@ class Config:
         "device", "device: a device reaches only its own topics; open: a general broker"
     )
     max_packet_size: int = _opt(1 << 20, "largest MQTT packet accepted, bytes")
+    max_keepalive: int = _opt(
+        65535, "longest MQTT keep-alive, seconds: MQTT 5 clients are told (Server Keep Alive), "
+        "3.1.1 clients asking more (or 0) are held to it"
+    )
     max_queued_messages: int = _opt(
         1000, "QoS 1/2 messages queued per offline or slow session before dropping"
     )
@@ -119,6 +123,10 @@ class Config:
                                       "(workers serve HTTP on --http-port + i): give each "
                                       "listener its own port")
                 owner.setdefault(port, flag)
+        if not 1 <= self.max_keepalive <= 65535:
+            raise ConfigError(
+                f"--max-keepalive: {self.max_keepalive} is not a keep-alive (1 to 65535 seconds)"
+            )
         if not MIN_PACKET_SIZE <= self.max_packet_size <= MAX_PACKET_SIZE:
             raise ConfigError(
                 f"--max-packet-size: {self.max_packet_size} is not a packet size in bytes "

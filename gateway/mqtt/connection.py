@@ -507,8 +507,10 @@ class MqttConnection(asyncio.BufferedProtocol):
         self.keep_alive = c.keep_alive
         server_keep_alive = None
         limit = broker.limits.max_keep_alive
-        if self.version == 5 and limit < 65535 and (c.keep_alive == 0 or c.keep_alive > limit):
-            server_keep_alive = self.keep_alive = limit  # Server Keep Alive (5.0 3.2.2.3.14)
+        if limit < 65535 and (c.keep_alive == 0 or c.keep_alive > limit):
+            self.keep_alive = limit
+            if self.version == 5:  # Server Keep Alive (5.0 3.2.2.3.14); 3.1.1 cannot be told
+                server_keep_alive = limit
         if c.will is not None:
             self.will = self._will_message(c.will, client_id)
             will_props = c.will.properties
