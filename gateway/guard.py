@@ -46,6 +46,7 @@ UNAVAILABLE: Final = "unavailable"  # the credential store could not answer
 DISABLED: Final = "disabled"  # the device is registered and disabled by an operator
 
 Verdict = str
+TRUSTED_SECONDS: Final = 3600.0  # an address that let a good secret through is trusted this long
 
 
 class DeviceLookup(Protocol):
@@ -88,6 +89,7 @@ class Throttle:
         self.limits = limits
         self.metrics = metrics
         self._keys: OrderedDict[str, _Failures] = OrderedDict()
+        self._good: OrderedDict[str, float] = OrderedDict()  # address key -> last good secret
 
     def banned(self, keys: Iterable[str], now: float) -> str | None:
         """The first of `keys` banned at `now`, or None."""
@@ -98,15 +100,21 @@ class Throttle:
         return None
 
     def rank(self, keys: Iterable[str], now: float) -> int:
-        """How suspect an attempt with these keys is (0: no recent failure): the slow checks
-        of trusted attempts run first."""
+        """How suspect an attempt with these keys is: its keys' recent failures, or -1 when
+        there are none and one of its keys (an address) let a good secret through lately. The
+        slow checks of less suspect attempts run first: a device from an address that its
+        fleet uses does not wait behind a flood from addresses never seen to succeed."""
         worst = 0
         limits = self.limits
+        trusted = False
         for key in keys:
             entry = self._keys.get(key)
             if entry is not None and now - entry.last <= limits.window + limits.max_ban_seconds:
                 worst = max(worst, entry.strikes * limits.failures_before_ban + entry.count)
-        return worst
+            good = self._good.get(key)
+            if good is not None and now - good <= TRUSTED_SECONDS:
+                trusted = True
+        return -1 if trusted and not worst else worst
 
     def failed(self, keys: Iterable[str], now: float) -> list[tuple[str, float]]:
         """Count a failure against each key; returns the keys banned by it, with seconds."""
@@ -136,12 +144,19 @@ class Throttle:
                 banned.append((key, seconds))
         return banned
 
-    def succeeded(self, keys: Iterable[str]) -> None:
+    def succeeded(self, keys: Iterable[str], now: float) -> None:
         """A good secret clears the failures of the keys that name the principal (not of the
-        address: one good device behind a NAT does not pardon a guesser beside it)."""
+        address: one good device behind a NAT does not pardon a guesser beside it) and marks
+        the address as one good secrets come from."""
+        good = self._good
         for key in keys:
             if not key.startswith("addr:"):
                 self._keys.pop(key, None)
+                continue
+            good[key] = now
+            good.move_to_end(key)
+            if len(good) > self.limits.max_keys:
+                good.popitem(last=False)
 
     def sweep(self, now: float) -> None:
         """Forget keys quiet for longer than any ban they could still be serving."""
@@ -149,6 +164,9 @@ class Throttle:
         stale = [k for k, e in self._keys.items() if now - e.last > horizon]
         for key in stale:
             del self._keys[key]
+        good = self._good
+        while good and now - next(iter(good.values())) > TRUSTED_SECONDS:
+            good.popitem(last=False)
         self.metrics.banned.set(sum(1 for e in self._keys.values() if e.banned_until > now))
 
 
@@ -401,7 +419,7 @@ class AuthGuard:
             if len(self._good) > self.limits.max_remembered:
                 self._good.popitem(last=False)
             self._bad.pop(who, None)
-            self.throttle.succeeded(keys)
+            self.throttle.succeeded(keys, self._clock())
             return OK
         now = self._clock()
         bad = self._bad.get(who)

@@ -259,3 +259,42 @@ def test_a_burst_of_one_secret_is_checked_once(tmp_path: Path) -> None:
     assert asyncio.run(main()) == [guard.OK] * 20
     assert registry.verified == 1
     g.close()
+
+
+def test_a_check_from_an_address_good_secrets_came_from_goes_first(tmp_path: Path) -> None:
+    """At the onset of a flood from fresh addresses nothing has failed yet: a device from an
+    address its fleet logs in from is still checked before them."""
+    gate = threading.Event()
+    order: list[str] = []
+
+    def verify(name: str, ok: bool) -> Any:
+        def run() -> bool:
+            gate.wait(5)
+            order.append(name)
+            return ok
+
+        return run
+
+    g = _guard(Clock(), workers=1, max_pending=10, max_pending_per_key=10)
+
+    async def main() -> None:
+        await _verdict(g.check("mqtt", "device", "d0", b"x", verify("warm", True),
+                               ("addr:fleet",)))
+        order.clear()
+        gate.clear()
+        blocker = g.check("mqtt", "device", "d1", b"x", verify("first", True), ("addr:new-0",))
+        await asyncio.sleep(0.05)  # the worker holds `first`
+        fresh = [
+            g.check("mqtt", "device", f"a{i}", b"x", verify(f"new-{i}", False),
+                    (f"addr:new-{i}",))
+            for i in range(1, 4)
+        ]
+        fleet = g.check("mqtt", "device", "d2", b"x", verify("fleet", True), ("addr:fleet",))
+        gate.set()
+        for r in (blocker, *fresh, fleet):
+            await _verdict(r)
+
+    gate.set()
+    asyncio.run(main())
+    assert order == ["first", "fleet", "new-1", "new-2", "new-3"]
+    g.close()
