@@ -161,6 +161,9 @@ def test_an_anonymous_client_goes_when_its_id_is_registered(gateway_factory: Any
                         properties=props)
     assert ack.reason_code == 0 and not ack.session_present  # nothing of the anonymous one
     owner.close()
+    again = RawClient(gw.mqtt_port, version=5)  # the id is not remembered as free any more
+    assert _connack(again, "dev-9") == mqtt.NOT_AUTHORIZED
+    again.close()
 
 
 def test_a_certificate_whose_name_is_no_device_id_is_refused(

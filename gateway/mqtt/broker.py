@@ -57,6 +57,7 @@ class BrokerLimits:
 
 
 InternalSubscriber = Callable[[Message], None]
+MAX_UNREGISTERED = 100_000  # client ids remembered as unregistered (then forgotten at once)
 
 
 @dataclass(slots=True)
@@ -112,6 +113,7 @@ class Broker:
         self.shadows: ShadowService | None = None  # set by the app once the store is open
         self.cluster: Cluster | None = None  # set by the app when nodes share a Redis
         self.sessions: dict[str, Session] = {}
+        self._unregistered: set[str] = set()  # client ids found in no registry entry
         self.online: dict[str, MqttConnection] = {}
         self.connecting: set[MqttConnection] = set()  # accepted, no CONNECT yet
         self.subscriptions: SubscriptionTrie[str, SubOptions] = SubscriptionTrie()
@@ -198,6 +200,20 @@ class Broker:
             session.leave()
         return self.pending_wills.pop(session.client_id, None)
 
+    def registered(self, client_id: str) -> bool:
+        """Whether a device of this id is registered. An id found unregistered is remembered
+        (a registry read per anonymous CONNECT was a quarter of its cost) until the registry
+        reports an addition (`revoke`), which also ends an anonymous client using the id.
+        Raises the registry's error when it cannot be read."""
+        if self.registry is None or client_id in self._unregistered:
+            return False
+        if self.registry.get(client_id) is not None:
+            return True
+        if len(self._unregistered) >= MAX_UNREGISTERED:
+            self._unregistered.clear()
+        self._unregistered.add(client_id)
+        return False
+
     def revoke(self, changes: dict[str, str]) -> int:
         """Devices removed, disabled or added in the registry (gateway/auth.py's REMOVED,
         DISABLED, ADDED): the connections of a removed or disabled device close (MQTT 5:
@@ -206,6 +222,7 @@ class Broker:
         Matched by identity, so that it works whatever client id a device used. Returns the
         connections closed."""
         closed = 0
+        self._unregistered.difference_update(changes)
         for session in [s for s in self.sessions.values() if s.identity in changes]:
             op = changes[session.identity]
             if (op == ADDED) != session.anonymous:

@@ -42,6 +42,7 @@ V4_SERVER_UNAVAILABLE = 3
 V4_NOT_AUTHORIZED = 5
 
 CONNECTING = "connecting"  # a reason to pause reading: the CONNECT is not decided yet
+_CLIENT_DISCONNECT = "DISCONNECT from the client"
 DRAIN_SECONDS = 2.0  # how long a connection the server ends is read (and dropped) at most
 _DISCARD_BYTES = 16384
 
@@ -197,7 +198,11 @@ class MqttConnection(asyncio.BufferedProtocol):
         if self._closing and transport is not None:
             if self.paused:  # it is not reading: a graceful close would wait on it for ever
                 transport.abort()
-            elif transport.can_write_eof() and not transport.is_closing():
+            elif (
+                self._close_reason != _CLIENT_DISCONNECT
+                and transport.can_write_eof()
+                and not transport.is_closing()
+            ):
                 self._drain(transport)
             else:
                 transport.close()
@@ -364,11 +369,8 @@ class MqttConnection(asyncio.BufferedProtocol):
             # A client id that is not the client's own must not be someone else's either: a
             # registered device's or a service account's (taking it would kick that one).
             try:
-                taken = acl.is_service(client_id) or (
-                    broker.registry is not None and broker.registry.get(client_id) is not None
-                )
-            except ValueError as exc:  # the registry is unreadable: not the client's fault
-                log.error("CONNECT of %s: %s", client_id, exc)
+                taken = acl.is_service(client_id) or broker.registered(client_id)
+            except ValueError:  # the registry is unreadable (it says so): not the client's fault
                 self._refuse(
                     mqtt.SERVER_UNAVAILABLE, V4_SERVER_UNAVAILABLE, "registry_unavailable",
                     client_id,
@@ -900,7 +902,7 @@ class MqttConnection(asyncio.BufferedProtocol):
                 session.expiry_interval = props.session_expiry_interval
         if not (self.version == 5 and p.reason_code == mqtt.DISCONNECT_WITH_WILL_MESSAGE):
             self.will = None  # a normal DISCONNECT discards the will
-        self._close_reason = "DISCONNECT from the client"
+        self._close_reason = _CLIENT_DISCONNECT  # it closes its side itself: nothing to drain
         self._closing = True
         self.broker.mark_dirty(self)
 
