@@ -83,7 +83,15 @@ def worker_pids(supervisor: int) -> list[int]:
     tracker), in pid order."""
     out = subprocess.run(["pgrep", "-P", str(supervisor)], capture_output=True, text=True)
     pids = sorted(int(p) for p in out.stdout.split())
-    return [p for p in pids if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return [p for p in pids if b"spawn_main" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
+    """A process's command line; empty once it is gone (it may exit between pgrep and here)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
 
 
 @dataclass
