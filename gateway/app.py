@@ -178,7 +178,7 @@ class Gateway:
                 context=ApiContext(
                     self.shadows, self.broker, self.registry, self.tokens, self.guard,
                     self.node_id, self.shadow_metrics,
-                    registry_changed=self.registry_changed,
+                    registry_changed=self.registry_changed, cluster=self.cluster,
                 ),
             ),
             self.config.bind,

@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
 from gateway.auth import DeviceRegistry
+from gateway.cluster import Cluster
 from gateway.guard import BUSY, DENIED, OK, THROTTLED, UNAVAILABLE, AuthGuard
 from gateway.metrics import Metrics, ShadowMetrics
 from gateway.mqtt.broker import Broker
@@ -223,6 +224,7 @@ class ApiContext:
     shadow_metrics: ShadowMetrics | None = None
     # the app acts on devices removed or disabled (closes connections): called after a change
     registry_changed: Callable[[], None] = lambda: None
+    cluster: Cluster | None = None  # where other nodes' devices are, in a cluster
 
     @asynccontextmanager
     async def timed(self, operation: str) -> AsyncIterator[None]:

@@ -252,8 +252,8 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
             return ctx.node_id, True
         if device in ctx.broker.sessions:
             return ctx.node_id, False
-        if ctx.broker.cluster is not None:
-            found = await ctx.broker.cluster.locate([device])
+        if ctx.cluster is not None:
+            found = await ctx.cluster.locate([device])
             if device in found:
                 return found[device]
         return None, False
@@ -285,8 +285,8 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         # (in a cluster, sessions on other nodes are listed when registered or shadowed)
         page = sorted(registered | sessions | shadows)[:limit]
         elsewhere = {}
-        if ctx.broker.cluster is not None:
-            elsewhere = await ctx.broker.cluster.locate(
+        if ctx.cluster is not None:
+            elsewhere = await ctx.cluster.locate(
                 [d for d in page if d not in ctx.broker.online]
             )
         devices = [
@@ -394,8 +394,8 @@ def devices_router(ctx: ApiContext, require: Callable[[str], Auth]) -> APIRouter
         if node == ctx.node_id:
             subscribed = any(client == device for client, _ in broker.subscriptions.match(topic))
         else:  # held by another cluster node: it has a route for the topic (maybe the device's)
-            assert broker.cluster is not None
-            subscribed = any(n == node for n, _ in broker.cluster.routes.match(topic))
+            assert ctx.cluster is not None
+            subscribed = any(n == node for n, _ in ctx.cluster.routes.match(topic))
         if not subscribed:
             raise ApiError(
                 409, "not_subscribed", f"device {device!r} has no subscription matching {topic!r}"

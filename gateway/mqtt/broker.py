@@ -20,6 +20,7 @@ from gateway.events import EventLog
 from gateway.guard import AuthGuard
 from gateway.metrics import MqttMetrics
 from gateway.mqtt.acl import Acl
+from gateway.mqtt.clusterlink import ClusterLink
 from gateway.mqtt.session import (
     QUEUE_FULL_TOTAL,
     ChangeLog,
@@ -34,7 +35,6 @@ from gateway.mqtt.topics import SubscriptionTrie, TopicTree
 from gateway.telemetry.pipeline import TelemetryPipeline
 
 if TYPE_CHECKING:
-    from gateway.cluster import Cluster
     from gateway.mqtt.connection import MqttConnection
     from gateway.shadows import ShadowService
 
@@ -111,7 +111,7 @@ class Broker:
         self.limits = limits or BrokerLimits()
         self.telemetry = telemetry
         self.shadows: ShadowService | None = None  # set by the app once the store is open
-        self.cluster: Cluster | None = None  # set by the app when nodes share a Redis
+        self.cluster: ClusterLink | None = None  # set by the app when nodes share a Redis
         self.sessions: dict[str, Session] = {}
         self._unregistered: set[str] = set()  # client ids found in no registry entry
         self.online: dict[str, MqttConnection] = {}
