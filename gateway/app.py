@@ -73,7 +73,7 @@ class Gateway:
             GuardLimits(workers=config.auth_workers, max_pending=config.auth_max_pending),
         )
         self.registry = DeviceRegistry(self.data_dir)
-        # -- telemetry sink (issue 5): Kafka + disk spool per lane with --kafka, else the file --
+        # Telemetry: Kafka + disk spool per lane with --kafka, else the embedded file sink.
         if config.kafka:
             from gateway.telemetry.kafkasink import kafka_sinks
 
@@ -83,7 +83,15 @@ class Gateway:
         else:
             sink = FileSink(self.state_dir / "telemetry")
         self.telemetry = TelemetryPipeline(sink, metrics=self.metrics.telemetry)
-        # -- end telemetry sink --
+        self.node_id = config.node_id or socket.gethostname()
+        if worker is not None:
+            self.node_id += f"-w{worker}"
+        # The shadow service publishes through the broker built next (self._publish looks it
+        # up when called), so the broker can be given the service when it is built.
+        self.shadows = ShadowService(
+            self._open_shadow_store(), self._publish, node_id=self.node_id,
+            on_change=self._shadow_changed,
+        )
         self.broker = Broker(
             acl=Acl.from_config(config.acl, config.acl_file),
             metrics=self.metrics.mqtt,
@@ -99,33 +107,23 @@ class Gateway:
                 max_queued_bytes_total=config.max_queued_bytes_total,
             ),
             telemetry=self.telemetry,
+            shadows=self.shadows,
         )
-        self.node_id = config.node_id or socket.gethostname()
-        if worker is not None:
-            self.node_id += f"-w{worker}"
         self.cluster: Cluster | None = None
         if config.cluster or worker is not None:
             assert config.redis
             self.cluster = Cluster(self.broker, config.redis, self.node_id, self.metrics.cluster)
             self.broker.cluster = self.cluster
-        self.shadows = ShadowService(
-            self._open_shadow_store(), self._publish, node_id=self.node_id,
-            on_change=self._shadow_changed,
-        )
-        self.broker.shadows = self.shadows
-        # -- REST API (issue 4): bearer tokens, shadow metrics --
         self.tokens = TokenStore(self.data_dir, bootstrap=config.api_token)
         self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
-        # -- end REST API --
         self.http: HttpServer | None = None
-        # -- CoAP endpoint (gateway/coap/) --
+        # CoAP endpoint (gateway/coap/)
         self.coap = CoapEndpoint(
             shadows=self.shadows, pipeline=self.telemetry, broker=self.broker,
             registry=self.registry, guard=self.guard, events=self.events,
             allow_anonymous=config.allow_anonymous, metrics=CoapMetrics(self.metrics.registry),
         )
         self.coap_port: int | None = None
-        # -- end CoAP endpoint --
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.mqtt_port: int | None = None
@@ -144,7 +142,7 @@ class Gateway:
             (listeners,) = bind_listeners(self.config)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.registry_changed()  # from now on: devices removed or disabled are let go
-        await self.telemetry.start()  # issue 5: replays a Kafka spool left by a previous run
+        await self.telemetry.start()  # replays a Kafka spool left by a previous run
         if self.cluster is not None:
             await self.cluster.start()
         restored = await self.state.open()
@@ -188,12 +186,11 @@ class Gateway:
         )
         await self.http.start()
         log.info("HTTP listening on %s:%s", self.config.bind, self.http.port)
-        # -- CoAP endpoint (gateway/coap/) --
+        # CoAP endpoint (gateway/coap/)
         self.coap_port = await self.coap.start(
             self.config.bind, self.config.coap_port, listeners.coap
         )
         log.info("CoAP listening on %s:%s (UDP)", self.config.bind, self.coap_port)
-        # -- end CoAP endpoint --
 
     def _open_shadow_store(self) -> ShadowStore:
         if self.config.redis:

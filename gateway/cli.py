@@ -46,7 +46,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     imp.add_argument("file", help="a .csv or .json file; `-` reads CSV from stdin")
 
-    # -- tokens (issue 4): REST API bearer tokens --
+    # REST API bearer tokens
     tokens = commands.add_parser("tokens", help="manage REST API bearer tokens")
     tokens.add_argument("--data-dir", help="the gateway's data dir (default: as `iotgw run`)")
     tokens.add_argument("--config", metavar="FILE", help="TOML file with settings")
@@ -61,7 +61,6 @@ def _build_parser() -> argparse.ArgumentParser:
     tk_actions.add_parser("list", help="list tokens: names and scopes (secrets are not kept)")
     revoke = tk_actions.add_parser("revoke", help="revoke a token (at once, without a restart)")
     revoke.add_argument("name")
-    # -- end tokens --
 
     telemetry = commands.add_parser("telemetry", help="read the embedded telemetry store")
     telemetry.add_argument("--data-dir", help="the gateway's data dir (default: as `iotgw run`)")

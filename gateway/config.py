@@ -66,7 +66,7 @@ class Config:
     workers: int = _opt(1, "gateway processes on this machine, sharing the ports "
                         "(SO_REUSEPORT); more than 1 needs --redis and runs them as a cluster")
     kafka: str | None = _opt(None, "host:port[,host:port] of Kafka")
-    # -- telemetry to Kafka (issue 5) --
+    # telemetry to Kafka
     kafka_topics: str | None = _opt(
         None, "Kafka topic per record kind, over the defaults iot.telemetry, iot.events, "
         "iot.shadow, iot.commands: kind=topic[,kind=topic]"
@@ -78,7 +78,6 @@ class Config:
         3000, "how long a batch waits for Kafka's acks before it goes to the disk spool"
     )
     spool_max_bytes: int = _opt(1 << 30, "disk spool bound per lane; when full: backpressure")
-    # -- end telemetry to Kafka --
     api_token: str | None = _opt(None, "bootstrap admin API token")
     auth_workers: int = _opt(1, "threads checking device and API secrets (PBKDF2): the most "
                              "cores failed logins can take")

@@ -101,6 +101,7 @@ class Broker:
         allow_anonymous: bool = False,
         limits: BrokerLimits | None = None,
         telemetry: TelemetryPipeline | None = None,
+        shadows: ShadowService | None = None,
     ) -> None:
         self.acl = acl
         self.metrics = metrics
@@ -110,7 +111,7 @@ class Broker:
         self.allow_anonymous = allow_anonymous
         self.limits = limits or BrokerLimits()
         self.telemetry = telemetry
-        self.shadows: ShadowService | None = None  # set by the app once the store is open
+        self.shadows = shadows  # `$shadow/{id}/...` requests go to it
         self.cluster: ClusterLink | None = None  # set by the app when nodes share a Redis
         self.sessions: dict[str, Session] = {}
         self._unregistered: set[str] = set()  # client ids found in no registry entry
