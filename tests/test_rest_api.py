@@ -613,3 +613,16 @@ def test_bad_commands_are_400_and_unsubscribed_devices_409(gw: Any, api: Api) ->
                  {"payload": 1}, {"name": "x", "other": 1}, {"name": "#"}):
         assert_error(api("POST", "/v1/devices/plain/commands", body), 400, "invalid_request")
     plain.raw.close()
+
+
+def test_metrics_have_no_created_series_and_answer_head(api: Api) -> None:
+    """Prometheus keeps a `_created` series per counter as a separate time series: clutter
+    that doubles the counters a scrape carries. HEAD is how probes check the endpoint."""
+    got = api("GET", "/metrics", token=None)
+    assert got.status == 200 and got.headers["content-type"].startswith("text/plain")
+    text = got.raw.decode()
+    assert "iotgw_mqtt_connects_total" in text
+    assert "_created" not in text
+    head = api("HEAD", "/metrics", token=None)
+    assert head.status == 200 and head.raw == b""
+    assert head.headers["content-type"] == got.headers["content-type"]

@@ -438,8 +438,9 @@ def build_api(
             return {"status": "ready"}
         return JSONResponse({"status": "starting"}, status_code=503)
 
-    @api.get(
+    @api.api_route(
         "/metrics",
+        methods=["GET", "HEAD"],
         operation_id="metrics",
         summary="Prometheus metrics",
         response_class=Response,
