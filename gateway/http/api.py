@@ -438,9 +438,9 @@ def build_api(
             return {"status": "ready"}
         return JSONResponse({"status": "starting"}, status_code=503)
 
-    @api.api_route(
+    @api.head("/metrics", include_in_schema=False)  # probes: the content type, no body
+    @api.get(
         "/metrics",
-        methods=["GET", "HEAD"],
         operation_id="metrics",
         summary="Prometheus metrics",
         response_class=Response,
