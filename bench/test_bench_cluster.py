@@ -31,7 +31,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
 from brokerload import _rss_kb, cpu_seconds
-from conftest import free_port, free_ports, pinned, wait_for_tcp, worker_pids
+from conftest import free_port, free_ports, pinned, wait_for_ready, wait_for_tcp, worker_pids
 
 HERE = Path(__file__).parent
 
@@ -115,7 +115,7 @@ def test_hold_100k_connections_on_workers(benchmark: Any, tmp_path: Path) -> Non
         )
         procs.append(gateway)
         for i in range(workers):
-            wait_for_tcp(http_port + i, proc=gateway, timeout=60)
+            wait_for_ready(http_port + i, proc=gateway, timeout=60)
         pids = worker_pids(gateway.pid)
         assert len(pids) == workers
         rss_before = sum(_rss_kb(p) for p in pids)

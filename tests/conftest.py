@@ -70,6 +70,28 @@ def wait_for_tcp(
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
+def wait_for_ready(
+    http_port: int, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
+    """Until a gateway answers `GET /readyz` with 200 on `http_port`. (A port that accepts is
+    not enough under --workers: the supervisor binds the workers' sockets before they run.)"""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except (OSError, urllib.error.URLError):
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no gateway ready on 127.0.0.1:{http_port} after {timeout}s")
+
+
 def pinned(core: int) -> list[str]:
     """A command prefix running the command on one core (benchmarks: the server on one, its
     load on the other); nothing where taskset or a second core is missing."""
