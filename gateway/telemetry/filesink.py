@@ -253,6 +253,29 @@ def write_all(fd: int, data: bytes, offset: int, pwrite: PWrite = os.pwrite) -> 
         offset += written
 
 
+def write_durably(
+    fd: int,
+    data: bytes,
+    offset: int,
+    pwrite: PWrite,
+    fdatasync: Callable[[int], None],
+    path: Path | None,
+) -> None:
+    """Write `data` at `offset` and fdatasync it. On any failure the file is cut back to
+    `offset` before the error is raised: a retry then writes the batch once, and nothing is
+    ever written after a torn frame. (Should the cut fail too, the caller cuts before its next
+    write: it marks the file dirty until this returns.)"""
+    try:
+        write_all(fd, data, offset, pwrite)
+        fdatasync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, offset)
+        except OSError:
+            log.error("%s: cannot truncate a failed write back to %d", path, offset)
+        raise
+
+
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -306,17 +329,9 @@ class FileSink:
         start = self._size
         if start == 0:
             data = MAGIC + data
-        try:
-            write_all(self._fd, data, start, self._pwrite)
-            self._fdatasync(self._fd)
-        except OSError:
-            # Not durable (or not known to be): undo it so the retry writes the batch once.
-            self._dirty = True
-            try:
-                self._cut_back()
-            except OSError:
-                log.error("%s: cannot truncate a failed write back to %d", self._path, start)
-            raise
+        self._dirty = True  # until the batch is durable: the next write cuts back first
+        write_durably(self._fd, data, start, self._pwrite, self._fdatasync, self._path)
+        self._dirty = False
         self._size += len(data)
         self._count += len(records)
 

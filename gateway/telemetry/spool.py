@@ -70,7 +70,7 @@ from gateway.telemetry.filesink import (
     frame_one,
     fsync_dir,
     scan_segment,
-    write_all,
+    write_durably,
 )
 from gateway.telemetry.records import Record
 
@@ -295,16 +295,11 @@ class Spool:
             data = b"".join(framed[i:j])
             if segment.size == 0:
                 data = MAGIC + data
-            try:
-                write_all(self._fd, data, segment.size, self._pwrite)
-                self._fdatasync(self._fd)
-            except OSError:
-                self._dirty = True
-                try:
-                    self._cut_back()
-                except OSError:
-                    log.error("%s: cannot truncate a failed write back", segment.path)
-                raise
+            self._dirty = True  # until the part is durable: the next append cuts back first
+            write_durably(
+                self._fd, data, segment.size, self._pwrite, self._fdatasync, segment.path
+            )
+            self._dirty = False
             segment.count += j - i
             segment.size += len(data)
             self.bytes += len(data)
