@@ -102,6 +102,16 @@ class RawClient:
             self.pending.extend(p.detach() for p in self.framer.feed(data))
         return self.pending.pop(0)
 
+    def until_pingresp(self, timeout: float = 5.0) -> list[Any]:
+        """Every packet the server sends before answering a PINGREQ sent now: a barrier for
+        "nothing more arrived" that needs no sleep (the server answers in order)."""
+        self.send(mqtt.PINGREQ_FRAME)
+        before: list[Any] = []
+        while (packet := self.recv(timeout)) is not None and packet.type != mqtt.PINGRESP:
+            before.append(packet)
+        assert packet is not None, "the server closed the connection"
+        return before
+
     def close(self) -> None:
         self.sock.close()
 
