@@ -143,34 +143,54 @@ def _require(binary: str) -> str:
     return path
 
 
+class RedisProcess:
+    """A real redis-server on a free loopback port, without persistence, that a test may stop
+    and start again on the same port (an outage; it comes back empty)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.command = [
+            _require("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(workdir),
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_tcp(self.port, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A real redis-server on a free loopback port, without persistence."""
-    binary = _require("redis-server")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """A real redis-server on a free loopback port, without persistence, for the session."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
     try:
-        wait_for_tcp(port, proc=proc)
-        yield Server(port, proc)
+        assert server.proc is not None
+        yield Server(server.port, server.proc)
     finally:
-        _stop(proc)
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test alone, to stop and start again."""
+    server = RedisProcess(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
