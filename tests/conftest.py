@@ -8,8 +8,9 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,6 +209,59 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         yield Server(port, proc)
     finally:
         _stop(proc)
+
+
+class GatewayProcess:
+    """`iotgw run` in a process of its own (to SIGKILL it, or to trace it), on free loopback
+    ports, anonymous clients allowed, ACL open; `start()` again reuses its ports and data."""
+
+    def __init__(self, data_dir: Path, *extra: str) -> None:
+        self.mqtt_port, self.http_port = free_port(), free_port()
+        self.coap_port = free_port(socket.SOCK_DGRAM)
+        self.command = [
+            sys.executable, "-m", "gateway.cli", "run", "--allow-anonymous", "--acl", "open",
+            "--mqtt-port", str(self.mqtt_port), "--http-port", str(self.http_port),
+            "--coap-port", str(self.coap_port), "--data-dir", str(data_dir), *extra,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        try:
+            wait_for_ready(self.http_port, timeout=60, proc=self.proc)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing saved on the way out."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+            self.proc = None
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """gateway_process(*extra_args) -> a started GatewayProcess (data dir in tmp_path);
+    stopped at the end of the test."""
+    made: list[GatewayProcess] = []
+
+    def start(*extra: str) -> GatewayProcess:
+        made.append(GatewayProcess(tmp_path / f"gw{len(made)}", *extra).start())
+        return made[-1]
+
+    yield start
+    for gw in made:
+        gw.stop()
 
 
 class RunningGateway:
