@@ -10,6 +10,7 @@ command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
 command -v wrk >/dev/null || apt_missing+=(wrk)
 command -v strace >/dev/null || apt_missing+=(strace)
+command -v coap-server-notls >/dev/null || apt_missing+=(libcoap3-bin)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;
