@@ -138,15 +138,21 @@ def test_shared_subscription_spans_nodes_and_each_message_goes_to_one_member(
     member_b = PahoClient(b.mqtt_port, "worker-b", paho.MQTTv5)
     member_a.subscribe("$share/workers/jobs/#", 1)
     member_b.subscribe("$share/workers/jobs/#", 1)
+    for member in (member_a, member_b):
+        member.subscribe("marker", 1)  # a plain subscription: a barrier after the jobs
     wait_until(lambda: a.call(lambda: len(a.gateway.cluster.shared_routes)) == 1)
+    wait_until(lambda: knows_route(a, "marker", "node-b"))
     pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv5)
     for i in range(20):
         pub.publish(f"jobs/{i}", b"%d" % i, 1)
-    wait_until(lambda: len(member_a.messages) + len(member_b.messages) >= 20)
-    time.sleep(0.2)  # nothing more may come: each message went to exactly one member
-    got = sorted(int(m.payload) for m in member_a.messages + member_b.messages)
+    pub.publish("marker", b"-1", 1)  # behind every job on each path (local, and over Redis)
+    for member in (member_a, member_b):
+        wait_until(lambda member=member: any(m.topic == "marker" for m in member.messages))
+    jobs = [m for m in member_a.messages + member_b.messages if m.topic != "marker"]
+    got = sorted(int(m.payload) for m in jobs)
     assert got == list(range(20))
-    assert member_a.messages and member_b.messages  # the nodes took turns
+    assert all(any(m.topic != "marker" for m in member.messages)
+               for member in (member_a, member_b))  # the nodes took turns
     for c in (member_a, member_b, pub):
         c.close()
 
