@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from conftest import free_port, pinned
+from conftest import free_port, pinned, stop_process
 
 from gateway._native import coap
 from gateway.auth import DeviceRegistry
@@ -240,9 +240,4 @@ def _coap_server_anchor(seconds: float) -> dict[str, Any]:
         return uvloop.run(run())
     finally:
         os.sched_setaffinity(0, affinity)
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)

@@ -40,7 +40,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
-from conftest import free_port, pinned, wait_for_tcp
+from conftest import free_port, pinned, stop_process, wait_for_tcp
 
 from shadow import UpdateRequest
 from shadow.model import apply_update
@@ -66,12 +66,7 @@ def _this_thread_on(core: int) -> Iterator[None]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc, 10)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka_broker import kafka_broker_fixture  # noqa: F401  (issue 5: a real Kafka broker)
@@ -127,10 +128,13 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds; reaped either way
+    (a test never leaves a process behind, nor waits for one without end)."""
+    if proc.poll() is None:
+        proc.terminate()
     try:
-        proc.wait(timeout=5)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -169,7 +173,7 @@ class RedisProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
             self.proc = None
 
 
@@ -208,7 +212,7 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         wait_for_tcp(port, proc=proc)
         yield Server(port, proc)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 class GatewayProcess:
@@ -245,7 +249,7 @@ class GatewayProcess:
 
     def stop(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
             self.proc = None
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import free_port, wait_for_tcp
+from conftest import free_port, stop_process, wait_for_tcp
 from kafka_broker import KafkaBroker, end_offsets, read_topic
 from test_mqtt_server import RawClient
 
@@ -453,11 +453,7 @@ def test_gateway_sigkilled_mid_stream_replays_its_spool_on_restart(
         print(f"\nacked {total} before the kill; repeats in Kafka {repeats}")
         device.close()
     finally:
-        gateway.send_signal(signal.SIGTERM)
-        try:
-            gateway.wait(20)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
+        stop_process(gateway, 20)
 
 
 def test_a_spool_left_behind_is_replayed_in_order_on_start(
