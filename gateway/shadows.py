@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gateway.mqtt.channel import REFUSED, ROUTE, TAKEN, MqttChannel
+from gateway.mqtt.session import Message
 from shadow import ShadowError, ShadowStore, UpdateResult
 from shadow.model import InvalidUpdate
 
@@ -235,3 +237,31 @@ class ShadowService:
 
 def _json(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class ShadowInterceptor:
+    """`$shadow/{id}/update|get|delete` over MQTT: the PUBLISH goes to the shadow service, not
+    to subscribers, and its QoS 1/2 acknowledgement waits until the store has it. The other
+    `$shadow/` topics (the replies) are the gateway's alone to publish: refused."""
+
+    def __init__(self, shadows: ShadowService) -> None:
+        self.shadows = shadows
+
+    def on_publish(self, channel: MqttChannel, message: Message) -> int:
+        if not message.topic.startswith("$shadow/"):
+            return ROUTE
+        request = parse_request_topic(message.topic)
+        if request is None:
+            return REFUSED
+        token = channel.hold_ack()
+
+        def done() -> None:
+            if token is not None:
+                channel.records_durable([token])
+
+        self.shadows.submit_mqtt(request[0], request[1], bytes(message.payload), done)
+        return TAKEN
+
+    def forget(self, channel: MqttChannel) -> None:
+        pass  # a request in progress finds the channel closed and acknowledges nothing
+
