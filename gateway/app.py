@@ -92,6 +92,7 @@ class Gateway:
         self.shadows = ShadowService(
             self._open_shadow_store(), self._publish, node_id=self.node_id,
             on_change=self._shadow_changed,
+            on_version=lambda device, version: self.coap.resources.shadow_changed(device, version),
         )
         self.cluster: Cluster | None = None  # built with the broker, when nodes share a Redis
         self.broker = Broker(

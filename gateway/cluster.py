@@ -54,7 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway._native import mqtt
 from gateway.mqtt import persistence
 from gateway.mqtt.session import Message, Session, monotonic
-from gateway.mqtt.topics import SubscriptionTrie, TopicTree
+from gateway.mqtt.topics import SubscriptionTrie
 from shadow import resp
 
 if TYPE_CHECKING:
@@ -548,18 +548,19 @@ class Cluster:
 
     async def _load_retained(self) -> None:
         stored: dict[Any, Any] = await self.redis.hgetall(RETAINED_KEY)
-        self.broker.retained = TopicTree()
-        for topic, wire in stored.items():
-            self._apply_retained(topic.decode(), wire)
+        messages = {topic.decode(): self._retained_message(wire) for topic, wire in stored.items()}
+        self.broker.replace_retained({t: m for t, m in messages.items() if m is not None})
 
     def _apply_retained(self, topic: str, wire: bytes) -> None:
+        self.broker.set_retained(topic, self._retained_message(wire))
+
+    def _retained_message(self, wire: bytes) -> Message | None:
+        """A retained message as stored in Redis; None for a deleted or expired one."""
         if not wire:
-            self.broker.retained.delete(topic)
-            return
+            return None
         packed, saved_at = msgpack.unpackb(wire, raw=False)
         message = persistence.unpack_message(packed, monotonic() - (self.wall() - saved_at))
-        if not message.expired(monotonic()):
-            self.broker.retained.set(topic, message)
+        return None if message.expired(monotonic()) else message
 
     # ---- client ids: claims and takeovers -----------------------------------------------------
 

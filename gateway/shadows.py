@@ -5,7 +5,7 @@
   update), `/update/documents` (previous and current), `/update/delta` (the whole delta, stamped
   with the new version) when desired changed; `/get/accepted`, `/delete/accepted`; and
   `/update|get|delete/rejected` with `{"code", "message", "clientToken"}` to the requester.
-- listeners (CoAP observers of `/shadow/{id}`) with the new version;
+- `on_version` (CoAP observers of `/shadow/{id}`) with the new version;
 - the telemetry pipeline: a `shadow` record per accepted write (Kafka topic `iot.shadow`).
 
 Requests over MQTT: publish a JSON document to `$shadow/{id}/update` (an update document,
@@ -79,12 +79,13 @@ class ShadowService:
         *,
         node_id: str,
         on_change: Callable[[str, bytes], None] | None = None,
+        on_version: Listener | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
         self.node_id = node_id
         self.on_change = on_change  # (device, accepted JSON): the telemetry pipeline's record
-        self.listeners: list[Listener] = []
+        self.on_version = on_version  # (device, new version): CoAP observers of the shadow
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- the operations (REST and CoAP call these directly) ---------------------------------
@@ -146,11 +147,12 @@ class ShadowService:
         self._notify(device, result.version)
 
     def _notify(self, device: str, version: int) -> None:
-        for listener in self.listeners:
-            try:
-                listener(device, version)
-            except Exception:  # one broken observer must not stop the others
-                log.exception("shadow listener failed")
+        if self.on_version is None:
+            return
+        try:
+            self.on_version(device, version)
+        except Exception:  # a broken observer must not fail the write that was stored
+            log.exception("shadow change listener failed")
 
     # ---- MQTT requests ------------------------------------------------------------------------
 

@@ -344,6 +344,19 @@ class Broker:
                 self.limits.max_queued_messages, self.budget.per_session, self.budget.total,
             )
 
+    def replace_retained(self, messages: dict[str, Message]) -> None:
+        """Every retained message, as the cluster keeps them (in Redis): ours are replaced."""
+        self.retained = TopicTree()
+        for topic, message in messages.items():
+            self.retained.set(topic, message)
+
+    def set_retained(self, topic: str, message: Message | None) -> None:
+        """A retained message another cluster node set (None: deleted)."""
+        if message is None:
+            self.retained.delete(topic)
+        else:
+            self.retained.set(topic, message)
+
     def retained_for(self, topic_filter: str) -> list[Message]:
         """Retained messages a new subscription receives; expired ones are deleted here."""
         now = monotonic()
