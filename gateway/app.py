@@ -131,7 +131,6 @@ class Gateway:
         self.mqtts_port: int | None = None
         self.ws_port: int | None = None
         self.wss_port: int | None = None
-        self._websockets: list[WebSocketListener] = []
         self.state = persistence.StateStore(
             self.state_dir / "mqtt-state.sqlite", self.broker,
             legacy=self.state_dir / "mqtt-state.msgpack",
@@ -206,12 +205,8 @@ class Gateway:
         if not socks:
             return None
         listener = WebSocketListener(self.broker, arena, self.config.ws_handshake_timeout)
-        self._websockets.append(listener)
-        loop = asyncio.get_running_loop()
         for sock in socks:
-            self._servers.append(
-                await loop.create_server(listener, sock=sock, ssl=ctx, backlog=4096)
-            )
+            self._servers.append(await listener.serve(sock, ctx))
         port: int = socks[0].getsockname()[1]
         log.info("MQTT over WebSocket%s listening on %s:%s (path /mqtt)",
                  " with TLS" if ctx else "", self.config.bind, port)
@@ -286,8 +281,6 @@ class Gateway:
         await self.coap.stop()  # CoAP endpoint: answers what is in progress, closes the socket
         for server in self._servers:
             server.close()
-        for websocket in self._websockets:
-            websocket.close()  # connections still upgrading
         for conn in list(self.broker.online.values()) + list(self.broker.connecting):
             conn.close_with(mqtt.SERVER_SHUTTING_DOWN, "server shutting down")
         self.broker.flush()

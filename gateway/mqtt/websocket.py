@@ -1,262 +1,195 @@
 """MQTT over WebSocket (RFC 6455; MQTT 5.0 6.0, 3.1.1 6.0): a transport in front of an unchanged
 `MqttConnection`, which holds all MQTT state.
 
-`MqttWebSocket` is the asyncio protocol of one accepted socket. It owns the sans-IO `wsproto`
-connection: the HTTP upgrade (path `/mqtt`, subprotocol `mqtt` or the legacy `mqttv3.1`), then
-frames. The binary data of every frame of one read is handed to the inner `MqttConnection`
-in one `buffer_updated`, as a TCP read is (MQTT packets and frames split anywhere: the MQTT
-framer reassembles), so replies still leave in one write per read. The inner connection sees a
-`WebSocketTransport` that turns each write into one binary message.
+The WebSocket protocol is picows's (a Cython implementation; README says why not wsproto): it
+answers the HTTP upgrade, times out upgrades that do not finish, unmasks frames, answers pings
+and bounds the frame size. `WebSocketListener` routes an upgrade request: path `/mqtt` only,
+subprotocol `mqtt` or the legacy `mqttv3.1`. `MqttWebSocket` is one upgraded connection: the
+binary data of every frame of one read is handed to the inner `MqttConnection` in one
+`buffer_updated`, as a TCP read is (MQTT packets and frames split anywhere: the MQTT framer
+reassembles), so replies still leave in one write per read. The inner connection sees a
+`WebSocketTransport`, on which each write is one binary message.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import Connection, ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Message,
-    Ping,
-    RejectConnection,
-    RejectData,
-    Request,
-    TextMessage,
+from picows import (
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+    ws_create_server,
 )
-from wsproto.frame_protocol import CloseReason
-from wsproto.utilities import RemoteProtocolError
 
 from gateway.mqtt.broker import Broker
 from gateway.mqtt.connection import MqttConnection
 
-log = logging.getLogger("iotgw.mqtt")
-
-PATH = "/mqtt"
+PATH = b"/mqtt"
 # Preferred first: `mqtt` is the name MQTT 3.1.1 and 5.0 register; `mqttv3.1` is older clients'.
 SUBPROTOCOLS = ("mqtt", "mqttv3.1")
 CLOSE_SECONDS = 2.0  # how long a close we started waits for the client's close frame
-_CAN_CLOSE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)  # a close frame may be sent
+
+_BINARY = WSMsgType.BINARY
+_CONTINUATION = WSMsgType.CONTINUATION
+_CLOSE = WSMsgType.CLOSE
+_TEXT = WSMsgType.TEXT
+
+# picows logs each accepted connection at INFO and a client's protocol error at ERROR: one
+# misbehaving device must not fill the gateway's log.
+_picows_log = logging.getLogger("iotgw.mqtt.websocket")
+_picows_log.setLevel(logging.CRITICAL)
 
 
 class WebSocketListener:
-    """The protocol factory of a WS or WSS listener; it knows the connections still upgrading
-    (the gateway's stop ends them: they have no MQTT connection to close)."""
+    """Routes the upgrade requests of a WS or WSS listener."""
 
     def __init__(self, broker: Broker, arena: Any, handshake_timeout: float) -> None:
         self.broker = broker
         self.arena = arena
         self.handshake_timeout = handshake_timeout
-        self.upgrading: set[MqttWebSocket] = set()
 
-    def __call__(self) -> MqttWebSocket:
-        return MqttWebSocket(self)
-
-    def close(self) -> None:
-        for protocol in list(self.upgrading):
-            protocol.abort()
-
-
-class MqttWebSocket(asyncio.Protocol):
-    def __init__(self, listener: WebSocketListener) -> None:
-        self.listener = listener
-        self.ws = WSConnection(ConnectionType.SERVER)
-        self.frames: Connection | None = None  # wsproto's connection once upgraded
-        self.transport: asyncio.Transport | None = None
-        self.inner: MqttConnection | None = None
-        self.adapter = WebSocketTransport(self)
-        self._timer: asyncio.TimerHandle | None = None
-        self._message_bytes = 0  # of the binary message being received, so far
-
-    # ---- the socket's callbacks --------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.listener.upgrading.add(self)
-        # Slow-loris: an upgrade not done in time is dropped (MQTT's own CONNECT timeout
-        # starts once the inner connection exists).
-        self._timer = asyncio.get_running_loop().call_later(
-            self.listener.handshake_timeout, self.abort
+    async def serve(self, sock: Any, ctx: ssl.SSLContext | None) -> asyncio.Server:
+        return await ws_create_server(
+            self.route, sock=sock, ssl=ctx, backlog=4096,
+            websocket_handshake_timeout=self.handshake_timeout,
+            max_frame_size=self.broker.limits.max_packet_size,
+            logger_name=_picows_log, use_aiofastnet=False,
         )
 
-    def data_received(self, data: bytes) -> None:
-        frames = self.frames
-        if frames is None:
-            self._upgrade(data)
-            return
-        if frames.state is ConnectionState.CLOSED:
-            return  # after the close handshake: dropped
-        frames.receive_data(data)
-        self._receive(frames)
-
-    def eof_received(self) -> bool | None:
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        self.listener.upgrading.discard(self)
-        inner, self.inner = self.inner, None
-        if inner is not None:
-            inner.connection_lost(exc)
-        self.transport = None
-
-    def pause_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.inner is not None:
-            self.inner.resume_writing()
-
-    # ---- the upgrade -------------------------------------------------------------------------
-
-    def _upgrade(self, data: bytes) -> None:
-        try:
-            self.ws.receive_data(data)
-            for event in self.ws.events():
-                if isinstance(event, Request):
-                    self._request(event)
-                    break
-        except RemoteProtocolError as exc:  # not an upgrade request: answered and closed
-            hint = exc.event_hint if isinstance(exc.event_hint, RejectConnection) else None
-            self._reject(hint.status_code if hint else 400, f"{exc}\n")
-            return
-        frames = self.frames
-        if frames is not None:
-            self._receive(frames)  # frames that came with the request
-
-    def _request(self, request: Request) -> None:
-        path = request.target.partition("?")[0]
-        if path != PATH:
-            self._reject(404, f"MQTT over WebSocket is served on {PATH} only\n")
-            return
-        offered = [p.strip().lower() for p in request.subprotocols]
+    def route(self, request: WSUpgradeRequest) -> Any:
+        if request.path.partition(b"?")[0] != PATH:
+            return None  # picows answers 404
+        header = request.headers.get("Sec-WebSocket-Protocol", "")
+        offered = [p.strip().lower() for p in header.split(",")]
         chosen = next((p for p in SUBPROTOCOLS if p in offered), None)
         if chosen is None:
-            self._reject(400, "offer the WebSocket subprotocol mqtt (Sec-WebSocket-Protocol)\n")
-            return
-        assert self.transport is not None
-        self.transport.write(self.ws.send(AcceptConnection(subprotocol=chosen)))
-        self.frames = self.ws.connection
-        self._cancel_timer()
-        self.listener.upgrading.discard(self)
-        self.inner = MqttConnection(self.listener.broker, self.listener.arena)
-        self.inner.connection_made(cast(asyncio.Transport, self.adapter))
+            return WSUpgradeResponseWithListener(WSUpgradeResponse.create_error_response(
+                400, b"offer the WebSocket subprotocol mqtt (Sec-WebSocket-Protocol)\n"
+            ), None)
+        return WSUpgradeResponseWithListener(
+            WSUpgradeResponse.create_101_response({"Sec-WebSocket-Protocol": chosen}),
+            MqttWebSocket(self.broker, self.arena),
+        )
 
-    def _reject(self, status: int, body: str) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        data = body.encode()
-        headers = [(b"content-type", b"text/plain"), (b"content-length", b"%d" % len(data))]
-        try:
-            transport.write(self.ws.send(RejectConnection(status, headers, has_body=True)))
-            transport.write(self.ws.send(RejectData(data)))
-        except Exception:  # wsproto refuses to answer in its state: nothing more to say
-            log.debug("WebSocket upgrade refused without a response", exc_info=True)
-        transport.close()
 
-    # ---- frames ------------------------------------------------------------------------------
+class MqttWebSocket(WSListener):
+    """One upgraded connection: frames in, MQTT bytes to the inner connection."""
 
-    def _receive(self, frames: Connection) -> None:
-        """Every event of what was read: the binary data of the whole read reaches MQTT in one
-        piece, control frames are answered, anything else closes."""
-        parts: list[bytes | bytearray] = []
-        limit = self.listener.broker.limits.max_packet_size
-        for event in frames.events():
-            if isinstance(event, BytesMessage):
-                if frames.state is not ConnectionState.OPEN:
-                    continue  # we are closing: what still comes is dropped
-                self._message_bytes += len(event.data)
-                if self._message_bytes > limit:
-                    self._deliver(parts)
-                    self.close(CloseReason.MESSAGE_TOO_BIG,
-                               f"a message is larger than {limit} bytes")
-                    return
-                if event.message_finished:
-                    self._message_bytes = 0
-                parts.append(event.data)
-            elif isinstance(event, Ping):
-                if frames.state is ConnectionState.OPEN:
-                    self._write(frames.send(event.response()))
-            elif isinstance(event, CloseConnection):  # or a frame wsproto found malformed
-                self._deliver(parts)
-                if frames.state in _CAN_CLOSE:
-                    self._write(frames.send(event.response()))
-                if self.transport is not None:
-                    self.transport.close()  # the server closes TCP first (RFC 6455 7.1.1)
+    def __init__(self, broker: Broker, arena: Any) -> None:
+        self.max_message = broker.limits.max_packet_size
+        self.inner = MqttConnection(broker, arena)
+        self.ws: WSTransport | None = None
+        self.socket: asyncio.Transport | None = None
+        self.pending = bytearray()  # binary data of this read, not yet handed on
+        self.message_bytes = 0  # of the binary message being received, so far
+        self.fragmented = False  # a binary message continues in the next frame
+        self.closing = False  # our close frame is sent: what comes until the client's is dropped
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.ws = transport
+        self.socket = transport.underlying_transport
+        self.inner.connection_made(cast(asyncio.Transport, WebSocketTransport(self, transport)))
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is _BINARY and frame.fin and not self.fragmented and not self.closing:
+            # The common case: a whole message. Alone in its read, it goes straight to MQTT.
+            if frame.payload_size > self.max_message:
+                self.close(WSCloseCode.MESSAGE_TOO_BIG, b"message larger than the maximum packet")
+            elif frame.last_in_buffer and not self.pending:
+                self._deliver(frame.get_payload_as_memoryview())
                 return
-            elif isinstance(event, TextMessage):
-                self._deliver(parts)
-                self.close(CloseReason.UNSUPPORTED_DATA, "MQTT takes binary frames only")
-                return
-        self._deliver(parts)
+            else:
+                self.pending += frame.get_payload_as_memoryview()
+        elif kind is _BINARY or kind is _CONTINUATION:
+            if not self.closing:
+                self._fragment(frame, kind is _CONTINUATION)
+        elif kind is _CLOSE:  # the client's close, or its answer to ours
+            self._deliver_pending()
+            if not transport.is_close_frame_sent:
+                transport.send_close(frame.get_close_code())
+            transport.disconnect()  # the server closes TCP first (RFC 6455 7.1.1)
+            return
+        elif kind is _TEXT:
+            self.close(WSCloseCode.UNSUPPORTED_DATA, b"MQTT takes binary frames only")
+        # PONG: nothing to do; PING is answered by picows
+        if frame.last_in_buffer:
+            self._deliver_pending()
 
-    def _deliver(self, parts: list[bytes | bytearray]) -> None:
+    def _fragment(self, frame: WSFrame, continuation: bool) -> None:
+        """A frame of a message in several frames (RFC 6455 5.4)."""
+        if continuation != self.fragmented:
+            self.close(WSCloseCode.PROTOCOL_ERROR, b"continuation frame out of place")
+            return
+        size = frame.payload_size
+        self.message_bytes = size + (self.message_bytes if continuation else 0)
+        if self.message_bytes > self.max_message:
+            self.close(WSCloseCode.MESSAGE_TOO_BIG, b"message larger than the maximum packet")
+            return
+        self.fragmented = not frame.fin
+        if size:
+            self.pending += frame.get_payload_as_memoryview()
+
+    def _deliver_pending(self) -> None:
+        if self.pending:
+            data, self.pending = self.pending, bytearray()
+            self._deliver(memoryview(data))
+
+    def _deliver(self, data: memoryview) -> None:
         """Copy MQTT bytes into the inner connection's buffer: as much as it takes per call."""
         inner = self.inner
-        if not parts or inner is None:
-            return
-        data = memoryview(parts[0] if len(parts) == 1 else b"".join(parts))
         while data:
             buffer = inner.get_buffer(len(data))
             n = min(len(buffer), len(data))
             buffer[:n] = data[:n]
             inner.buffer_updated(n)
             data = data[n:]
-        parts.clear()
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.inner.connection_lost(None)
+        self.ws = self.socket = None
 
-    def send(self, data: bytes | bytearray | memoryview) -> None:
-        """One binary message; dropped once a close frame is sent (nothing may follow it)."""
-        frames = self.frames
-        if frames is not None and frames.state is ConnectionState.OPEN:
-            self._write(frames.send(Message(data=bytes(data))))
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
 
-    def close(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str | None = None) -> None:
-        """Send a close frame after what is pending and drop what the client still sends until
-        its close frame comes (then TCP is closed), or CLOSE_SECONDS pass."""
-        frames = self.frames
-        if frames is None or frames.state is not ConnectionState.OPEN:
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def close(self, code: WSCloseCode = WSCloseCode.OK, reason: bytes | None = None) -> None:
+        """Send a close frame after what is pending, then drop what the client still sends
+        until its close frame comes (TCP is closed then), or CLOSE_SECONDS pass."""
+        ws, socket = self.ws, self.socket
+        if self.closing or ws is None or socket is None:
             return
-        self._write(frames.send(CloseConnection(code=code, reason=reason)))
-        transport = self.transport
-        if transport is not None:
-            transport.resume_reading()  # its close frame must be read
-            asyncio.get_running_loop().call_later(
-                CLOSE_SECONDS, lambda: None if transport.is_closing() else transport.abort()
-            )
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.closing = True
+        self.pending.clear()
+        ws.send_close(code, reason)
+        socket.resume_reading()  # the client's close frame must be read
+        asyncio.get_running_loop().call_later(
+            CLOSE_SECONDS, lambda: None if socket.is_closing() else socket.abort()
+        )
 
 
 class WebSocketTransport:
     """What `MqttConnection` uses of its transport, over WebSocket: each write is one binary
-    message; write_eof sends a close frame (then input is dropped until the client's close
+    message; write_eof sends a close frame (input is then dropped until the client's close
     frame); reading is paused and resumed on the socket itself."""
 
-    def __init__(self, protocol: MqttWebSocket) -> None:
+    def __init__(self, protocol: MqttWebSocket, ws: WSTransport) -> None:
         self.protocol = protocol
-
-    def _transport(self) -> asyncio.Transport | None:
-        return self.protocol.transport
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.protocol.send(data)
+        # One binary message per write (picows drops what comes after our close frame).
+        self.write: Callable[[bytes | bytearray | memoryview], None] = partial(ws.send, _BINARY)
 
     def can_write_eof(self) -> bool:
         return True
@@ -266,32 +199,29 @@ class WebSocketTransport:
 
     def close(self) -> None:
         self.protocol.close()
-        transport = self._transport()
-        if transport is not None:
-            transport.close()
+        if self.protocol.socket is not None:
+            self.protocol.socket.close()
 
     def abort(self) -> None:
-        self.protocol.abort()
+        if self.protocol.socket is not None:
+            self.protocol.socket.abort()
 
     def is_closing(self) -> bool:
-        transport = self._transport()
-        return transport is None or transport.is_closing()
+        socket = self.protocol.socket
+        return socket is None or socket.is_closing()
 
     def pause_reading(self) -> None:
-        transport = self._transport()
-        if transport is not None:
-            transport.pause_reading()
+        if self.protocol.socket is not None:
+            self.protocol.socket.pause_reading()
 
     def resume_reading(self) -> None:
-        transport = self._transport()
-        if transport is not None:
-            transport.resume_reading()
+        if self.protocol.socket is not None:
+            self.protocol.socket.resume_reading()
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        transport = self._transport()
-        if transport is not None:
-            transport.set_write_buffer_limits(high, low)
+        if self.protocol.socket is not None:
+            self.protocol.socket.set_write_buffer_limits(high, low)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
-        transport = self._transport()
-        return default if transport is None else transport.get_extra_info(name, default)
+        socket = self.protocol.socket
+        return default if socket is None else socket.get_extra_info(name, default)
