@@ -104,10 +104,9 @@ class MqttWebSocket(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
         if kind is _BINARY and frame.fin and not self.fragmented and not self.closing:
-            # The common case: a whole message. Alone in its read, it goes straight to MQTT.
-            if frame.payload_size > self.max_message:
-                self.close(WSCloseCode.MESSAGE_TOO_BIG, b"message larger than the maximum packet")
-            elif frame.last_in_buffer and not self.pending:
+            # The common case: a whole message (picows bounds a frame's size). Alone in its
+            # read, it goes straight to MQTT.
+            if frame.last_in_buffer and not self.pending:
                 self._deliver(frame.get_payload_as_memoryview())
                 return
             else:
