@@ -428,3 +428,30 @@ def test_device_authenticates_with_a_client_certificate_over_wss(
         results[client_id] = got[0].value if got else None
     # The certificate names dev-7 (as on the TLS listener): it cannot be another device.
     assert results == {"dev-7": 0, "dev-8": mqtt.CLIENT_IDENTIFIER_NOT_VALID}
+
+
+def test_a_client_that_keeps_publishing_past_receive_maximum_reads_0x93(
+    ws_gateway: Any,
+) -> None:
+    """Graceful close over WebSocket: the DISCONNECT, then a close frame; what the client still
+    sends is read and dropped until its own close frame, so nothing resets the connection."""
+    client = WsClient(ws_gateway.gateway.ws_port)
+    assert client.connect("flooder").reason_code == 0
+    client.send(b"".join(  # QoS 2 without PUBREL: past the receive maximum (1024)
+        client.frame(mqtt.encode_publish("flood/x", b"x" * 200, qos=2, packet_id=i, version=5))
+        for i in range(1, 3001)
+    ))
+    more = client.frame(mqtt.encode_publish("flood/x", b"x" * 200, qos=2, packet_id=9, version=5))
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        client.send(more * 20)  # BrokenPipeError / ConnectionResetError: reset by the server
+        time.sleep(0.01)
+    packets = []
+    while (packet := client.recv()) is not None:
+        packets.append(packet)
+    disconnects = [p for p in packets if p.type == mqtt.DISCONNECT]
+    assert disconnects and disconnects[-1].reason_code == mqtt.RECEIVE_MAXIMUM_EXCEEDED
+    close = client.next_event()
+    assert isinstance(close, CloseConnection) and close.code == 1000
+    client.send(client.ws.send(close.response()))
+    assert client.next_event() is None and client.closed_by_server
