@@ -55,8 +55,12 @@ class WsClient:
     """A raw socket speaking WebSocket (wsproto, client side) and MQTT (the native codec)."""
 
     def __init__(self, port: int, path: str = "/mqtt", subprotocols: tuple[str, ...] = ("mqtt",),
-                 version: int = 5) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                 version: int = 5, rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        if rcvbuf is not None:  # a client that reads slowly: its socket fills fast
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(5)
+        self.sock.connect(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.framer = mqtt.Framer(version=version)
@@ -455,3 +459,32 @@ def test_a_client_that_keeps_publishing_past_receive_maximum_reads_0x93(
     assert isinstance(close, CloseConnection) and close.code == 1000
     client.send(client.ws.send(close.response()))
     assert client.next_event() is None and client.closed_by_server
+
+
+def test_slow_websocket_consumer_is_disconnected_with_quota_exceeded(
+    gateway_factory: Any,
+) -> None:
+    """The socket's write backpressure reaches the MQTT connection through the WebSocket
+    layer (pause_writing): a subscriber that never reads is shed, not buffered for ever."""
+    gw = gateway_factory(allow_anonymous=True, acl="open", max_queued_messages=5,
+                         ws_port=free_port())
+    slow = WsClient(gw.gateway.ws_port, rcvbuf=4096)
+    assert slow.connect("slow").reason_code == 0
+    slow.send(slow.frame(mqtt.Subscribe(1, [mqtt.Subscription("flood", 1)]).encode(5)))
+    time.sleep(0.2)  # never read from here on
+    pub = WsClient(gw.gateway.ws_port)
+    assert pub.connect("pub").reason_code == 0
+    payload = b"x" * 65536
+    for i in range(400):  # 26 MB: more than the socket and the write buffer hold
+        pub.send(pub.frame(mqtt.encode_publish("flood", payload, qos=1,
+                                               packet_id=i % 65535 + 1, version=5)))
+        if i % 50 == 49 and "slow" not in gw.call(lambda: set(gw.gateway.broker.online)):
+            break
+    deadline = time.monotonic() + 5
+    while "slow" in gw.call(lambda: set(gw.gateway.broker.online)):
+        assert time.monotonic() < deadline, "the slow consumer was never disconnected"
+        time.sleep(0.05)
+    metrics = gw.gateway.metrics.render().decode()
+    assert 'iotgw_mqtt_protocol_errors_total{reason_code="0x97"} 1.0' in metrics
+    slow.close()
+    pub.close()
