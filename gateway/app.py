@@ -34,6 +34,7 @@ from gateway.mqtt.acl import Acl
 from gateway.mqtt.broker import Broker, BrokerLimits
 from gateway.mqtt.connection import MqttConnection
 from gateway.mqtt.session import Message
+from gateway.mqtt.websocket import WebSocketListener
 from gateway.shadows import ShadowInterceptor, ShadowService
 from gateway.startup import (
     DataDirLock,
@@ -126,6 +127,8 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         self.mqtt_port: int | None = None
         self.mqtts_port: int | None = None
+        self.ws_port: int | None = None
+        self.wss_port: int | None = None
         self.state = persistence.StateStore(
             self.state_dir / "mqtt-state.sqlite", self.broker,
             legacy=self.state_dir / "mqtt-state.msgpack",
@@ -171,6 +174,9 @@ class Gateway:
                 ))
             self.mqtts_port = listeners.mqtts[0].getsockname()[1]
             log.info("MQTT over TLS listening on %s:%s", self.config.bind, self.mqtts_port)
+        self.ws_port = await self._serve_websocket(listeners.ws, arena, None)
+        if listeners.wss:
+            self.wss_port = await self._serve_websocket(listeners.wss, arena, self._tls_context())
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("MQTT listening on %s:%s", self.config.bind, self.mqtt_port)
         self.http = HttpServer(
@@ -195,6 +201,20 @@ class Gateway:
             self.config.bind, self.config.coap_port, listeners.coap
         )
         log.info("CoAP listening on %s:%s (UDP)", self.config.bind, self.coap_port)
+
+    async def _serve_websocket(
+        self, socks: list[socket.socket], arena: mqtt.ReadArena, ctx: ssl.SSLContext | None
+    ) -> int | None:
+        """MQTT over WebSocket (gateway/mqtt/websocket.py) on `socks`, with TLS if `ctx`."""
+        if not socks:
+            return None
+        listener = WebSocketListener(self.broker, arena, self.config.ws_handshake_timeout)
+        for sock in socks:
+            self._servers.append(await listener.serve(sock, ctx))
+        port: int = socks[0].getsockname()[1]
+        log.info("MQTT over WebSocket%s listening on %s:%s (path /mqtt)",
+                 " with TLS" if ctx else "", self.config.bind, port)
+        return port
 
     def _open_shadow_store(self) -> ShadowStore:
         if self.config.redis:

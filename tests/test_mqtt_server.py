@@ -26,13 +26,18 @@ class PahoClient:
 
     def __init__(
         self, port: int, client_id: str, protocol: int, clean_session: bool | None = None,
-        **connect: Any,
+        transport: str = "tcp", ca: str | None = None, **connect: Any,
     ) -> None:
+        """`transport`: "tcp" or "websockets" (path /mqtt); `ca`: TLS, trusting this CA."""
         # 3.1.1 takes clean_session in the constructor, 5.0 takes clean_start in connect().
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-            clean_session=clean_session,
+            clean_session=clean_session, transport=transport,  # type: ignore[arg-type]
         )
+        if transport == "websockets":
+            self.client.ws_set_options(path="/mqtt")
+        if ca is not None:
+            self.client.tls_set(ca_certs=ca)
         self.protocol = protocol
         self.messages: list[paho.MQTTMessage] = []
         self.received = threading.Condition()
