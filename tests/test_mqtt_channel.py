@@ -531,3 +531,28 @@ def test_a_slow_subscriber_sheds_qos0_while_its_writes_are_paused(broker: Broker
     assert len(broker.sessions["sub"].queue) == 1
     sub.channel.writing_resumed()
     assert [bytes(p.payload) for p in sub.packets()] == [b"kept"]
+
+
+def test_a_connection_the_client_ends_is_offline_before_its_transport_has_closed(
+    broker: Broker,
+) -> None:
+    """A TLS transport lingers after close (close_notify both ways): messages routed meanwhile
+    must queue in the session, not go to the closing connection (where a QoS 0 message is lost
+    and a QoS 1 one counts as sent, to be resent later even when it has expired)."""
+    sub, pub = Client(broker), Client(broker)
+    props = mqtt.Properties(session_expiry_interval=60)
+    sub.connect("sub", clean_start=False, properties=props)
+    sub.subscribe("t/#", qos=1)
+    sub.send(mqtt.Disconnect().encode(5))
+    assert sub.io.closed is False  # closing; connection_lost comes later
+    assert "sub" not in broker.online
+    pub.connect("pub")
+    pub.publish("t/1", b"queued", qos=1, packet_id=1)
+    assert len(broker.sessions["sub"].queue) == 1 and not broker.sessions["sub"].outgoing
+
+
+def test_a_connection_the_server_aborts_is_offline_at_once(broker: Broker) -> None:
+    c = Client(broker)
+    c.connect("c", clean_start=False, properties=mqtt.Properties(session_expiry_interval=60))
+    c.channel.abort("test")
+    assert "c" not in broker.online and "c" in broker.sessions

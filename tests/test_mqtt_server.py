@@ -7,6 +7,7 @@ import ssl
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,16 +20,32 @@ from paho.mqtt.properties import Properties as PahoProperties
 from gateway._native import mqtt
 
 PROTOCOLS = {"v311": paho.MQTTv311, "v5": paho.MQTTv5}
+TRANSPORTS = ("tcp", "tls", "ws", "wss")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to reach the MQTT server: `transport` tcp, tls, ws or wss; TLS trusts `ca`.
+    RawClient and PahoClient take one wherever they take a port."""
+
+    port: int
+    transport: str = "tcp"
+    ca: str | None = None
+    running: Any = None  # the running gateway (tests/conftest.py), when the test needs it
 
 
 class PahoClient:
     """A paho client on its own network thread, collecting what it receives."""
 
     def __init__(
-        self, port: int, client_id: str, protocol: int, clean_session: bool | None = None,
-        transport: str = "tcp", ca: str | None = None, **connect: Any,
+        self, port: int | Endpoint, client_id: str, protocol: int,
+        clean_session: bool | None = None, transport: str = "tcp", ca: str | None = None,
+        **connect: Any,
     ) -> None:
         """`transport`: "tcp" or "websockets" (path /mqtt); `ca`: TLS, trusting this CA."""
+        if isinstance(port, Endpoint):
+            transport = "websockets" if port.transport in ("ws", "wss") else "tcp"
+            port, ca = port.port, port.ca
         # 3.1.1 takes clean_session in the constructor, 5.0 takes clean_start in connect().
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
@@ -80,15 +97,45 @@ class PahoClient:
 
 
 class RawClient:
-    """Frames in, packets out: for the edge cases a library client will not produce."""
+    """Frames in, packets out: for the edge cases a library client will not produce. Over TCP,
+    or `transport` "tls", "ws" or "wss" (TLS trusting `ca`; WebSocket on /mqtt through
+    wsproto's client side, one binary message per send)."""
 
-    def __init__(self, port: int, version: int = 4) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    def __init__(
+        self, port: int | Endpoint, version: int = 4, transport: str = "tcp",
+        ca: str | None = None,
+    ) -> None:
+        if isinstance(port, Endpoint):
+            port, transport, ca = port.port, port.transport, port.ca
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if transport in ("tls", "wss"):
+            ctx = ssl.create_default_context(cafile=ca)
+            sock = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+        self.sock = sock
         self.framer = mqtt.Framer(version=version)
         self.version = version
         self.pending: list[Any] = []
+        self.ws: Any = None
+        if transport in ("ws", "wss"):
+            from wsproto import ConnectionType, WSConnection
+            from wsproto.events import AcceptConnection, Request
+
+            self.ws = WSConnection(ConnectionType.CLIENT)
+            sock.sendall(self.ws.send(Request("127.0.0.1", "/mqtt", subprotocols=["mqtt"])))
+            while not any(isinstance(e, AcceptConnection) for e in self._ws_events()):
+                pass
+
+    def _ws_events(self) -> list[Any]:
+        data = self.sock.recv(65536)
+        assert data, "closed during the WebSocket upgrade"
+        self.ws.receive_data(data)
+        return list(self.ws.events())
 
     def send(self, data: bytes) -> None:
+        if self.ws is not None:
+            from wsproto.events import Message as WsMessage
+
+            data = self.ws.send(WsMessage(data=data))
         self.sock.sendall(data)
 
     def connect(self, client_id: str, **kw: Any) -> Any:
@@ -101,11 +148,31 @@ class RawClient:
         deadline = time.monotonic() + timeout
         while not self.pending:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except ssl.SSLError:  # a TLS connection cut without close_notify
+                return None
             if not data:
                 return None
+            if self.ws is not None:
+                data = self._unwrap(data)
+                if data is None:
+                    return None
             self.pending.extend(p.detach() for p in self.framer.feed(data))
         return self.pending.pop(0)
+
+    def _unwrap(self, data: bytes) -> bytes | None:
+        """The MQTT bytes in WebSocket data; None once the server closed the WebSocket."""
+        from wsproto.events import BytesMessage, CloseConnection
+
+        self.ws.receive_data(data)
+        out = b""
+        for event in self.ws.events():
+            if isinstance(event, BytesMessage):
+                out += event.data
+            elif isinstance(event, CloseConnection) and not out:
+                return None
+        return out
 
     def close(self) -> None:
         self.sock.close()
@@ -116,11 +183,30 @@ def open_gateway(gateway_factory: Any) -> Any:
     return gateway_factory(allow_anonymous=True, acl="open")
 
 
+@pytest.fixture(params=TRANSPORTS)
+def open_endpoint(request: Any, gateway_factory: Any, certificates: dict[str, str]) -> Endpoint:
+    """An open gateway listening on MQTT, MQTTS, WS and WSS; the Endpoint of one of them."""
+    from conftest import free_port
+
+    gw = gateway_factory(
+        allow_anonymous=True, acl="open", tls_cert=certificates["srv.pem"],
+        tls_key=certificates["srv.key"], mqtts_port=0, ws_port=free_port(),
+        wss_port=free_port(),
+    )
+    ports = {"tcp": gw.mqtt_port, "tls": gw.mqtts_port, "ws": gw.gateway.ws_port,
+             "wss": gw.gateway.wss_port}
+    transport = request.param
+    ca = certificates["ca.pem"] if transport in ("tls", "wss") else None
+    return Endpoint(ports[transport], transport, ca, gw)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS.values(), ids=PROTOCOLS.keys())
 @pytest.mark.parametrize("qos", [0, 1, 2])
-def test_publish_reaches_subscriber_at_each_qos(open_gateway: Any, protocol: int, qos: int) -> None:
-    sub = PahoClient(open_gateway.mqtt_port, "sub", protocol)
-    pub = PahoClient(open_gateway.mqtt_port, "pub", protocol)
+def test_publish_reaches_subscriber_at_each_qos(
+    open_endpoint: Endpoint, protocol: int, qos: int
+) -> None:
+    sub = PahoClient(open_endpoint, "sub", protocol)
+    pub = PahoClient(open_endpoint, "pub", protocol)
     sub.subscribe("plant/+/temp", qos)
     for i in range(20):
         pub.publish(f"plant/{i % 3}/temp", b"%d" % i, qos)

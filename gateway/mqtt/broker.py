@@ -145,9 +145,10 @@ class Broker:
 
     def flush(self) -> None:
         """Write every connection's batched output in one write each."""
-        dirty, self._dirty = self._dirty, set()
-        for conn in dirty:
-            conn.flush()
+        while self._dirty:  # a channel that closes may publish its will to others
+            dirty, self._dirty = self._dirty, set()
+            for channel in dirty:
+                channel.flush()
 
     # ---- sessions (their lifecycle is sessions.py's) ------------------------------------------
 

@@ -265,14 +265,17 @@ class MqttChannel:
             self.broker.metrics.bytes_out += len(data)
             self.io.write(data)
         if self.state == CLOSING:
-            self.state = CLOSED
-            graceful = self.close_reason != CLIENT_DISCONNECT
-            if graceful:
-                # The session ends its use of this connection now (its will is published),
-                # not when the client gets round to closing.
-                will, self.will = self.will, None
-                self.broker.lifecycle.detach(self, will, self.will_delay)
-            self.io.close(graceful)
+            self._closed()
+            self.io.close(self.close_reason != CLIENT_DISCONNECT)
+
+    def _closed(self) -> None:
+        """Nothing more goes out. The session ends its use of this connection now (the will,
+        if any is left, is published), not once the transport has closed: a TLS transport
+        lingers for the close_notify exchange, and a client may never close its side."""
+        self.state = CLOSED
+        self.out.clear()
+        will, self.will = self.will, None
+        self.broker.lifecycle.detach(self, will, self.will_delay)
 
     def close_with(self, reason_code: int, why: str) -> None:
         """End the connection for a reason: MQTT 5 gets a DISCONNECT carrying it (the will is
@@ -292,8 +295,7 @@ class MqttChannel:
         if self.state == CLOSED:
             return
         self.close_reason = why
-        self.state = CLOSED
-        self.out.clear()
+        self._closed()
         self.io.close(False)
 
     def _closing(self) -> None:
