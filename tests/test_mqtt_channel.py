@@ -6,6 +6,9 @@ transport would, and handed to `MqttChannel.received`; what the channel writes t
 
 from __future__ import annotations
 
+import asyncio
+import time
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -556,3 +559,43 @@ def test_a_connection_the_server_aborts_is_offline_at_once(broker: Broker) -> No
     c.connect("c", clean_start=False, properties=mqtt.Properties(session_expiry_interval=60))
     c.channel.abort("test")
     assert "c" not in broker.online and "c" in broker.sessions
+
+
+class SlowDevices:
+    """A registry whose secret check blocks (as PBKDF2 does): the guard runs it on its thread."""
+
+    def get(self, device_id: str) -> Any:
+        return SimpleNamespace(password_hash=b"h-" + device_id.encode(), disabled=False)
+
+    def verify(self, device_id: str, secret: bytes) -> bool:
+        time.sleep(0.05)
+        return secret == b"right"
+
+
+@pytest.mark.parametrize(("password", "code"), [
+    (b"right", mqtt.SUCCESS), (b"wrong", mqtt.BAD_USER_NAME_OR_PASSWORD),
+])
+def test_a_verdict_from_the_guards_thread_leaves_without_waiting_for_another_read(
+    password: bytes, code: int
+) -> None:
+    """The CONNACK of a CONNECT decided off the loop goes out when the verdict comes, not at
+    the next read of some other connection or the next sweep (up to half a second later)."""
+
+    async def scenario() -> None:
+        broker = make_broker()
+        broker.registry = SlowDevices()  # type: ignore[assignment]
+        try:
+            c = Client(broker)
+            c.send(mqtt.Connect("dev", protocol_level=5, username="dev",
+                                password=password).encode(5))
+            assert c.channel.state == ch.AUTHENTICATING
+            for _ in range(200):
+                await asyncio.sleep(0.005)
+                if c.io.data:
+                    break
+            (connack,) = c.packets()  # no broker.flush() here: the verdict's own
+            assert connack.reason_code == code
+        finally:
+            broker.guard.close()
+
+    asyncio.run(scenario())

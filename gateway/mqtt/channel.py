@@ -753,7 +753,7 @@ class MqttChannel:
 
     # -- subscriptions
 
-    def _on_subscribe(self, p: Any) -> None:
+    def _on_subscribe(self, p: mqtt.Subscribe) -> None:
         session = self.session
         assert session is not None
         broker = self.broker
@@ -793,7 +793,7 @@ class MqttChannel:
             ids = (opts.identifier,) if opts.identifier else ()
             broker.deliver(session, Delivery(message, min(opts.qos, message.qos), True, ids))
 
-    def _on_unsubscribe(self, p: Any) -> None:
+    def _on_unsubscribe(self, p: mqtt.Unsubscribe) -> None:
         session = self.session
         assert session is not None
         codes = []
@@ -807,10 +807,10 @@ class MqttChannel:
 
     # -- the rest
 
-    def _on_pingreq(self, p: Any) -> None:
+    def _on_pingreq(self, p: mqtt.Packet) -> None:
         self._send(mqtt.PINGRESP_FRAME)
 
-    def _on_disconnect(self, p: Any) -> None:
+    def _on_disconnect(self, p: mqtt.Disconnect) -> None:
         session = self.session
         assert session is not None
         if self.version == 5:
@@ -826,7 +826,7 @@ class MqttChannel:
         self.close_reason = CLIENT_DISCONNECT  # it closes its side itself: nothing to drain
         self._closing()
 
-    def _on_auth(self, p: Any) -> None:
+    def _on_auth(self, p: mqtt.Auth) -> None:
         raise ProtocolViolation(
             mqtt.BAD_AUTHENTICATION_METHOD, "enhanced authentication unsupported"
         )

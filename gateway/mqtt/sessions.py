@@ -61,7 +61,11 @@ class Sessions:
         verdict = broker.guard.check_device("mqtt", broker.registry, user, password, keys)
         if isinstance(verdict, str):
             return verdict
-        verdict.add_done_callback(lambda f: later(f.result()))
+        def answered(future: asyncio.Future[str]) -> None:
+            later(future.result())
+            broker.flush()  # outside any read: nothing else would write the answer now
+
+        verdict.add_done_callback(answered)
         return None
 
     def open(self, channel: MqttChannel, request: OpenRequest) -> bool:
