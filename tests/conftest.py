@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,12 +218,15 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 class GatewayProcess:
     """`iotgw run` in a process of its own (to SIGKILL it, or to trace it), on free loopback
-    ports, anonymous clients allowed, ACL open; `start()` again reuses its ports and data."""
+    ports, anonymous clients allowed, ACL open; `start()` again reuses its ports and data.
+    `prefix` runs it under another command (strace); signals go to the whole process group,
+    so that a tracer that would detach on SIGTERM does not leave the gateway running."""
 
-    def __init__(self, data_dir: Path, *extra: str) -> None:
+    def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
         self.mqtt_port, self.http_port = free_port(), free_port()
         self.coap_port = free_port(socket.SOCK_DGRAM)
         self.command = [
+            *prefix,
             sys.executable, "-m", "gateway.cli", "run", "--allow-anonymous", "--acl", "open",
             "--mqtt-port", str(self.mqtt_port), "--http-port", str(self.http_port),
             "--coap-port", str(self.coap_port), "--data-dir", str(data_dir), *extra,
@@ -231,7 +235,8 @@ class GatewayProcess:
 
     def start(self) -> GatewayProcess:
         self.proc = subprocess.Popen(
-            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         try:
             wait_for_ready(self.http_port, timeout=60, proc=self.proc)
@@ -243,13 +248,20 @@ class GatewayProcess:
     def kill(self) -> None:
         """SIGKILL: a crash, nothing saved on the way out."""
         if self.proc is not None:
-            self.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             self.proc = None
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (a graceful stop), SIGKILL after `timeout` seconds."""
         if self.proc is not None:
-            stop_process(self.proc)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
             self.proc = None
 
 

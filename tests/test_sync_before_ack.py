@@ -8,19 +8,14 @@ completion printed after a later write never happened after it.)"""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for_ready
+from conftest import GatewayProcess, free_port
 from test_mqtt_server import RawClient
 
 from gateway._native import coap, mqtt
@@ -81,41 +76,16 @@ def _synced_before_acked(calls: list[Call], marker: bytes, ack: bytes) -> str | 
     return f"{marker!r} acknowledged (trace line {sent.index}) before an fdatasync of its file"
 
 
-def _trace_gateway(tmp_path: Path, extra: list[str]) -> tuple[subprocess.Popen[bytes], Path,
-                                                              int, int, int]:
+def _trace_gateway(tmp_path: Path, extra: list[str]) -> tuple[GatewayProcess, Path]:
     strace = shutil.which("strace")
     if strace is None:
         pytest.fail("strace is not installed: scripts/test.sh installs it")
-    mqtt_port, http_port = free_port(), free_port()
-    coap_port = free_port(socket.SOCK_DGRAM)
     trace = tmp_path / "trace"
-    command = [
+    prefix = [
         strace, "-f", "--seccomp-bpf", "-qq", "-xx", "-s", "65536", "-o", str(trace),
         "-e", "trace=pwrite64,pwritev,write,writev,sendto,sendmsg,fdatasync,fsync",
-        sys.executable, "-m", "gateway.cli", "run", "--allow-anonymous", "--acl", "open",
-        "--mqtt-port", str(mqtt_port), "--http-port", str(http_port),
-        "--coap-port", str(coap_port), "--data-dir", str(tmp_path / "data"), *extra,
     ]
-    # A session of its own: the gateway is signalled with strace (strace alone would detach
-    # and leave it running).
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        wait_for_ready(http_port, timeout=60, proc=proc)
-    except BaseException:
-        _stop_group(proc)
-        raise
-    return proc, trace, mqtt_port, coap_port, http_port
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    return GatewayProcess(tmp_path / "data", *extra, prefix=prefix).start(), trace
 
 
 def _send_and_collect(mqtt_port: int, coap_port: int) -> None:
@@ -151,11 +121,11 @@ def _send_and_collect(mqtt_port: int, coap_port: int) -> None:
 
 
 def _check(tmp_path: Path, extra: list[str]) -> None:
-    proc, trace, mqtt_port, coap_port, _ = _trace_gateway(tmp_path, extra)
+    gw, trace = _trace_gateway(tmp_path, extra)
     try:
-        _send_and_collect(mqtt_port, coap_port)
+        _send_and_collect(gw.mqtt_port, gw.coap_port)
     finally:
-        _stop_group(proc)
+        gw.stop()
     calls = _parse(trace.read_text())
     problems = []
     for i in range(COUNT):
