@@ -65,6 +65,12 @@ def _node(redis_port: int, port: int, node: str, data: Path) -> list[str]:
             "--data-dir", str(data), "--log-level", "warning"]
 
 
+def _single(port: int, data: Path) -> list[str]:
+    return [sys.executable, "-m", "gateway.cli", "run", "--mqtt-port", str(port),
+            "--http-port", "0", "--coap-port", "0", "--allow-anonymous", "--acl", "open",
+            "--data-dir", str(data), "--log-level", "warning"]
+
+
 @pytest.mark.benchmark(group="cluster-qos0-cross-node")
 def test_qos0_from_one_node_to_a_subscriber_on_another(benchmark: Any, tmp_path: Path) -> None:
     redis_port, port_a, port_b = free_port(), free_port(), free_port()
@@ -75,20 +81,36 @@ def test_qos0_from_one_node_to_a_subscriber_on_another(benchmark: Any, tmp_path:
         seconds = "0.5" if benchmark.disabled else "5"
         result: dict[str, Any] = {}
 
-        def run() -> None:
-            cpu0 = sum(cpu_seconds(p.pid) for p in procs)
+        def qos0(servers: list[subprocess.Popen[bytes]], *ports: str) -> dict[str, Any]:
+            cpu0 = sum(cpu_seconds(p.pid) for p in servers)
             out = subprocess.run(
-                [*pinned(1), sys.executable, str(HERE / "brokerload.py"), "qos0", "--port",
-                 str(port_a), "--sub-port", str(port_b), "--publishers", "10",
-                 "--seconds", seconds], capture_output=True, text=True, timeout=300,
+                [*pinned(1), sys.executable, str(HERE / "brokerload.py"), "qos0", *ports,
+                 "--publishers", "10", "--seconds", seconds],
+                capture_output=True, text=True, timeout=300,
             )
             assert out.returncode == 0, out.stderr
-            result.update(json.loads(out.stdout.strip().splitlines()[-1]))
-            cpu = sum(cpu_seconds(p.pid) for p in procs) - cpu0
-            result["cpu_us_per_msg_nodes_and_redis"] = cpu / max(1, result["messages"]) * 1e6
+            figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+            cpu = sum(cpu_seconds(p.pid) for p in servers) - cpu0
+            figures["cpu_us_per_msg"] = cpu / max(1, figures["messages"]) * 1e6
+            return figures
+
+        def run() -> None:
+            result.update(qos0(procs, "--port", str(port_a), "--sub-port", str(port_b)))
+            result["cpu_us_per_msg_nodes_and_redis"] = result.pop("cpu_us_per_msg")
+            # The anchor: the same load on one gateway that is not in a cluster, same core.
+            port = free_port()
+            single = _start(_single(port, tmp_path / "single"), port)
+            try:
+                alone = qos0([single], "--port", str(port))
+            finally:
+                single.terminate()
+                single.wait(60)
+            result["single_node_rate"] = alone["rate"]
+            result["single_node_cpu_us_per_msg"] = alone["cpu_us_per_msg"]
 
         benchmark.pedantic(run, rounds=1, iterations=1)
-        assert result["messages"] > 0
+        assert result["messages"] > 0 and result["single_node_rate"] > 0
+        result["vs_single_node"] = round(result["rate"] / result["single_node_rate"], 3)
         benchmark.extra_info.update(result)
         print(json.dumps(result))
     finally:
@@ -153,6 +175,7 @@ def test_hold_100k_connections_on_workers(benchmark: Any, tmp_path: Path) -> Non
                 generators_connected=sum(r["ready"] for r in ready),
                 seconds=elapsed,
                 connections_per_s=held / elapsed,
+                rate=held / elapsed,  # the name bench/anchors.py compares with one process
                 rss_kb_per_connection=(rss_after - rss_before) / max(1, held),
                 workers_rss_mb=rss_after / 1024,
                 cpu_us_per_connect=cpu / max(1, held) * 1e6,

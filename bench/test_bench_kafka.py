@@ -21,6 +21,7 @@ import asyncio
 import functools
 import json
 import random
+import re
 import struct
 import subprocess
 import sys
@@ -307,8 +308,55 @@ def test_mqtt_qos1_to_kafka_end_to_end(
         through_spool=out_spool,
         mean_batch_records=round(records / batches, 1) if batches else 0,
     )
+    assert results["rate"] > 0 and results["acked_all"] > 0
+    if rate == 0 and compression == "none":
+        # The anchor: Kafka's own producer benchmark on the same broker, acks=all, records of
+        # the size of the gateway's envelopes, right after.
+        size = _envelope_bytes()
+        perf = _producer_performance(kafka_broker, 20_000 if quick else 1_000_000, size)
+        results.update(producer_perf_record_bytes=size, **perf)
+        results["vs_producer_perf"] = round(results["rate"] / perf["producer_perf_per_s"], 3)
     benchmark.extra_info.update(results)
     print("\nkafka e2e", json.dumps(results))
+
+
+def _envelope_bytes() -> int:
+    """The mean size of a record value the gateway sends here: the envelope of a 64-256 byte
+    payload (160 on average) from a load-generator device."""
+    from gateway.telemetry.records import Record
+
+    record = Record("d-42", "telemetry", "mqtt", "devices/d-42/telemetry", b"x" * 160,
+                    ts_ms=int(time.time() * 1000), seq=123_456)
+    return len(record.envelope())
+
+
+def _producer_performance(kafka_broker: KafkaBroker, records: int, size: int) -> dict[str, Any]:
+    """kafka-producer-perf-test (org.apache.kafka.tools.ProducerPerformance, from the broker's
+    jars) at full speed with acks=all, no compression, on a topic of 4 partitions."""
+    topic = f"bench.{uuid.uuid4().hex[:8]}.perf"
+    kafka_broker.create_topic(topic, partitions=4)
+    out = subprocess.run(
+        kafka_broker._java(
+            "org.apache.kafka.tools.ProducerPerformance", "--topic", topic,
+            "--num-records", str(records), "--record-size", str(size), "--throughput", "-1",
+            "--producer-props", f"bootstrap.servers={kafka_broker.bootstrap}", "acks=all",
+            "compression.type=none",
+        ),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    # "N records sent, R records/sec (M MB/sec), A ms avg latency, X ms max latency, ..."
+    last = [line for line in out.stdout.splitlines() if "records sent" in line][-1]
+    m = re.search(r"(\d+) records sent, ([\d.]+) records/sec .*?([\d.]+) ms avg latency, "
+                  r"([\d.]+) ms max latency(?:, (\d+) ms 50th, (\d+) ms 95th, (\d+) ms 99th)?",
+                  last)
+    assert m is not None, last
+    assert int(m.group(1)) == records
+    figures: dict[str, Any] = {"producer_perf_per_s": float(m.group(2)),
+                               "producer_perf_avg_latency_ms": float(m.group(3))}
+    if m.group(7):
+        figures["producer_perf_p99_ms"] = int(m.group(7))
+    return figures
 
 
 # ---- shadow latency under a telemetry flood (in process, real Kafka) ---------------------------

@@ -9,6 +9,8 @@ apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
 command -v wrk >/dev/null || apt_missing+=(wrk)
+command -v strace >/dev/null || apt_missing+=(strace)
+command -v coap-server-notls >/dev/null || apt_missing+=(libcoap3-bin)
 command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
 if [ ${#apt_missing[@]} -gt 0 ]; then

@@ -6,12 +6,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka_broker import kafka_broker_fixture  # noqa: F401  (issue 5: a real Kafka broker)
@@ -126,10 +129,13 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout` seconds; reaped either way
+    (a test never leaves a process behind, nor waits for one without end)."""
+    if proc.poll() is None:
+        proc.terminate()
     try:
-        proc.wait(timeout=5)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -143,34 +149,54 @@ def _require(binary: str) -> str:
     return path
 
 
+class RedisProcess:
+    """A real redis-server on a free loopback port, without persistence, that a test may stop
+    and start again on the same port (an outage; it comes back empty)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.command = [
+            _require("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", str(workdir),
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_for_tcp(self.port, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+            self.proc = None
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A real redis-server on a free loopback port, without persistence."""
-    binary = _require("redis-server")
-    port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """A real redis-server on a free loopback port, without persistence, for the session."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
     try:
-        wait_for_tcp(port, proc=proc)
-        yield Server(port, proc)
+        assert server.proc is not None
+        yield Server(server.port, server.proc)
     finally:
-        _stop(proc)
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test alone, to stop and start again."""
+    server = RedisProcess(tmp_path)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -187,7 +213,71 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         wait_for_tcp(port, proc=proc)
         yield Server(port, proc)
     finally:
-        _stop(proc)
+        stop_process(proc)
+
+
+class GatewayProcess:
+    """`iotgw run` in a process of its own (to SIGKILL it, or to trace it), on free loopback
+    ports, anonymous clients allowed, ACL open; `start()` again reuses its ports and data.
+    `prefix` runs it under another command (strace); signals go to the whole process group,
+    so that a tracer that would detach on SIGTERM does not leave the gateway running."""
+
+    def __init__(self, data_dir: Path, *extra: str, prefix: Sequence[str] = ()) -> None:
+        self.mqtt_port, self.http_port = free_port(), free_port()
+        self.coap_port = free_port(socket.SOCK_DGRAM)
+        self.command = [
+            *prefix,
+            sys.executable, "-m", "gateway.cli", "run", "--allow-anonymous", "--acl", "open",
+            "--mqtt-port", str(self.mqtt_port), "--http-port", str(self.http_port),
+            "--coap-port", str(self.coap_port), "--data-dir", str(data_dir), *extra,
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        self.proc = subprocess.Popen(
+            self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            wait_for_ready(self.http_port, timeout=60, proc=self.proc)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, nothing saved on the way out."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (a graceful stop), SIGKILL after `timeout` seconds."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self.proc = None
+
+
+@pytest.fixture
+def gateway_process(tmp_path: Path) -> Iterator[Callable[..., GatewayProcess]]:
+    """gateway_process(*extra_args) -> a started GatewayProcess (data dir in tmp_path);
+    stopped at the end of the test."""
+    made: list[GatewayProcess] = []
+
+    def start(*extra: str) -> GatewayProcess:
+        made.append(GatewayProcess(tmp_path / f"gw{len(made)}", *extra).start())
+        return made[-1]
+
+    yield start
+    for gw in made:
+        gw.stop()
 
 
 class RunningGateway:

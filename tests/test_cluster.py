@@ -138,15 +138,21 @@ def test_shared_subscription_spans_nodes_and_each_message_goes_to_one_member(
     member_b = PahoClient(b.mqtt_port, "worker-b", paho.MQTTv5)
     member_a.subscribe("$share/workers/jobs/#", 1)
     member_b.subscribe("$share/workers/jobs/#", 1)
+    for member in (member_a, member_b):
+        member.subscribe("marker", 1)  # a plain subscription: a barrier after the jobs
     wait_until(lambda: a.call(lambda: len(a.gateway.cluster.shared_routes)) == 1)
+    wait_until(lambda: knows_route(a, "marker", "node-b"))
     pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv5)
     for i in range(20):
         pub.publish(f"jobs/{i}", b"%d" % i, 1)
-    wait_until(lambda: len(member_a.messages) + len(member_b.messages) >= 20)
-    time.sleep(0.2)  # nothing more may come: each message went to exactly one member
-    got = sorted(int(m.payload) for m in member_a.messages + member_b.messages)
+    pub.publish("marker", b"-1", 1)  # behind every job on each path (local, and over Redis)
+    for member in (member_a, member_b):
+        wait_until(lambda member=member: any(m.topic == "marker" for m in member.messages))
+    jobs = [m for m in member_a.messages + member_b.messages if m.topic != "marker"]
+    got = sorted(int(m.payload) for m in jobs)
     assert got == list(range(20))
-    assert member_a.messages and member_b.messages  # the nodes took turns
+    assert all(any(m.topic != "marker" for m in member.messages)
+               for member in (member_a, member_b))  # the nodes took turns
     for c in (member_a, member_b, pub):
         c.close()
 
@@ -369,41 +375,72 @@ def test_a_node_that_dies_is_forgotten_and_its_clients_can_connect_elsewhere(
             b.wait()
 
 
-def test_nodes_recover_when_redis_restarts_empty(gateway_factory: Any, tmp_path: Path) -> None:
-    port = free_port()
-    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-           "--appendonly", "no", "--dir", str(tmp_path)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for_tcp(port, proc=server)
-        url = f"redis://127.0.0.1:{port}"
-        settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True}
-        a = gateway_factory(node_id="node-a", **settings)
-        b = gateway_factory(node_id="node-b", **settings)
-        sub = news_subscriber(b, seen_by=a)
-        server.terminate()
-        server.wait()
-        # Meanwhile a CONNECT cannot claim its client id: refused as Server unavailable.
-        lonely = RawClient(a.mqtt_port, version=5)
-        assert lonely.connect("lonely").reason_code == mqtt.SERVER_UNAVAILABLE
-        lonely.close()
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_tcp(port, proc=server)
-        for node in (a, b):  # each noticed, subscribed again and announced its routes whole
-            cluster = node.gateway.cluster
-            wait_until(lambda node=node, cluster=cluster: node.call(
-                lambda: cluster.metrics.resubscribes._value.get() >= 1 and cluster.subscribed
-            ), timeout=10)
-        wait_until(lambda: knows_route(a, "news/x", "node-b"), timeout=10)
-        pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv5)
-        assert pub.connack[1] == 0  # the client registry works again
-        pub.publish("news/x", b"after", 1)
-        assert [m.payload for m in sub.wait_messages(1)] == [b"after"]
-        pub.close()
-        sub.close()
-    finally:
-        server.terminate()
-        server.wait()
+def test_nodes_recover_when_redis_restarts_empty(gateway_factory: Any, own_redis: Any) -> None:
+    settings = {"allow_anonymous": True, "acl": "open", "redis": own_redis.url, "cluster": True}
+    a = gateway_factory(node_id="node-a", **settings)
+    b = gateway_factory(node_id="node-b", **settings)
+    sub = news_subscriber(b, seen_by=a)
+    own_redis.stop()
+    # Meanwhile a CONNECT cannot claim its client id: refused as Server unavailable.
+    lonely = RawClient(a.mqtt_port, version=5)
+    assert lonely.connect("lonely").reason_code == mqtt.SERVER_UNAVAILABLE
+    lonely.close()
+    own_redis.start()
+    _until_resubscribed(a, b)
+    pub = PahoClient(a.mqtt_port, "pub", paho.MQTTv5)
+    assert pub.connack[1] == 0  # the client registry works again
+    pub.publish("news/x", b"after", 1)
+    assert [m.payload for m in sub.wait_messages(1)] == [b"after"]
+    pub.close()
+    sub.close()
+
+
+def _until_resubscribed(*nodes: Any) -> None:
+    """Each node noticed Redis came back, subscribed again and announced its routes whole."""
+    for node in nodes:
+        cluster = node.gateway.cluster
+        wait_until(lambda node=node, cluster=cluster: node.call(
+            lambda: cluster.metrics.resubscribes._value.get() >= 1 and cluster.subscribed
+        ), timeout=10)
+    wait_until(lambda: knows_route(nodes[0], "news/x", "node-b"), timeout=10)
+
+
+def test_while_redis_is_away_each_node_serves_its_own_clients_and_counts_lost_forwards(
+    gateway_factory: Any, own_redis: Any
+) -> None:
+    settings = {"allow_anonymous": True, "acl": "open", "redis": own_redis.url, "cluster": True}
+    a = gateway_factory(node_id="node-a", **settings)
+    b = gateway_factory(node_id="node-b", **settings)
+    remote = news_subscriber(b, seen_by=a)
+    local = RawClient(a.mqtt_port)
+    assert local.connect("local").type == mqtt.CONNACK
+    local.send(mqtt.Subscribe(1, [mqtt.Subscription("news/#", 1)]).encode(4))
+    assert local.recv().type == mqtt.SUBACK
+    pub = RawClient(a.mqtt_port)
+    assert pub.connect("pub").type == mqtt.CONNACK
+    pub.send(mqtt.encode_publish("news/x", b"before", qos=1, packet_id=1))
+    assert pub.recv().type == mqtt.PUBACK
+    assert [m.payload for m in remote.wait_messages(1)] == [b"before"]
+    assert bytes(local.recv().payload) == b"before"
+
+    own_redis.stop()
+    lost = 5
+    for i in range(lost):  # node a serves its clients: acknowledged and delivered locally
+        pub.send(mqtt.encode_publish("news/x", b"during %d" % i, qos=1, packet_id=i + 2))
+        assert pub.recv().type == mqtt.PUBACK
+        got = local.recv()
+        assert bytes(got.payload) == b"during %d" % i
+        local.send(mqtt.encode_ack(mqtt.PUBACK, got.packet_id))
+    own_redis.start()
+    _until_resubscribed(a, b)
+    pub.send(mqtt.encode_publish("news/x", b"after", qos=1, packet_id=100))
+    assert pub.recv().type == mqtt.PUBACK
+    assert [m.payload for m in remote.wait_messages(2)] == [b"before", b"after"]
+    counted = b.call(lambda: b.gateway.metrics.cluster.lost_forwards._value.get())
+    assert counted == lost
+    for client in (pub, local):
+        client.close()
+    remote.close()
 
 
 def test_coap_observer_on_one_node_hears_of_a_shadow_write_on_the_other(nodes: Any) -> None:

@@ -4,6 +4,8 @@ short atheris run."""
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -933,13 +935,40 @@ def test_aiocoap_typed_options_read_the_same(
 # ---- fuzz smoke test -----------------------------------------------------------------------
 
 
+FUZZ_COAP = ROOT / "tests" / "fuzz" / "fuzz_coap.py"
+CORPUS_COAP = ROOT / "tests" / "fuzz" / "corpus_coap"
+
+
 @pytest.mark.fuzz
-def test_fuzz_target_runs_clean() -> None:
+def test_fuzz_target_runs_clean_from_its_seed_corpus(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"  # libFuzzer adds what it finds: keep the committed seeds as is
+    shutil.copytree(CORPUS_COAP, corpus)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "fuzz" / "fuzz_coap.py"), "-runs=20000", "-seed=1"],
+        [sys.executable, str(FUZZ_COAP), "-runs=20000", "-seed=1",
+         f"-artifact_prefix={tmp_path}/", str(corpus)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Done 20000 runs" in proc.stderr
+
+
+def test_every_coap_seed_decodes_and_passes_the_target_checks() -> None:
+    spec = importlib.util.spec_from_file_location("fuzz_coap", FUZZ_COAP)
+    assert spec is not None and spec.loader is not None
+    target = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(target)
+    seeds = sorted(CORPUS_COAP.iterdir())
+    assert len(seeds) >= 20
+    refused = []
+    for seed in seeds:
+        data = seed.read_bytes()
+        target.TestOneInput(data)
+        try:
+            coap.decode(data[1:])
+        except coap.CoapError:
+            refused.append(seed.name)
+    # The seeds that are meant to be refused, and only those.
+    assert sorted(refused) == ["reserved-option-nibble", "truncated-header", "version-2"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import redis
-from test_cluster import knows_route, wait_until
+from test_cluster import knows_route, nodes, wait_until  # noqa: F401  (nodes: a fixture)
 from test_mqtt_server import RawClient
 
 from gateway._native import mqtt
@@ -19,17 +19,13 @@ HIGH = 128 << 10
 
 
 @pytest.fixture
-def held_nodes(gateway_factory: Any, redis_server: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+def held_nodes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """test_cluster.py's two nodes, with lower flow-control marks (set before they start)."""
     import gateway.cluster
 
     monkeypatch.setattr(gateway.cluster, "HIGH_WATER", HIGH)
     monkeypatch.setattr(gateway.cluster, "LOW_WATER", HIGH // 4)
-    url = f"redis://{redis_server.url}"
-    redis.Redis.from_url(url).flushall()
-    settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True}
-    a = gateway_factory(node_id="node-a", **settings)
-    b = gateway_factory(node_id="node-b", **settings)
-    return a, b
+    return request.getfixturevalue("nodes")
 
 
 def _outstanding(node: Any, peer: str) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import free_port
+from conftest import free_port, stop_process
 from paho.mqtt.enums import CallbackAPIVersion
 
 SCENARIOS = Path(__file__).parent / "scenarios"
@@ -417,8 +417,7 @@ def test_source_ips_spread_connections_over_local_addresses(tmp_path: Path) -> N
         )
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, 10)
     text = log.read_text()
     froms = re.findall(r"New client connected from (127\.0\.0\.\d+):\d+ as src-(\d+)", text)
     assert sorted(froms, key=lambda f: int(f[1])) == [
@@ -504,8 +503,7 @@ def test_user_names_and_passwords_are_filled_per_client(tmp_path: Path) -> None:
         failures = Path(f"{tmp_path}/bad_failures.csv").read_text()
         assert "refused: 5 not authorized" in failures or "refused: 4 bad user name" in failures
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop_process(proc, 10)
 
 
 def test_kafka_end_to_end_latency_matches_every_acknowledged_telemetry_record(

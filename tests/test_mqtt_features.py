@@ -108,6 +108,64 @@ def test_client_exceeding_our_receive_maximum_is_disconnected_with_0x93(gw: Any)
     assert (last.type, last.reason_code) == (mqtt.DISCONNECT, mqtt.RECEIVE_MAXIMUM_EXCEEDED)
 
 
+@pytest.mark.parametrize("qos", [1, 2])
+def test_outgoing_qos_1_and_2_stay_within_the_clients_receive_maximum(gw: Any, qos: int) -> None:
+    sub = RawClient(gw.mqtt_port, version=5)
+    assert sub.connect("narrow", properties=mqtt.Properties(receive_maximum=3)).reason_code == 0
+    sub.send(mqtt.Subscribe(1, [mqtt.Subscription("rx/#", qos)]).encode(5))
+    assert sub.recv().type == mqtt.SUBACK
+    pub = _publisher(gw.mqtt_port)
+    for i in range(10):
+        pub.send(mqtt.encode_publish("rx/m", b"%d" % i, qos=1, packet_id=i + 1, version=5))
+    assert [pub.recv().type for _ in range(10)] == [mqtt.PUBACK] * 10  # all routed by now
+    first = sub.until_pingresp()
+    assert [bytes(p.payload) for p in first] == [b"0", b"1", b"2"]  # 3 in flight, no more
+    seen = [bytes(p.payload) for p in first]
+    inflight = [p.packet_id for p in first]
+    while len(seen) < 10:  # each acknowledgement frees exactly one slot
+        done = inflight.pop(0)
+        if qos == 1:
+            sub.send(mqtt.encode_ack(mqtt.PUBACK, done, 0, 5))
+        else:
+            sub.send(mqtt.encode_ack(mqtt.PUBREC, done, 0, 5))
+            assert sub.recv().type == mqtt.PUBREL
+            assert sub.until_pingresp() == []  # PUBREC alone frees nothing
+            sub.send(mqtt.encode_ack(mqtt.PUBCOMP, done, 0, 5))
+        more = sub.until_pingresp()
+        assert len(more) == 1 and more[0].type == mqtt.PUBLISH, more
+        seen.append(bytes(more[0].payload))
+        inflight.append(more[0].packet_id)
+    assert seen == [b"%d" % i for i in range(10)]
+    sub.close()
+    pub.close()
+
+
+def test_qos0_to_a_slow_subscriber_is_shed_counted_and_the_rest_delivered(
+    gateway_factory: Any,
+) -> None:
+    """A subscriber that stops reading: its QoS 0 messages beyond the write buffer are shed and
+    counted, it stays connected, and every message is either delivered or counted."""
+    gw = gateway_factory(allow_anonymous=True, acl="open")
+    slow = RawClient(gw.mqtt_port, version=5)
+    assert slow.connect("slow").reason_code == 0
+    slow.send(mqtt.Subscribe(1, [mqtt.Subscription("flood", 0)]).encode(5))
+    assert slow.recv().type == mqtt.SUBACK
+    pub = _publisher(gw.mqtt_port)
+    count, payload = 200, b"x" * 65536  # 13 MB: far more than the socket and 1 MiB buffer
+    for _ in range(count):
+        pub.send(mqtt.encode_publish("flood", payload, qos=0, version=5))
+    assert pub.until_pingresp(timeout=30) == []  # the gateway has routed every one of them
+    shed = gw.gateway.metrics.registry.get_sample_value(
+        "iotgw_mqtt_dropped_messages_total", {"reason": "slow_consumer_qos0"}
+    )
+    delivered = [p for p in slow.until_pingresp(timeout=30) if p.type == mqtt.PUBLISH]
+    assert shed is not None and shed > 0, "nothing was shed: the subscriber was not slow"
+    assert len(delivered) > 0
+    assert len(delivered) + shed == count
+    pub.close()
+    slow.close()
+
+
 def test_packet_over_the_maximum_size_closes_the_connection_with_0x95(
     gateway_factory: Any,
 ) -> None:

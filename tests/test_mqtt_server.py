@@ -174,6 +174,16 @@ class RawClient:
                 return None
         return out
 
+    def until_pingresp(self, timeout: float = 5.0) -> list[Any]:
+        """Every packet the server sends before answering a PINGREQ sent now: a barrier for
+        "nothing more arrived" that needs no sleep (the server answers in order)."""
+        self.send(mqtt.PINGREQ_FRAME)
+        before: list[Any] = []
+        while (packet := self.recv(timeout)) is not None and packet.type != mqtt.PINGRESP:
+            before.append(packet)
+        assert packet is not None, "the server closed the connection"
+        return before
+
     def close(self) -> None:
         self.sock.close()
 
@@ -227,16 +237,20 @@ def test_retained_message_is_delivered_on_subscribe_and_cleared_by_empty_payload
     (msg,) = sub.wait_messages(1)
     assert (msg.topic, msg.payload, msg.retain) == ("state/lamp", b"on", True)
     pub.publish("state/lamp", b"", 1, retain=True)
-    late = PahoClient(open_endpoint, "late", paho.MQTTv311)
-    late.subscribe("state/#", 1)
-    assert late.wait_messages(1, timeout=0.5) == []
+    late = RawClient(open_endpoint)
+    assert late.connect("late").type == mqtt.CONNACK
+    late.send(mqtt.Subscribe(1, [mqtt.Subscription("state/#", 1)]).encode(4))
+    assert late.recv().type == mqtt.SUBACK
+    assert late.until_pingresp() == []  # retained messages would come before the PINGRESP
     for c in (pub, sub, late):
         c.close()
 
 
 def test_qos2_duplicate_publish_is_delivered_once(open_endpoint: Endpoint) -> None:
-    sub = PahoClient(open_endpoint, "sub", paho.MQTTv311)
-    sub.subscribe("q2/#", 2)
+    sub = RawClient(open_endpoint)
+    assert sub.connect("sub").type == mqtt.CONNACK
+    sub.send(mqtt.Subscribe(1, [mqtt.Subscription("q2/#", 2)]).encode(4))
+    assert sub.recv().type == mqtt.SUBACK
     raw = RawClient(open_endpoint)
     assert raw.connect("raw").reason_code == 0
     frame = mqtt.encode_publish("q2/x", b"once", qos=2, packet_id=7)
@@ -247,8 +261,8 @@ def test_qos2_duplicate_publish_is_delivered_once(open_endpoint: Endpoint) -> No
     raw.send(mqtt.encode_ack(mqtt.PUBREL, 7))
     comp = raw.recv()
     assert (comp.type, comp.packet_id) == (mqtt.PUBCOMP, 7)
-    time.sleep(0.3)
-    assert [m.payload for m in sub.wait_messages(1)] == [b"once"]
+    got = sub.until_pingresp()  # every delivery routed so far comes before the PINGRESP
+    assert [bytes(p.payload) for p in got if p.type == mqtt.PUBLISH] == [b"once"]
     raw.close()
     sub.close()
 
@@ -274,7 +288,11 @@ def test_normal_disconnect_discards_the_will(open_endpoint: Endpoint) -> None:
     raw.connect("dev1", will=mqtt.Will("wills/dev1", b"gone"))
     raw.send(mqtt.Disconnect().encode(4))
     assert raw.recv() is None
-    assert sub.wait_messages(1, timeout=0.5) == []
+    # A marker published after the close: a will would have reached the watcher before it.
+    pub = PahoClient(open_endpoint, "pub", paho.MQTTv311)
+    pub.publish("wills/marker", b"after", 1)
+    assert [m.topic for m in sub.wait_messages(1)] == ["wills/marker"]
+    pub.close()
     sub.close()
 
 

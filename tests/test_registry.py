@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import stop_process
 
 from gateway import cli
 from gateway.auth import DeviceRegistry, RegistryError
@@ -59,7 +60,11 @@ def test_parallel_adds_of_one_id_store_it_once_and_the_others_fail_with_one_line
         )
         for _ in range(8)
     ]
-    results = [(p.wait(120), p.stdout.read(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    try:
+        results = [(p.wait(120), p.stdout.read(), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    finally:
+        for p in procs:
+            stop_process(p, 0)
     winners = [out for code, out, _ in results if code == 0]
     assert len(winners) == 1
     for code, _, err in results:

@@ -418,6 +418,61 @@ def test_restart_restores_in_flight_queued_incoming_qos2_and_retained_state(
     back.close()
 
 
+def test_qos2_flows_in_flight_both_ways_survive_a_crash(gateway_process: Any) -> None:
+    """SIGKILL, not a clean stop: what the periodic save wrote is all there is. An outgoing
+    QoS 2 PUBLISH not yet PUBRECed is resent with DUP, one PUBRECed gets its PUBREL again,
+    and an incoming one answered with PUBREC is not delivered a second time."""
+    gw = gateway_process()
+    props = mqtt.Properties(session_expiry_interval=3600)
+    dev = RawClient(gw.mqtt_port, version=5)
+    assert dev.connect("dev", clean_start=False, properties=props).reason_code == 0
+    dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", 2)]).encode(5))
+    assert dev.recv().type == mqtt.SUBACK
+    app = RawClient(gw.mqtt_port, version=5)
+    assert app.connect("app").reason_code == 0
+    for pid, topic in ((1, "cmd/unacked"), (2, "cmd/received")):
+        app.send(mqtt.encode_publish(topic, topic.encode(), qos=2, packet_id=pid, version=5))
+        assert app.recv().type == mqtt.PUBREC
+        app.send(mqtt.encode_ack(mqtt.PUBREL, pid, 0, 5))
+        assert app.recv().type == mqtt.PUBCOMP
+    unacked, received = dev.recv(), dev.recv()
+    assert (unacked.topic, received.topic) == ("cmd/unacked", "cmd/received")
+    dev.send(mqtt.encode_ack(mqtt.PUBREC, received.packet_id, 0, 5))
+    assert dev.recv().type == mqtt.PUBREL  # left without PUBCOMP
+    dev.send(mqtt.encode_publish("up/once", b"once", qos=2, packet_id=9, version=5))
+    assert dev.recv().type == mqtt.PUBREC  # its PUBREL comes only after the crash
+    assert dev.until_pingresp() == []
+    time.sleep(2.5)  # two save intervals (1 s each): the state is on disk
+    gw.kill()
+    for client in (dev, app):
+        client.close()
+
+    gw.start()
+    watcher = RawClient(gw.mqtt_port, version=5)
+    assert watcher.connect("watcher").reason_code == 0
+    watcher.send(mqtt.Subscribe(1, [mqtt.Subscription("up/#", 2)]).encode(5))
+    assert watcher.recv().type == mqtt.SUBACK
+    back = RawClient(gw.mqtt_port, version=5)
+    assert back.connect("dev", clean_start=False, properties=props).session_present
+    got = back.until_pingresp()
+    assert sorted((p.type, p.packet_id, getattr(p, "dup", False)) for p in got) == sorted([
+        (mqtt.PUBLISH, unacked.packet_id, True), (mqtt.PUBREL, received.packet_id, False),
+    ]), got
+    back.send(mqtt.encode_ack(mqtt.PUBREC, unacked.packet_id, 0, 5))
+    assert back.recv().type == mqtt.PUBREL
+    for pid in (unacked.packet_id, received.packet_id):
+        back.send(mqtt.encode_ack(mqtt.PUBCOMP, pid, 0, 5))
+    # The incoming one it had answered with PUBREC: a DUP resend is not delivered again.
+    back.send(mqtt.encode_publish("up/once", b"once", qos=2, dup=True, packet_id=9, version=5))
+    assert back.recv().type == mqtt.PUBREC
+    back.send(mqtt.encode_ack(mqtt.PUBREL, 9, 0, 5))
+    assert back.recv().type == mqtt.PUBCOMP
+    assert back.until_pingresp() == []
+    assert watcher.until_pingresp() == []  # "up/once" was not routed a second time
+    back.close()
+    watcher.close()
+
+
 def test_a_snapshot_left_by_the_previous_version_is_read_once_and_renamed(
     gateway_factory: Any, tmp_path: Path
 ) -> None:

@@ -2,8 +2,13 @@
 
 Hypothesis drives random multi-step scenarios (nested desired/reported documents with nulls
 and arrays, version expectations, writer ids and version-vector contexts, device ``seq``
-values, limit violations, replaces and deletes) through a store and checks, after every step:
+values, limit violations, replaces and deletes; biased toward writes that are accepted:
+about two thirds of the updates are) through a store and checks, after every step:
 
+* for a plain update (no context, no seq), the verdict and the stored sections that the
+  independent reference rules below work out (``reference_verdict``: merge patch, version
+  compare-and-set, depth, size and finiteness limits), where they decide: an oracle that
+  does not call the model the store calls;
 * the store agrees with ``shadow.model`` applied to the previous stored shadow: the same
   document, the same accepted/delta payloads, the same error with the same message;
 * the invariants of the specification (``shadow/model.py``'s docstring), checked against the
@@ -17,13 +22,14 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shadow.model import (
@@ -60,12 +66,21 @@ values = st.recursive(
     max_leaves=10,
 )
 sections = st.one_of(st.none(), st.dictionaries(st.sampled_from(KEYS), values, max_size=4))
-# mostly well-formed update documents; a few malformed ones
+# Biased toward writes that are accepted (one_of picks its branches alike: a branch given
+# several times is drawn that much more often): mostly well-formed documents whose version,
+# when they carry one, is mostly the current one ("current" is filled in when the step runs).
+well_formed = st.fixed_dictionaries(
+    {"state": st.fixed_dictionaries({}, optional={"desired": sections, "reported": sections})},
+    optional={
+        "clientToken": st.just("tok"),
+        "version": st.one_of(st.just("current"), st.just("current"), st.integers(0, 5)),
+    },
+)
 documents = st.one_of(
-    st.fixed_dictionaries(
-        {"state": st.fixed_dictionaries({}, optional={"desired": sections, "reported": sections})},
-        optional={"clientToken": st.just("tok"), "version": st.integers(0, 5)},
-    ),
+    well_formed,
+    well_formed,
+    well_formed,
+    well_formed,
     st.sampled_from(
         [
             {"state": None},
@@ -84,19 +99,21 @@ steps = st.fixed_dictionaries(
         "writer": st.sampled_from(WRITERS),
         "ts": st.integers(0, 3_000),  # clocks need not agree between writers
         # None, the version just read, or any (mostly stale) number
-        "expected": st.one_of(st.none(), st.just("read"), st.integers(0, 6)),
+        "expected": st.one_of(st.none(), st.none(), st.just("read"), st.just("read"),
+                              st.integers(0, 6)),
         # None, the vv read before the previous step (concurrent), the current vv, or any
         "context": st.one_of(
+            st.none(),
             st.none(),
             st.just("previous"),
             st.just("current"),
             st.dictionaries(st.sampled_from(WRITERS), st.integers(0, 5), max_size=3),
         ),
-        "seq": st.one_of(st.none(), st.integers(0, 6)),
+        "seq": st.one_of(st.none(), st.none(), st.integers(0, 6)),
     }
 )
 limits = st.sampled_from(
-    [DEFAULT_LIMITS, Limits(max_state_bytes=160, max_depth=3, max_key_bytes=4)]
+    [DEFAULT_LIMITS, DEFAULT_LIMITS, Limits(max_state_bytes=160, max_depth=3, max_key_bytes=4)]
 )
 
 # --------------------------------------------------------------------------- reference rules
@@ -190,6 +207,69 @@ def value_at(tree: Any, pointer: str) -> Any:
             return merge
         tree = tree[key]
     return tree
+
+
+def keys_of(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        return [*value, *(k for v in value.values() for k in keys_of(v))]
+    if isinstance(value, list):
+        return [k for v in value for k in keys_of(v)]
+    return []
+
+
+def finite(value: Any) -> bool:
+    """JSON has no NaN or infinity."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(finite(v) for v in value)
+    return True
+
+
+def reference_verdict(
+    step: dict[str, Any], doc: Any, prior: Shadow, version: int, expected: int | None,
+    lim: Limits,
+) -> tuple[str, dict[str, Any]] | None:
+    """What the specification says of a plain update (no context, no seq), worked out here
+    from the rules alone, without shadow.model: ("accept", the sections it stores) or
+    ("reject", {}); None where these rules do not decide (other writes, malformed documents,
+    sizes within a few bytes of the limit, whose JSON spelling these rules do not pin down)."""
+    if step["op"] != "update" or step["context"] is not None or step["seq"] is not None:
+        return None
+    if not isinstance(doc, dict) or set(doc) - {"state", "version", "clientToken"}:
+        return None
+    state = doc.get("state")
+    if not isinstance(state, dict) or set(state) - {"desired", "reported"}:
+        return None
+    if any(v is not None and not isinstance(v, dict) for v in state.values()):
+        return None
+    if not finite(state):
+        return ("reject", {})  # not JSON
+    named = [v for v in (expected, doc.get("version")) if v is not None]
+    if len(set(named)) > 1:
+        return None
+    if named and named[0] != version:
+        return ("reject", {})  # compare-and-set on the version
+    if any(len(k.encode()) > lim.max_key_bytes for k in keys_of(state)):
+        return None
+    after = {
+        name: merge(prior.section(name), state[name]) if name in state else prior.section(name)
+        for name in ("desired", "reported")
+    }
+    deepest = max(depth(after[name]) for name in after)
+    patch_depth = max((depth(v) for v in state.values() if v is not None), default=0)
+    size = len(json.dumps(after, separators=(",", ":"), ensure_ascii=False).encode())
+    if deepest > lim.max_depth:
+        return ("reject", {}) if patch_depth > lim.max_depth else None
+    if patch_depth > lim.max_depth:
+        return None
+    if size > lim.max_state_bytes + 32:
+        return ("reject", {})
+    if size <= lim.max_state_bytes - 32:
+        return ("accept", after)
+    return None
 
 
 # --------------------------------------------------------------------------- the scenario
@@ -294,7 +374,12 @@ async def scenario(store: BaseShadowStore, plan: list[dict[str, Any]], lim: Limi
         context = step["context"]
         if isinstance(context, str):
             context = previous_vv if context == "previous" else current_vv
-        doc, ts = copy.deepcopy(step["doc"]), 1_700_000_000_000 + step["ts"]
+        planned = copy.deepcopy(step["doc"])
+        if isinstance(planned, dict) and planned.get("version") == "current":
+            planned["version"] = version
+        doc, ts = copy.deepcopy(planned), 1_700_000_000_000 + step["ts"]
+        prior = stored if stored is not None and not stored.deleted else Shadow()
+        verdict = reference_verdict(step, planned, prior, version, expected, lim)
         if step["op"] == "delete":
             want = outcome(apply_delete, stored, expected_version=expected, ts_ms=ts)
             got = await outcome_of(store.delete(device, expected_version=expected))
@@ -322,18 +407,29 @@ async def scenario(store: BaseShadowStore, plan: list[dict[str, Any]], lim: Limi
                 got = await outcome_of(store.replace(
                     device, doc, writer=step["writer"], ts_ms=ts, expected_version=expected
                 ))  # fmt: skip
-            assert doc == step["doc"]  # the update document is not touched
+            assert doc == planned  # the update document is not touched
+            if verdict is not None:  # the independent oracle, where it decides
+                if verdict[0] == "reject":
+                    assert isinstance(got, ShadowError), (planned, got)
+                else:
+                    assert isinstance(got, UpdateResult), (planned, got)
+                    for name, section in verdict[1].items():
+                        assert typed(got.shadow.section(name)) == typed(section), name
+                    assert got.shadow.version == version + 1
+                    event("a write the reference rules accept")
             if isinstance(want, ShadowError):
                 assert isinstance(got, ShadowError)
                 same_error(got, want)
                 if isinstance(want, VersionConflict):
-                    named = expected if expected is not None else step["doc"].get("version")
+                    named = expected if expected is not None else planned.get("version")
                     assert named is not None and named != version
             else:
                 assert isinstance(got, UpdateResult)
                 same_result(got, want)
-                check_write(step, stored, got, context if step["op"] == "update" else None)
+                check_write({**step, "doc": planned}, stored, got,
+                            context if step["op"] == "update" else None)
                 check_shadow(got.shadow, lim)
+                event(f"{step['op']} accepted")
                 stored = got.shadow
         previous_vv = current_vv
         log = await store.changes_since(device, max(version, 0))
@@ -351,7 +447,7 @@ async def outcome_of(call: Any) -> Any:
 
 
 SETTINGS = settings(
-    max_examples=40,
+    max_examples=150,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

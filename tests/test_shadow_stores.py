@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import stop_process
 
 from shadow.model import (
     InvalidUpdate,
@@ -490,7 +491,11 @@ def test_sqlite_writers_in_two_processes_lose_no_update(tmp_path: Path) -> None:
     procs = [
         subprocess.Popen([sys.executable, "-c", script, f"proc{i}"], cwd=ROOT) for i in range(2)
     ]
-    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    try:
+        assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            stop_process(p, 0)
 
     async def check() -> None:
         async with SqliteShadowStore(path) as store:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import free_port, free_ports, wait_for_tcp
+from conftest import free_port, free_ports, stop_process, wait_for_tcp
 
 from gateway.logs import QUEUED_RECORDS
 
@@ -66,13 +66,7 @@ def refused(args: list[str], *, prefix: list[str] | None = None) -> str:
 
 
 def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, 30)  # SIGTERM: a graceful stop may take a while on a busy machine
 
 
 class Started:

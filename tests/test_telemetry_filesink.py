@@ -6,6 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gateway.telemetry.filesink import FileSink, read_records
 from gateway.telemetry.pipeline import TelemetryPipeline
 from gateway.telemetry.records import Record, classify_topic
@@ -73,7 +75,9 @@ def test_a_torn_tail_is_ignored(tmp_path: Path) -> None:
     assert [r.payload for r in read_records(tmp_path)] == [b"0", b"1", b"2"]
 
 
-def test_a_failing_sink_is_retried_and_nothing_is_acknowledged_before(tmp_path: Path) -> None:
+def test_a_failing_sink_is_retried_and_nothing_is_acknowledged_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     class Flaky:
         def __init__(self) -> None:
             self.calls = 0
@@ -88,10 +92,11 @@ def test_a_failing_sink_is_retried_and_nothing_is_acknowledged_before(tmp_path: 
         async def close(self) -> None:
             pass
 
-    async def main() -> tuple[Flaky, Collector]:
-        import gateway.telemetry.pipeline as p
+    import gateway.telemetry.pipeline as p
 
-        p.RETRY_DELAY = 0.01
+    monkeypatch.setattr(p, "RETRY_DELAY", 0.01)  # restored after the test
+
+    async def main() -> tuple[Flaky, Collector]:
         sink = Flaky()
         pipeline = TelemetryPipeline(sink)
         target = Collector()

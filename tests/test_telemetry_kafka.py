@@ -19,8 +19,9 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import free_port, wait_for_tcp
+from conftest import free_port, stop_process, wait_for_tcp
 from kafka_broker import KafkaBroker, end_offsets, read_topic
+from test_mqtt_server import RawClient
 
 from gateway._native import mqtt
 from gateway.telemetry.filesink import FileSink
@@ -452,11 +453,7 @@ def test_gateway_sigkilled_mid_stream_replays_its_spool_on_restart(
         print(f"\nacked {total} before the kill; repeats in Kafka {repeats}")
         device.close()
     finally:
-        gateway.send_signal(signal.SIGTERM)
-        try:
-            gateway.wait(20)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
+        stop_process(gateway, 20)
 
 
 def test_a_spool_left_behind_is_replayed_in_order_on_start(
@@ -680,3 +677,95 @@ def test_coap_telemetry_reaches_kafka_and_is_acknowledged_after_kafka(
     ] * 5
     assert [json.loads(e["payload"])["i"] for e in envelopes] == [1, 2, 3, 4, 5]
     sock.close()
+
+
+def test_a_full_spool_stops_reading_from_device_sockets_and_withholds_their_pubacks(
+    tmp_path: Path, gateway_factory: Any, kafka_broker: KafkaBroker
+) -> None:
+    """End to end through device sockets: Kafka stops answering, the spool holds 64 KiB. What
+    fits is acknowledged in order; then PUBACKs stop, and once the pipeline's backlog reaches
+    its high-water mark the gateway stops reading (a flooding device's socket blocks, the
+    received-bytes counter stands still). When Kafka answers again everything is
+    acknowledged and every acknowledged record is in Kafka, in order."""
+    topics = _topics()
+    gw = gateway_factory(
+        data_dir=str(tmp_path / "data"), allow_anonymous=True, acl="open",
+        kafka=kafka_broker.bootstrap, kafka_topics=_spec(topics), kafka_ack_timeout_ms=200,
+        spool_max_bytes=64 << 10,
+    )
+    registry = gw.gateway.metrics.registry
+
+    def metric(name: str, **labels: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    count = 500  # about 150 KB of records: more than the spool holds, within receive maximum
+    dev = RawClient(gw.mqtt_port)
+    assert dev.connect("dev").type == mqtt.CONNACK
+    acked: list[int] = []
+    reader = threading.Thread(target=_collect_pubacks, args=(dev, acked), daemon=True)
+    reader.start()
+    flood = socket.create_connection(("127.0.0.1", gw.mqtt_port))
+    flood.sendall(mqtt.Connect("flood", protocol_level=4).encode(4))
+    kafka_broker.pause()
+    try:
+        def publish(numbers: range) -> None:
+            dev.send(b"".join(
+                mqtt.encode_publish("devices/dev/telemetry", b"dev:%d " % i + b"." * 200,
+                                    qos=1, packet_id=i + 1) for i in numbers
+            ))
+
+        first = 100  # about 30 KB: these fit in the spool and are acknowledged from there
+        publish(range(first))
+        deadline = time.monotonic() + 30
+        while len(acked) < first:
+            assert time.monotonic() < deadline, f"{len(acked)} of {first} acknowledged"
+            time.sleep(0.05)
+        publish(range(first, count))
+        flood.setblocking(False)
+        chunk = b"".join(mqtt.encode_publish("devices/flood/telemetry", b"flood:0", qos=0)
+                         for _ in range(1000))
+        deadline = time.monotonic() + 60
+        blocked_since = None
+        while blocked_since is None or time.monotonic() - blocked_since < 2.0:
+            assert time.monotonic() < deadline, "the gateway kept reading from the flood"
+            try:
+                flood.send(chunk)
+                blocked_since = None
+            except BlockingIOError:  # the kernel's buffers are full: nobody reads
+                blocked_since = blocked_since or time.monotonic()
+                time.sleep(0.05)
+        before = metric("iotgw_mqtt_received_bytes_total")
+        time.sleep(1.0)
+        assert metric("iotgw_mqtt_received_bytes_total") == before, "it still reads"
+        # It stopped at the high-water mark, not for some other reason.
+        read = metric("iotgw_mqtt_packets_received_total", type="publish")
+        assert read >= gw.gateway.telemetry.high_water
+        assert metric("iotgw_telemetry_spool_bytes", lane="low") > 0
+        held = list(acked)
+        assert first <= len(held) < count, len(held)  # what fitted in the spool, no more
+        assert held == list(range(1, len(held) + 1))  # in publish order
+    finally:
+        kafka_broker.resume()
+    deadline = time.monotonic() + 60
+    while len(acked) < count:
+        assert time.monotonic() < deadline, f"only {len(acked)} of {count} acknowledged"
+        time.sleep(0.05)
+    assert acked == list(range(1, count + 1))
+    dev.close()
+    flood.close()
+    while metric("iotgw_telemetry_spool_records", lane="low") or metric(
+        "iotgw_telemetry_backlog_records", lane="low"
+    ):  # the spool replayed, the flood sent
+        assert time.monotonic() < deadline, "the spool was not replayed"
+        time.sleep(0.1)
+    records = read_topic(kafka_broker.bootstrap, topics["telemetry"], count, timeout=60)
+    check_delivery([r for r in records if r[2] == b"dev"], {"dev": list(range(count))})
+
+
+def _collect_pubacks(client: RawClient, acked: list[int]) -> None:
+    try:
+        while (packet := client.recv(timeout=120)) is not None:
+            if packet.type == mqtt.PUBACK:
+                acked.append(packet.packet_id)
+    except OSError:
+        return

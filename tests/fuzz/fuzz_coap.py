@@ -1,6 +1,10 @@
 """Atheris fuzz target for the native CoAP codec (gateway._native.coap).
 
-    .venv/bin/python tests/fuzz/fuzz_coap.py -runs=1000000 [CORPUS_DIR]
+    cp -r tests/fuzz/corpus_coap /tmp/corpus_coap   # libFuzzer adds to it: give it a copy
+    .venv/bin/python tests/fuzz/fuzz_coap.py -runs=1000000 /tmp/corpus_coap
+
+Regenerate the seed corpus (committed): `.venv/bin/python tests/fuzz/fuzz_coap.py
+--make-corpus [DIR]`.
 
 Each input is decoded either as raw bytes or after being shaped into a datagram with a valid
 header and option framing (so that mutations reach the option checks, since the C extension
@@ -154,13 +158,76 @@ def check(data: bytes) -> None:
 
 
 def TestOneInput(data: bytes) -> None:
-    fdp = atheris.FuzzedDataProvider(data)
-    if fdp.ConsumeIntInRange(0, 3) == 0:
-        check(fdp.ConsumeBytes(fdp.remaining_bytes()))
+    """Byte 0 picks the mode: a multiple of 4 checks the rest as a datagram as is (the seed
+    corpus is datagrams), anything else shapes one from the rest."""
+    if not data:
+        return
+    if data[0] % 4 == 0:
+        check(data[1:])
     else:
-        check(shape(fdp))
+        check(shape(atheris.FuzzedDataProvider(data[1:])))
 
+
+def seed_datagrams() -> dict[str, bytes]:
+    """Seed name -> datagram: the messages the gateway exchanges, and a few it refuses."""
+    json_ = [(coap.CONTENT_FORMAT, coap.JSON)]
+    path = [(coap.URI_PATH, b"shadow"), (coap.URI_PATH, b"dev-1")]
+    e = coap.encode
+    return {
+        "con-post-telemetry": e(coap.CON, coap.POST, 0x1234, b"\x01\x02",
+                                [(coap.URI_PATH, b"telemetry"), (coap.URI_PATH, b"dev-1"),
+                                 *json_, (coap.URI_QUERY, b"t=secret")], b'{"t":21.5}'),
+        "con-get-observe": e(coap.CON, coap.GET, 2, b"tok", [(coap.OBSERVE, b""), *path,
+                                                            (coap.ACCEPT, b"\x32")], b""),
+        "con-get-block2": e(coap.CON, coap.GET, 3, b"", [*path, (coap.BLOCK2, b"\x16")], b""),
+        "con-put-block1": e(coap.CON, coap.PUT, 4, b"\xaa",
+                            [(coap.IF_MATCH, b"\x07"), *path, *json_, (coap.BLOCK1, b"\x0e"),
+                             (coap.SIZE1, b"\x04\x00")], b"{" + b"x" * 63),
+        "con-patch-if-none-match": e(coap.CON, coap.PATCH, 5, b"", [(coap.IF_NONE_MATCH, b""),
+                                                                   *path, *json_], b"{}"),
+        "con-fetch": e(coap.CON, coap.FETCH, 6, b"", path, b"[]"),
+        "con-delete-host-port": e(coap.CON, coap.DELETE, 7, b"", [
+            (coap.URI_HOST, b"gw.example"), (coap.URI_PORT, b"\x16\x33"), *path], b""),
+        "ack-content-etag": e(coap.ACK, coap.CONTENT, 8, b"tok", [
+            (coap.ETAG, b"\x00\x07"), (coap.OBSERVE, b"\x05"), *json_,
+            (coap.MAX_AGE, b"\x3c"), (coap.BLOCK2, b"\x08"), (coap.SIZE2, b"\x01\x00")],
+            b'{"state":{}}'),
+        "ack-changed": e(coap.ACK, coap.CHANGED, 9, b"\x01\x02", [], b""),
+        "ack-empty": coap.encode_empty(coap.ACK, 10),
+        "rst-empty": coap.encode_empty(coap.RST, 11),
+        "con-ping": coap.encode_empty(coap.CON, 12),
+        "non-notification": e(coap.NON, coap.CONTENT, 13, b"tok", [(coap.OBSERVE, b"\x01\x00"),
+                                                                    *json_], b"{}"),
+        "con-created-location": e(coap.ACK, coap.CREATED, 14, b"", [
+            (coap.LOCATION_PATH, b"a"), (coap.LOCATION_PATH, b"b"),
+            (coap.LOCATION_QUERY, b"q=1")], b""),
+        "separate-response-con": e(coap.CON, coap.SERVICE_UNAVAILABLE, 15, b"tk", [
+            (coap.MAX_AGE, b"\x05")], b"busy"),
+        "proxy-uri-no-response": e(coap.CON, coap.GET, 16, b"", [
+            (coap.PROXY_URI, b"coap://x/y"), (258, b"\x1a")], b""),
+        "unknown-critical-option": e(coap.CON, coap.GET, 17, b"", [*path, (9, b"\x01")], b""),
+        "long-option-delta-2049": e(coap.CON, coap.GET, 18, b"", [*path, (2049, b"v" * 300)],
+                                    b""),
+        "token-8-payload-marker": e(coap.CON, coap.POST, 19, b"12345678", path, b"\xff\x00"),
+        "truncated-header": e(coap.CON, coap.GET, 20, b"", path, b"")[:3],
+        "reserved-option-nibble": bytes([0x40, 0x01, 0x00, 0x15, 0xF1, 0x00]),
+        "version-2": bytes([0x80, 0x01, 0x00, 0x16]),
+    }
+
+
+def make_corpus(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    seeds = seed_datagrams()
+    for name, datagram in seeds.items():
+        (directory / name).write_bytes(b"\x00" + datagram)  # mode 0: the datagram as is
+    print(f"wrote {len(seeds)} seeds to {directory}")
+
+
+CORPUS = Path(__file__).resolve().parent / "corpus_coap"
 
 if __name__ == "__main__":
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    if sys.argv[1:2] == ["--make-corpus"]:
+        make_corpus(Path(sys.argv[2]) if len(sys.argv) > 2 else CORPUS)
+    else:
+        atheris.Setup(sys.argv, TestOneInput)
+        atheris.Fuzz()
