@@ -273,6 +273,14 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def _drop_samples(path: Path) -> None:
+    """Keep the statistics, not every timed sample: a micro-benchmark's samples are megabytes."""
+    data = json.loads(path.read_text())
+    for bench in data.get("benchmarks", []):
+        bench.get("stats", {}).pop("data", None)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
 def run_batch(runs: int, select: str, extra: list[str]) -> Path:
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H%MZ")
     directory = RESULTS / stamp
@@ -285,6 +293,8 @@ def run_batch(runs: int, select: str, extra: list[str]) -> Path:
                    *extra]
         print(f"scripts/bench.py: run {i} of {runs}: {' '.join(command[2:])}", flush=True)
         done = subprocess.run(command, cwd=ROOT)
+        if out.exists():
+            _drop_samples(out)
         if done.returncode != 0:
             print(f"scripts/bench.py: run {i} failed (exit {done.returncode}); its JSON is kept"
                   " with what passed", file=sys.stderr)
