@@ -30,6 +30,11 @@ def _build_parser() -> argparse.ArgumentParser:
     add = actions.add_parser("add", help="register a device (prints a generated password)")
     add.add_argument("device_id")
     add.add_argument("--password", help="use this password instead of a generated one")
+    add.add_argument(
+        "--psk", nargs="?", const="", metavar="KEY",
+        help="a DTLS pre-shared key for coaps (the PSK identity is the device id; KEY is text, "
+        "as `coap-client -k KEY` takes it); --psk alone generates one and prints it once",
+    )
     actions.add_parser("list", help="list registered devices (disabled ones are marked)")
     for action, text in (
         ("remove", "unregister a device (a connected one is disconnected)"),
@@ -172,13 +177,16 @@ def _import_devices(registry: Any, name: str) -> None:
 
 
 def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
-    from gateway.auth import DeviceRegistry, generate_password
+    from gateway.auth import DeviceRegistry, generate_password, generate_psk
 
     registry = DeviceRegistry(cfg.data_dir)
     if args.action == "add":
         password = args.password or generate_password()
-        registry.add(args.device_id, password)
+        psk = args.psk if args.psk != "" else generate_psk()
+        registry.add(args.device_id, password, psk)
         print(f"{args.device_id}\t{password}" if not args.password else args.device_id)
+        if args.psk == "":
+            print(f"psk\t{psk}")
     elif args.action == "list":
         for device in registry.list():
             print(f"{device.device_id}\tdisabled" if device.disabled else device.device_id)

@@ -216,7 +216,17 @@ class Resources:
         self, ex: Exchange, msg: coap.Message, code: int, device: str, verdict: str | None
     ) -> bool:
         """True when the request may act as `device`; else it was answered (4.01, 4.29, 5.03),
-        or it waits for the guard and is handled again with its verdict."""
+        or it waits for the guard and is handled again with its verdict. Over DTLS the session
+        is the credential: it acts as its own device only (4.03 otherwise)."""
+        identity = ex.identity
+        if identity is not None:
+            if identity == device:
+                return True
+            peer = ex.addr.addr
+            self.endpoint.events.denied("coaps", identity, f"{peer[0]}:{peer[1]}",
+                                        coap.code_str(code), "/".join(msg.uri_path))
+            self._error(ex, coap.FORBIDDEN, "a DTLS session acts as its own device only")
+            return False
         if verdict is None:
             result = self._check(ex, msg, device)
             if not isinstance(result, str):
