@@ -9,6 +9,8 @@ apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
 command -v wrk >/dev/null || apt_missing+=(wrk)
+# libcoap3-bin: coap-client-openssl, coap-client-gnutls, coap-server-openssl (coaps interop, anchor)
+command -v coap-client-gnutls >/dev/null && command -v coap-server-openssl >/dev/null || apt_missing+=(libcoap3-bin)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;

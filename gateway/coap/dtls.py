@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from cryptography.hazmat.bindings.openssl.binding import Binding
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from gateway.auth import valid_device_id
@@ -229,7 +230,10 @@ class DtlsServer(asyncio.DatagramProtocol):
                 ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
         if not suites:
             raise DtlsConfigError("coaps needs PSKs or a certificate (--tls-cert)")
-        ctx.set_cipher_list(":".join(suites).encode())
+        # OpenSSL puts the CCM_8 suites (64-bit tags) at security level 0; RFC 7252 makes them
+        # mandatory and small stacks (tinydtls) offer nothing else. The suites are listed one
+        # by one above, so level 0 adds no other suite.
+        ctx.set_cipher_list((":".join(suites) + ":@SECLEVEL=0").encode())
         ctx.set_cookie_generate_callback(self._cookie)
         ctx.set_cookie_verify_callback(self._cookie_ok)
         return ctx
@@ -371,8 +375,9 @@ class DtlsServer(asyncio.DatagramProtocol):
             self._handshaking_now = self._hello_addr = None
         self.flush(session)
         if session.device is None:  # no PSK: the certificate names the device
-            cert = conn.get_peer_certificate()
-            cn = cert.get_subject().commonName if cert is not None else None
+            cert = conn.get_peer_certificate(as_cryptography=True)
+            names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if cert else []
+            cn = str(names[0].value) if names else None
             if cn is None or not valid_device_id(cn):
                 self.close(session, "bad_certificate", notify=True)
                 return
