@@ -370,6 +370,7 @@ class CoapMetrics:
         self.block1_dropped = 0
         self.observers = 0
         self.exchanges = 0
+        self.ipatch_repeats = 0
         registry.register(_CoapCollector(self))
 
 
@@ -387,6 +388,7 @@ _COAP_COUNTERS = (
     ("notifications", "Observe notifications sent"),
     ("observers_dropped", "Observers removed because a CON notification was never ACKed"),
     ("block1_dropped", "Block1 uploads dropped unfinished (expired, restarted or pushed out)"),
+    ("ipatch_repeats", "iPATCH requests answered from an earlier identical one, not applied"),
 )
 
 

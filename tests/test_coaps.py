@@ -236,3 +236,33 @@ def test_devices_add_psk_cli(tmp_path: Path) -> None:
     assert cli.main(["devices", "--data-dir", data, "add", "d3", "--psk", "has space"]) == 2
     DeviceRegistry(data).disable("d1")
     assert DeviceRegistry(data).psk("d1") is None  # a disabled device has no key to offer
+
+
+def test_fetch_and_idempotent_ipatch(gateway_factory: Any) -> None:
+    gw = _psk_gateway(gateway_factory)
+    url = f"coaps://127.0.0.1:{gw.coaps_port}/shadow/d1"
+    psk = ("-u", "d1", "-k", "secret-1")
+    put = _coap_client("coap-client-openssl", *psk, "-m", "put", "-e",
+                       '{"state":{"reported":{"t":20,"h":50},"desired":{"t":21}}}', url)
+    assert "4." not in put.stdout, put.stdout
+    fetch = _coap_client("coap-client-openssl", *psk, "-m", "fetch", "-t", "json", "-e",
+                         '["state.reported.t", "state.desired", "version", "no.such"]', url)
+    assert json.loads(fetch.stdout) == {
+        "state": {"reported": {"t": 20}, "desired": {"t": 21}}, "version": 1
+    }
+    bad = _coap_client("coap-client-openssl", *psk, "-m", "fetch", "-e", '{"a": 1}', url)
+    assert "4.00" in bad.stdout + bad.stderr
+    # iPATCH twice with the same token and body (a client's retransmission, new message id):
+    # applied once; a different body is applied.
+    patch = ("-m", "ipatch", "-T", "cafe", "-e", '{"state":{"reported":{"h":55}}}')
+    for _ in range(2):
+        out = _coap_client("coap-client-gnutls", *psk, *patch, url)
+        assert "4." not in out.stdout and "5." not in out.stdout, out.stdout
+    assert gw.call(lambda: gw.gateway.coap.metrics.ipatch_repeats) == 1
+    version = _coap_client("coap-client-openssl", *psk, "-m", "fetch", "-e", '["version"]', url)
+    assert json.loads(version.stdout) == {"version": 2}
+    _coap_client("coap-client-gnutls", *psk, "-m", "ipatch", "-T", "cafe", "-e",
+                 '{"state":{"reported":{"h":56}}}', url)
+    got = _coap_client("coap-client-openssl", *psk, url)
+    doc = json.loads(got.stdout)
+    assert doc["version"] == 3 and doc["state"]["reported"] == {"t": 20, "h": 56}
