@@ -65,6 +65,10 @@ _HANDSHAKE = 22
 _CLIENT_HELLO = 1
 _RECORD_HEADER = 13
 _MAX_PLAINTEXT = 16384
+_OUT_BUFFER = 65536
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
+_monotonic = time.monotonic
 
 Addr = Any
 PskLookup = Callable[[str], "bytes | None"]
@@ -88,11 +92,19 @@ class DtlsLimits:
 class DtlsSession:
     """One peer's DTLS session: the endpoint's `Addr` for everything CoAP keeps per peer."""
 
-    __slots__ = ("addr", "conn", "deadline", "device", "established", "last_seen", "server")
+    __slots__ = (
+        "addr", "bio_in", "bio_out", "conn", "deadline", "device", "established", "last_seen",
+        "server", "ssl",
+    )
 
     def __init__(self, server: DtlsServer, conn: SSL.Connection, addr: Addr, now: float) -> None:
         self.server = server
         self.conn: SSL.Connection | None = conn
+        # The OpenSSL objects under pyOpenSSL's Connection (which owns them): the per-record
+        # calls go to them directly, without pyOpenSSL's exception per empty read.
+        self.ssl: Any = conn._ssl
+        self.bio_in: Any = conn._into_ssl
+        self.bio_out: Any = conn._from_ssl
         self.addr = addr
         self.device: str | None = None
         self.established = False
@@ -101,15 +113,13 @@ class DtlsSession:
 
     def send(self, data: bytes) -> None:
         """One CoAP message, one DTLS record, one datagram."""
-        conn = self.conn
-        if conn is None or not self.established:
+        if self.conn is None or not self.established:
             self.server.metrics.sends_dropped += 1
             return
-        try:
-            conn.send(data)
-        except SSL.Error as exc:
-            log.debug("coaps send to %s failed: %s", self.addr, exc)
-            self.server.close(self, "error")
+        if _lib.SSL_write(self.ssl, data, len(data)) <= 0:
+            _lib.ERR_clear_error()
+            log.debug("coaps send to %s failed", self.addr)
+            self.server.close(self, None)
             return
         self.server.flush(self)
 
@@ -188,6 +198,8 @@ class DtlsServer(asyncio.DatagramProtocol):
         self._hello_addr: Addr = None
         self._handshaking_now: DtlsSession | None = None  # the PSK callback's session
         self._listener = self._new_listener()
+        self._inbuf = _ffi.new("char[]", _MAX_PLAINTEXT)
+        self._outbuf = _ffi.new("char[]", _OUT_BUFFER)
 
     # ---- configuration -----------------------------------------------------------------------
 
@@ -256,7 +268,11 @@ class DtlsServer(asyncio.DatagramProtocol):
                 lambda: self, local_addr=(host, port), family=family
             )
         assert self.transport is not None
-        self.port = int(self.transport.get_extra_info("socket").getsockname()[1])
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):  # bursts of handshakes: as the plain endpoint does
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        self.port = int(sock.getsockname()[1])
         return self.port
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -287,28 +303,27 @@ class DtlsServer(asyncio.DatagramProtocol):
             # restarted on the same port (RFC 6347 4.2.8). The cookie decides.
             self._hello(data, addr)
             return
-        conn = session.conn
-        assert conn is not None
-        session.last_seen = time.monotonic()
-        conn.bio_write(data)
+        session.last_seen = _monotonic()
+        _lib.BIO_write(session.bio_in, data, len(data))
         if not session.established:
             self._handshake(session)
             if not session.established:
                 return
         deliver = self.deliver
+        ssl = session.ssl
+        buf = self._inbuf
         while True:
-            try:
-                plain = conn.recv(_MAX_PLAINTEXT)
-            except SSL.WantReadError:
-                break
-            except SSL.ZeroReturnError:  # close_notify
+            n = _lib.SSL_read(ssl, buf, _MAX_PLAINTEXT)
+            if n <= 0:
+                error = _lib.SSL_get_error(ssl, n)
+                if error == _WANT_READ:
+                    break
+                _lib.ERR_clear_error()
+                if error != _ZERO_RETURN:  # not a close_notify: a fatal alert, or a bug
+                    log.debug("coaps %s: SSL_read error %d", session, error)
                 self.close(session, None)
                 return
-            except SSL.Error as exc:
-                log.debug("coaps %s: %s", session, exc)
-                self.close(session, "error")
-                return
-            deliver(plain, session)
+            deliver(_ffi.buffer(buf, n)[:], session)
             if session.conn is None:
                 return
         self.flush(session)  # e.g. our last flight again, for a client that lost it
@@ -324,11 +339,11 @@ class DtlsServer(asyncio.DatagramProtocol):
             return
         listener = self._listener
         self._hello_addr = addr
-        listener.bio_write(data)
+        _lib.BIO_write(listener._into_ssl, data, len(data))
         try:
             listener.DTLSv1_listen()
         except SSL.WantReadError:  # no valid cookie: a HelloVerifyRequest, or nothing
-            out = _read_all(listener)
+            out = self._drain(listener._from_ssl)
             if out:
                 m.hello_verify += 1
                 self._sendto(out, addr)
@@ -431,16 +446,30 @@ class DtlsServer(asyncio.DatagramProtocol):
     # ---- datagrams out -----------------------------------------------------------------------
 
     def flush(self, session: DtlsSession) -> None:
-        conn = session.conn
-        if conn is None:
+        """Send what OpenSSL wrote for this session."""
+        if session.conn is None:
             return
-        out = _read_all(conn)
+        out = self._drain(session.bio_out)
         if out:
             self._sendto(out, session.addr)
+
+    def _drain(self, bio: Any) -> bytes:
+        """Everything OpenSSL wrote to a memory BIO (b"" when nothing)."""
+        buf = self._outbuf
+        n = _lib.BIO_read(bio, buf, _OUT_BUFFER)
+        if n <= 0:
+            return b""
+        out = _ffi.buffer(buf, n)[:]
+        while (n := _lib.BIO_read(bio, buf, _OUT_BUFFER)) > 0:
+            out += _ffi.buffer(buf, n)[:]
+        return out
 
     def _sendto(self, data: bytes, addr: Addr) -> None:
         transport = self.transport
         if transport is None:
+            return
+        if len(data) <= self.limits.mtu:
+            transport.sendto(data, addr)
             return
         for datagram in split_records(data, self.limits.mtu):
             transport.sendto(datagram, addr)
@@ -460,7 +489,7 @@ class DtlsServer(asyncio.DatagramProtocol):
             with contextlib.suppress(SSL.Error):
                 conn.shutdown()
             self.flush(session)
-        session.conn = None
+        session.conn = session.ssl = session.bio_in = session.bio_out = None
         addr = session.addr
         if self.peers.get(addr) is session:
             del self.peers[addr]
@@ -507,12 +536,3 @@ class DtlsServer(asyncio.DatagramProtocol):
         m.sessions = len(self.peers) - len(self.handshaking)
         m.handshaking = len(self.handshaking)
 
-
-def _read_all(conn: SSL.Connection) -> bytes:
-    """Everything OpenSSL wrote to the connection's memory BIO."""
-    out = b""
-    while True:
-        try:
-            out += conn.bio_read(65536)
-        except SSL.WantReadError:
-            return out
