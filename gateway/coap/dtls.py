@@ -459,7 +459,7 @@ class DtlsServer(asyncio.DatagramProtocol):
         n = _lib.BIO_read(bio, buf, _OUT_BUFFER)
         if n <= 0:
             return b""
-        out = _ffi.buffer(buf, n)[:]
+        out: bytes = _ffi.buffer(buf, n)[:]
         while (n := _lib.BIO_read(bio, buf, _OUT_BUFFER)) > 0:
             out += _ffi.buffer(buf, n)[:]
         return out
