@@ -297,7 +297,7 @@ class DtlsServer(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: Addr) -> None:
         session = self.peers.get(addr)
         if session is None or (
-            session.established and data[:1] == b"\x16" and data[3:5] == b"\0\0"
+            session.established and data[0] == _HANDSHAKE and data[3:5] == b"\0\0"
         ):
             # No session, or an epoch-0 handshake record on an established one: a client that
             # restarted on the same port (RFC 6347 4.2.8). The cookie decides.
@@ -312,6 +312,8 @@ class DtlsServer(asyncio.DatagramProtocol):
         deliver = self.deliver
         ssl = session.ssl
         buf = self._inbuf
+        # One record in the datagram (the common case): once it is read, there is no other.
+        single = len(data) == _RECORD_HEADER + int.from_bytes(data[11:13], "big")
         while True:
             n = _lib.SSL_read(ssl, buf, _MAX_PLAINTEXT)
             if n <= 0:
@@ -325,6 +327,8 @@ class DtlsServer(asyncio.DatagramProtocol):
                 return
             deliver(_ffi.buffer(buf, n)[:], session)
             if session.conn is None:
+                return
+            if single:
                 return
         self.flush(session)  # e.g. our last flight again, for a client that lost it
 
@@ -460,8 +464,8 @@ class DtlsServer(asyncio.DatagramProtocol):
         if n <= 0:
             return b""
         out: bytes = _ffi.buffer(buf, n)[:]
-        while (n := _lib.BIO_read(bio, buf, _OUT_BUFFER)) > 0:
-            out += _ffi.buffer(buf, n)[:]
+        while n == _OUT_BUFFER and (n := _lib.BIO_read(bio, buf, _OUT_BUFFER)) > 0:
+            out += _ffi.buffer(buf, n)[:]  # a memory BIO gives all it has, up to the size
         return out
 
     def _sendto(self, data: bytes, addr: Addr) -> None:
