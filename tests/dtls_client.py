@@ -57,8 +57,10 @@ class DtlsClient:
             self.conn.do_handshake()
         return self.conn.bio_read(65536)
 
-    def handshake(self, timeout: float = 5.0) -> None:
+    def handshake(self, timeout: float = 5.0, drop: int | None = None) -> None:
+        """`drop`: lose the server's datagram with this index (0: the first), once."""
         deadline = time.monotonic() + timeout
+        received = 0
         while True:
             try:
                 self.conn.do_handshake()
@@ -71,9 +73,13 @@ class DtlsClient:
                 raise TimeoutError("DTLS handshake did not finish")
             self.sock.settimeout(min(left, 0.5))
             try:
-                self.conn.bio_write(self.sock.recv(65536))
+                datagram = self.sock.recv(65536)
             except TimeoutError:
                 self.conn.DTLSv1_handle_timeout()
+                continue
+            received += 1
+            if received - 1 != drop:
+                self.conn.bio_write(datagram)
 
     def send(self, data: bytes) -> bytes:
         """Send one CoAP message; returns the datagram it went in."""

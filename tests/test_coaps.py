@@ -143,6 +143,19 @@ def test_cookie_exchange_keeps_no_state_and_replays_are_dropped(gateway_factory:
     client.close()
 
 
+def test_lost_final_flight_is_sent_again(gateway_factory: Any) -> None:
+    """The server's ChangeCipherSpec + Finished is lost: the client sends its last flight
+    again (an epoch-0 handshake record to an established session), and gets it again."""
+    gw = _psk_gateway(gateway_factory)
+    client = DtlsClient(gw.coaps_port, "d1", b"secret-1")
+    client.handshake(timeout=5.0, drop=2)  # 0: HelloVerifyRequest, 1: ServerHello..Done
+    client.send(_get(7, ["shadow", "d1"]))
+    response = client.receive()
+    assert response is not None and response[1] == coap.NOT_FOUND
+    assert _metric(gw, "handshakes_ok") == 1
+    client.close()
+
+
 def test_sessions_and_handshakes_are_bounded_and_expire(gateway_factory: Any) -> None:
     gw = _psk_gateway(gateway_factory)
     dtls = gw.gateway.coap.dtls

@@ -295,11 +295,17 @@ class DtlsServer(asyncio.DatagramProtocol):
     # ---- datagrams in ------------------------------------------------------------------------
 
     def datagram_received(self, data: bytes, addr: Addr) -> None:
+        if len(data) <= _RECORD_HEADER:
+            self.metrics.dropped += 1
+            return
         session = self.peers.get(addr)
         if session is None or (
-            session.established and data[0] == _HANDSHAKE and data[3:5] == b"\0\0"
+            session.established
+            and data[0] == _HANDSHAKE
+            and data[13] == _CLIENT_HELLO
+            and data[3:5] == b"\0\0"
         ):
-            # No session, or an epoch-0 handshake record on an established one: a client that
+            # No session, or an epoch-0 ClientHello on an established one: a client that
             # restarted on the same port (RFC 6347 4.2.8). The cookie decides.
             self._hello(data, addr)
             return
@@ -334,11 +340,7 @@ class DtlsServer(asyncio.DatagramProtocol):
 
     def _hello(self, data: bytes, addr: Addr) -> None:
         m = self.metrics
-        if (
-            len(data) < _RECORD_HEADER + 1
-            or data[0] != _HANDSHAKE
-            or data[_RECORD_HEADER] != _CLIENT_HELLO
-        ):
+        if data[0] != _HANDSHAKE or data[_RECORD_HEADER] != _CLIENT_HELLO:
             m.dropped += 1  # no session for it (expired, never made, or not DTLS at all)
             return
         listener = self._listener
