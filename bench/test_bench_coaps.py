@@ -10,6 +10,8 @@
 - CON requests per second over established sessions: SESSIONS sessions with WINDOW requests in
   flight each. iotgw: CON POST /telemetry/{id} (2.04 once durable, the default file sink);
   libcoap: CON PUT /example_data (its example server's writable resource; it has no POST).
+- the same requests to iotgw over plain CoAP with the `?t=` token, as a reference: what the
+  gateway's request work costs without DTLS (and with a token check per request).
 - CPU per handshake / per request of the server process (/proc), the server pinned to core 0,
   the clients in this process on core 1 (Python + OpenSSL clients: at these rates the client
   side is often the limit, so the CPU per operation is the figure to compare).
@@ -146,6 +148,31 @@ class Peer(asyncio.DatagramProtocol):
             self.transport = None
 
 
+class PlainPeer(asyncio.DatagramProtocol):
+    """The same client without DTLS (plain CoAP), to see what DTLS adds."""
+
+    def __init__(self, on_ready: Callable[[Any], None],
+                 on_message: Callable[[Any, bytes], None]) -> None:
+        self.on_ready, self.on_message = on_ready, on_message
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        self.on_ready(self)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.on_message(self, data)
+
+    def tick(self) -> None:
+        pass
+
+    def send(self, plain: bytes) -> None:
+        self.transport.sendto(plain)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
 async def _handshakes(port: int, pid: int, seconds: float) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     ctx = _client_context()
@@ -190,12 +217,15 @@ async def _handshakes(port: int, pid: int, seconds: float) -> dict[str, Any]:
 
 
 async def _requests(port: int, pid: int, seconds: float, path: list[str],
-                    method: int) -> dict[str, Any]:
+                    method: int, token: str | None = None) -> dict[str, Any]:
+    """`token`: plain CoAP with this `?t=` token, else DTLS."""
     loop = asyncio.get_running_loop()
     ctx = _client_context()
     stats = {"ok": 0, "other": 0}
     ready: list[Peer] = []
     options = [(coap.URI_PATH, p) for p in path] + [(coap.CONTENT_FORMAT, coap.JSON)]
+    if token is not None:
+        options.append((coap.URI_QUERY, f"t={token}"))
     mids = iter(range(1 << 60))
     running = True
 
@@ -214,7 +244,10 @@ async def _requests(port: int, pid: int, seconds: float, path: list[str],
         if running:
             send(peer)
 
-    peers = [Peer(ctx, ready.append, answered) for _ in range(SESSIONS)]
+    peers: list[Any] = [
+        PlainPeer(ready.append, answered) if token else Peer(ctx, ready.append, answered)
+        for _ in range(SESSIONS)
+    ]
     for peer in peers:
         await loop.create_datagram_endpoint(lambda p=peer: p, remote_addr=("127.0.0.1", port))
     deadline = time.monotonic() + 10
@@ -223,6 +256,14 @@ async def _requests(port: int, pid: int, seconds: float, path: list[str],
         for peer in peers:
             peer.tick()
     assert len(ready) == SESSIONS, "sessions did not come up"
+    running = False
+    for peer in peers:  # warm-up: one answered request each (a token's first check)
+        before = stats["ok"]
+        send(peer)
+        while stats["ok"] == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    stats.update(ok=0, other=0)
+    running = True
     cpu0 = _cpu_seconds(f"/proc/{pid}/stat")
     t0 = time.monotonic()
     for peer in peers:
@@ -258,27 +299,30 @@ def _free_udp_pair() -> int:
     raise RuntimeError("no two free UDP ports in a row")
 
 
-def _start_iotgw(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _start_iotgw(tmp_path: Path) -> tuple[subprocess.Popen[bytes], int, int]:
+    """The gateway: (process, coaps port, plain CoAP port)."""
     data_dir = tmp_path / "iotgw"
     DeviceRegistry(data_dir).add("bench", "bench-password", psk=KEY.decode())
     port = free_port(socket.SOCK_DGRAM)
+    plain = free_port(socket.SOCK_DGRAM)
     cmd = [
         sys.executable, "-m", "gateway.cli", "run", "--mqtt-port", "0", "--http-port", "0",
-        "--coap-port", "-1", "--coaps-port", str(port), "--dtls-psk",
+        "--coap-port", str(plain), "--coaps-port", str(port), "--dtls-psk",
         "--dtls-max-sessions", "100000", "--data-dir", str(data_dir), "--log-level", "warning",
     ]
     proc = subprocess.Popen([*pinned(0), *cmd], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    return proc, port
+    return proc, port, plain
 
 
-def _start_libcoap() -> tuple[subprocess.Popen[bytes], int]:
+def _start_libcoap() -> tuple[subprocess.Popen[bytes], int, int]:
+    """coap-server-openssl: (process, coaps port, plain CoAP port)."""
     port = _free_udp_pair()
     cmd = [_require("coap-server-openssl"), "-A", "127.0.0.1", "-p", str(port),
            "-k", KEY.decode(), "-v", "0"]
     proc = subprocess.Popen([*pinned(0), *cmd], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    return proc, port + 1
+    return proc, port + 1, port
 
 
 def _client_hello() -> bytes:
@@ -339,15 +383,22 @@ def test_coaps_handshakes_and_requests_vs_libcoap(benchmark: Any, tmp_path: Path
 
     def run_all() -> None:
         for name in ("iotgw", "libcoap"):
-            proc, port = _start_iotgw(tmp_path) if name == "iotgw" else _start_libcoap()
+            proc, port, plain_port = (_start_iotgw(tmp_path) if name == "iotgw"
+                                      else _start_libcoap())
             path, method = ((["telemetry", "bench"], coap.POST) if name == "iotgw"
                             else (["example_data"], coap.PUT))
 
             async def run(port: int = port, proc: Any = proc, path: list[str] = path,
-                          method: int = method) -> dict[str, Any]:
+                          method: int = method, plain_port: int = plain_port,
+                          name: str = name) -> dict[str, Any]:
                 await _wait_dtls(port, proc)
                 out = await _handshakes(port, proc.pid, seconds)
                 out.update(await _requests(port, proc.pid, seconds, path, method))
+                if name == "iotgw":  # the same requests over plain CoAP: what DTLS adds
+                    plain = await _requests(plain_port, proc.pid, seconds, path, method,
+                                            token="bench-password")
+                    out["plain_requests_per_s"] = plain["requests_per_s"]
+                    out["plain_cpu_us_per_request"] = plain["cpu_us_per_request"]
                 return out
 
             try:
@@ -372,6 +423,10 @@ def test_coaps_handshakes_and_requests_vs_libcoap(benchmark: Any, tmp_path: Path
         anchor["cpu_us_per_handshake"] / max(1e-9, ours["cpu_us_per_handshake"]), 2)
     extra["ratio_per_core_requests"] = round(
         anchor["cpu_us_per_request"] / max(1e-9, ours["cpu_us_per_request"]), 2)
+    # coaps against the same requests over plain CoAP with a `?t=` token (same run): a
+    # session spares the per-request token check
+    extra["iotgw_coaps_over_plain_cpu"] = round(
+        ours["cpu_us_per_request"] / max(1e-9, ours["plain_cpu_us_per_request"]), 2)
     benchmark.extra_info.update(extra)
     print("coaps vs libcoap", extra)
     assert ours["handshakes"] > 0 and ours["requests"] > 0 and ours["other_responses"] == 0
@@ -442,7 +497,7 @@ def test_established_session_latency_under_client_hello_flood(
     import uvloop
 
     seconds = 0.5 if benchmark.disabled else 3.0
-    proc, port = _start_iotgw(tmp_path)
+    proc, port, _ = _start_iotgw(tmp_path)
     client_hello = _client_hello()
     result: dict[str, Any] = {}
 

@@ -245,9 +245,12 @@ def test_certificates(gateway_factory: Any, pki: dict[str, str], client: str) ->
     put = _coap_client(client, *cert, "-m", "put", "-e", '{"state":{"reported":{"c":1}}}',
                        f"{url}/shadow/d1")
     assert put.stdout.strip() == "", put.stdout + put.stderr
-    got = _coap_client(client, *cert, f"{url}/shadow/d1")
+    got = _coap_client(client, *cert, "-b", "32", f"{url}/shadow/d1")  # block-wise
     assert json.loads(got.stdout)["state"]["reported"] == {"c": 1}
-    assert _metric(gw, "handshakes_ok") == 2
+    post = _coap_client(client, *cert, "-m", "post", "-e", "1", f"{url}/telemetry/d1")
+    assert post.stdout.strip() == "", post.stdout + post.stderr
+    assert gw.call(lambda: gw.gateway.coap.metrics.requests.get((coap.POST, coap.CHANGED))) == 1
+    assert _metric(gw, "handshakes_ok") == 3
     # A certificate for d1 signed by another CA: refused in the handshake.
     rogue = ("-c", pki["rogue.pem"], "-j", pki["rogue.key"], "-C", pki["ca.pem"])
     refused = _coap_client(client, *rogue, f"{url}/shadow/d1")
@@ -256,7 +259,7 @@ def test_certificates(gateway_factory: Any, pki: dict[str, str], client: str) ->
     # No PSKs configured (no --dtls-psk): a PSK client finds no common suite.
     psk = _coap_client(client, "-u", "d1", "-k", "secret-1", f"{url}/shadow/d1")
     assert "reported" not in psk.stdout
-    assert _metric(gw, "handshakes_ok") == 2
+    assert _metric(gw, "handshakes_ok") == 3
 
 
 def test_devices_add_psk_cli(tmp_path: Path) -> None:
@@ -302,3 +305,41 @@ def test_fetch_and_idempotent_ipatch(gateway_factory: Any) -> None:
     got = _coap_client("coap-client-openssl", *psk, url)
     doc = json.loads(got.stdout)
     assert doc["version"] == 3 and doc["state"]["reported"] == {"t": 20, "h": 56}
+
+
+def test_coaps_only_and_metrics(gateway_factory: Any) -> None:
+    from prometheus_client import generate_latest
+
+    gw = _psk_gateway(gateway_factory, coap_port=-1)
+    assert gw.coap_port is None  # no plain CoAP socket
+    client = DtlsClient(gw.coaps_port, "d1", b"secret-1")
+    client.handshake()
+    client.send(_get(9, ["shadow", "d1"]))
+    assert client.receive() is not None
+    time.sleep(0.4)  # a sweep refreshes the gauges
+    text = generate_latest(gw.gateway.metrics.registry).decode()
+    assert 'iotgw_coaps_handshakes_total{reason="",result="ok"} 1.0' in text
+    assert "iotgw_coaps_sessions 1.0" in text
+    assert "iotgw_coaps_hello_verify_total 1.0" in text
+    client.close()
+
+
+def test_registry_of_schema_1_gets_the_psk_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    from gateway.auth import DeviceRegistry
+
+    DeviceRegistry(tmp_path).add("old", "password")
+    db = sqlite3.connect(tmp_path / "registry.sqlite")
+    db.execute("CREATE TABLE d AS SELECT id, salt, hash, iterations, created, disabled "
+               "FROM devices")
+    db.execute("DROP TABLE devices")
+    db.execute("ALTER TABLE d RENAME TO devices")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    registry = DeviceRegistry(tmp_path)
+    assert registry.psk("old") is None
+    assert registry.verify("old", b"password")
+    registry.add("new", "password", psk="k")
+    assert registry.psk("new") == b"k"
