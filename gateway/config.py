@@ -37,7 +37,8 @@ class Config:
     tls_client_ca: str | None = _opt(None, "CA bundle for device client certificates (PEM)")
     coap_port: int = _opt(5683, "CoAP UDP port (0: any free port, -1: no plain CoAP)")
     coaps_port: int = _opt(
-        5684, "CoAP over DTLS (coaps) UDP port, used when --dtls-psk or --tls-cert is set"
+        5684, "CoAP over DTLS (coaps) UDP port, used with --dtls-psk, or --tls-cert and "
+        "--tls-client-ca (device certificates)"
     )
     dtls_psk: bool = _opt(
         False, "serve coaps with the devices' pre-shared keys (iotgw devices add ID --psk)"
@@ -104,7 +105,7 @@ class Config:
     @property
     def coaps(self) -> bool:
         """The coaps listener is on: DTLS credentials are configured."""
-        return self.dtls_psk or self.tls_cert is not None
+        return self.dtls_psk or (self.tls_cert is not None and self.tls_client_ca is not None)
 
     def __post_init__(self) -> None:
         """Values only (ranges, combinations); files, directories and ports are checked when

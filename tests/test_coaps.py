@@ -156,18 +156,24 @@ def test_lost_final_flight_is_sent_again(gateway_factory: Any) -> None:
     client.close()
 
 
-def test_server_flight_is_retransmitted_by_the_sweep(gateway_factory: Any) -> None:
-    """The client's answer to ServerHello..ServerHelloDone is lost: the gateway's sweep sends
-    that flight again (OpenSSL's timer, 1 s), then gives the handshake up at its deadline."""
-    gw = _psk_gateway(gateway_factory)
-    gw.gateway.coap.dtls.limits = DtlsLimits(handshake_timeout=2.0)
-    client = DtlsClient(gw.coaps_port, "d1", b"secret-1")
+def _half_handshake(port: int) -> DtlsClient:
+    """A client past the cookie that stops there (it sent the ClientHello with the cookie)."""
+    client = DtlsClient(port, "d1", b"secret-1")
     client.sock.send(client.client_hello())
     client.sock.settimeout(2)
     client.conn.bio_write(client.sock.recv(2048))  # HelloVerifyRequest
     with pytest.raises(SSL.WantReadError):
         client.conn.do_handshake()
     client._flush()  # the ClientHello with the cookie
+    return client
+
+
+def test_server_flight_is_retransmitted_by_the_sweep(gateway_factory: Any) -> None:
+    """The client's answer to ServerHello..ServerHelloDone is lost: the gateway's sweep sends
+    that flight again (OpenSSL's timer, 1 s), then gives the handshake up at its deadline."""
+    gw = _psk_gateway(gateway_factory)
+    gw.gateway.coap.dtls.limits = DtlsLimits(handshake_timeout=2.0)
+    client = _half_handshake(gw.coaps_port)
     first = client.sock.recv(65536)
     again = client.sock.recv(65536)  # not answered: sent again
     for flight in (first, again):
@@ -177,6 +183,18 @@ def test_server_flight_is_retransmitted_by_the_sweep(gateway_factory: Any) -> No
     assert _metric(gw, "failures") == {"timeout": 1}
     assert gw.call(lambda: len(gw.gateway.coap.dtls.handshaking)) == 0
     client.close()
+
+
+def test_half_finished_handshakes_per_host_are_bounded(gateway_factory: Any) -> None:
+    gw = _psk_gateway(gateway_factory)
+    dtls = gw.gateway.coap.dtls
+    dtls.limits = DtlsLimits(max_handshakes_per_host=2)
+    stalled = [_half_handshake(gw.coaps_port) for _ in range(3)]
+    time.sleep(0.2)
+    assert gw.call(lambda: len(dtls.handshaking)) == 2
+    assert _metric(gw, "failures") == {"host_busy": 1}
+    for c in stalled:
+        c.close()
 
 
 def test_sessions_and_handshakes_are_bounded_and_expire(gateway_factory: Any) -> None:

@@ -85,5 +85,6 @@ def test_bad_settings_stop_run_with_one_line_and_exit_2(
 def test_coaps_is_on_with_dtls_credentials_and_plain_coap_can_be_off() -> None:
     assert not config.load(None, environ={}).coaps
     assert config.load(None, environ={"IOTGW_DTLS_PSK": "1"}).coaps
-    assert config.parse(["--tls-cert", "c.pem"]).coaps
+    assert config.parse(["--tls-cert", "c.pem", "--tls-client-ca", "ca.pem"]).coaps
+    assert not config.parse(["--tls-cert", "c.pem"]).coaps  # no device credential for DTLS
     assert config.parse(["--coap-port", "-1"]).coap_port == -1

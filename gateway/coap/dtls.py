@@ -82,6 +82,7 @@ class DtlsConfigError(ValueError):
 class DtlsLimits:
     max_sessions: int = 10_000
     max_handshakes: int = 1_000  # handshakes past the cookie, not finished yet
+    max_handshakes_per_host: int = 32  # ... of them from one host address
     handshake_timeout: float = 10.0  # seconds from the verified cookie to the Finished
     idle_timeout: float = 300.0  # a session with no datagram for this long ends
     mtu: int = 1400  # largest datagram we send (handshake flights are split to fit)
@@ -186,6 +187,7 @@ class DtlsServer(asyncio.DatagramProtocol):
         self.port: int | None = None
         self.peers: dict[Addr, DtlsSession] = {}
         self.handshaking: dict[Addr, DtlsSession] = {}
+        self._hosts: dict[str, int] = {}  # handshakes in progress per host address
         # Set by the CoAP endpoint: a decrypted CoAP message, and a session that ended.
         self.deliver: Callable[[bytes, DtlsSession], None] = lambda data, session: None
         self.on_closed: Callable[[list[DtlsSession]], None] = lambda sessions: None
@@ -231,17 +233,19 @@ class DtlsServer(asyncio.DatagramProtocol):
                     f"--tls-cert {certfile}: cannot load the certificate and key for DTLS "
                     f"({exc})"
                 ) from None
+        if certfile and client_ca:
+            # A certificate handshake must name the device: the client's certificate is
+            # required (there is no other credential inside a DTLS session).
             suites.append(CERT_CIPHERS)
-            if client_ca:
-                try:
-                    ctx.load_verify_locations(client_ca)
-                except SSL.Error as exc:
-                    raise DtlsConfigError(
-                        f"--tls-client-ca {client_ca}: cannot load the CA certificates ({exc})"
-                    ) from None
-                ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+            try:
+                ctx.load_verify_locations(client_ca)
+            except SSL.Error as exc:
+                raise DtlsConfigError(
+                    f"--tls-client-ca {client_ca}: cannot load the CA certificates ({exc})"
+                ) from None
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
         if not suites:
-            raise DtlsConfigError("coaps needs PSKs or a certificate (--tls-cert)")
+            raise DtlsConfigError("coaps needs --dtls-psk, or --tls-cert with --tls-client-ca")
         # OpenSSL puts the CCM_8 suites (64-bit tags) at security level 0; RFC 7252 makes them
         # mandatory and small stacks (tinydtls) offer nothing else. The suites are listed one
         # by one above, so level 0 adds no other suite.
@@ -363,10 +367,15 @@ class DtlsServer(asyncio.DatagramProtocol):
             self._hello_addr = None
         # The peer proved it receives at addr: now it may cost state.
         self._listener = self._new_listener()
-        if len(self.handshaking) >= self.limits.max_handshakes or (
-            len(self.peers) - (addr in self.peers) >= self.limits.max_sessions
+        limits = self.limits
+        if len(self.handshaking) >= limits.max_handshakes or (
+            len(self.peers) - (addr in self.peers) >= limits.max_sessions
         ):
             m.failed("full")
+            return
+        host = addr[0]
+        if self._hosts.get(host, 0) >= limits.max_handshakes_per_host:
+            m.failed("host_busy")  # one address may not take every handshake place
             return
         old = self.peers.get(addr)
         if old is not None:
@@ -375,6 +384,7 @@ class DtlsServer(asyncio.DatagramProtocol):
         session = DtlsSession(self, listener, addr, now)
         self.peers[addr] = session
         self.handshaking[addr] = session
+        self._hosts[host] = self._hosts.get(host, 0) + 1
         self._handshake(session)
 
     def _handshake(self, session: DtlsSession) -> None:
@@ -412,7 +422,7 @@ class DtlsServer(asyncio.DatagramProtocol):
                 return
             session.device = cn
         session.established = True
-        del self.handshaking[session.addr]
+        self._handshake_over(session)
         self.metrics.handshakes_ok += 1
 
     # ---- callbacks from OpenSSL --------------------------------------------------------------
@@ -499,11 +509,21 @@ class DtlsServer(asyncio.DatagramProtocol):
         addr = session.addr
         if self.peers.get(addr) is session:
             del self.peers[addr]
-        self.handshaking.pop(addr, None)
+        if self.handshaking.get(addr) is session:
+            self._handshake_over(session)
         if reason is not None:
             self.metrics.failed(reason)
         if session.established and report:
             self.on_closed([session])
+
+    def _handshake_over(self, session: DtlsSession) -> None:
+        addr = session.addr
+        del self.handshaking[addr]
+        left = self._hosts[addr[0]] - 1
+        if left:
+            self._hosts[addr[0]] = left
+        else:
+            del self._hosts[addr[0]]
 
     def close_device(self, device: str) -> int:
         """End every session of a device (removed or disabled); returns how many."""
