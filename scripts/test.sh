@@ -11,6 +11,8 @@ command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
 command -v wrk >/dev/null || apt_missing+=(wrk)
 # libcoap3-bin: coap-client-openssl, coap-client-gnutls, coap-server-openssl (coaps interop, anchor)
 command -v coap-client-gnutls >/dev/null && command -v coap-server-openssl >/dev/null || apt_missing+=(libcoap3-bin)
+# DTLSSocket (aiocoap's DTLS, tinydtls) is built from source by pip: it runs autoreconf
+command -v autoreconf >/dev/null && command -v libtoolize >/dev/null || apt_missing+=(autoconf automake libtool)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;

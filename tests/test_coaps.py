@@ -361,3 +361,32 @@ def test_registry_of_schema_1_gets_the_psk_column(tmp_path: Path) -> None:
     assert registry.verify("old", b"password")
     registry.add("new", "password", psk="k")
     assert registry.psk("new") == b"k"
+
+
+def test_aiocoap_dtls_client_with_psk(gateway_factory: Any) -> None:
+    """aiocoap's DTLS transport (tinydtls through DTLSSocket: PSK, TLS_PSK_WITH_AES_128_CCM_8)."""
+    import asyncio
+
+    from aiocoap import GET, POST, PUT, Context, Message
+
+    gw = _psk_gateway(gateway_factory)
+    base = f"coaps://127.0.0.1:{gw.coaps_port}"
+
+    async def run() -> list[Any]:
+        ctx = await Context.create_client_context()
+        ctx.client_credentials.load_from_dict({f"{base}/*": {"dtls": {
+            "psk": {"ascii": "secret-1"}, "client-identity": {"ascii": "d1"}}}})
+        try:
+            out = []
+            for code, path, body in ((PUT, "shadow/d1", b'{"state":{"reported":{"a":1}}}'),
+                                     (GET, "shadow/d1", b""), (POST, "telemetry/d1", b"1")):
+                request = Message(code=code, uri=f"{base}/{path}", payload=body)
+                out.append(await asyncio.wait_for(ctx.request(request).response, 15))
+            return out
+        finally:
+            await ctx.shutdown()
+
+    put, get, post = asyncio.run(run())
+    assert str(put.code) == "2.04 Changed" and str(post.code) == "2.04 Changed"
+    assert json.loads(get.payload)["state"]["reported"] == {"a": 1}
+    assert _metric(gw, "handshakes_ok") == 1  # one session for the three requests
