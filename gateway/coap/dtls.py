@@ -38,9 +38,11 @@ from typing import Any, cast
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
+from prometheus_client import CollectorRegistry
 
 from gateway.auth import valid_device_id
-from gateway.metrics import DtlsMetrics
+from gateway.events import EventLog
+from gateway.metrics import DtlsMetrics, EventMetrics
 
 log = logging.getLogger("iotgw.coaps")
 
@@ -95,7 +97,7 @@ class DtlsSession:
 
     __slots__ = (
         "addr", "bio_in", "bio_out", "conn", "deadline", "device", "established", "last_seen",
-        "server", "ssl",
+        "server", "ssl", "tried",
     )
 
     def __init__(self, server: DtlsServer, conn: SSL.Connection, addr: Addr, now: float) -> None:
@@ -108,6 +110,7 @@ class DtlsSession:
         self.bio_out: Any = conn._from_ssl
         self.addr = addr
         self.device: str | None = None
+        self.tried: str | None = None  # the PSK identity the client named
         self.established = False
         self.last_seen = now
         self.deadline = now + server.limits.handshake_timeout
@@ -120,7 +123,7 @@ class DtlsSession:
         if _lib.SSL_write(self.ssl, data, len(data)) <= 0:
             _lib.ERR_clear_error()
             log.debug("coaps send to %s failed", self.addr)
-            self.server.close(self, None)
+            self.server.close(self, "error")
             return
         self.server.flush(self)
 
@@ -176,10 +179,12 @@ class DtlsServer(asyncio.DatagramProtocol):
         client_ca: str | None = None,
         device_disabled: Callable[[str], bool] | None = None,
         metrics: DtlsMetrics,
+        events: EventLog | None = None,
         limits: DtlsLimits | None = None,
     ) -> None:
         self.limits = limits or DtlsLimits()
         self.metrics = metrics
+        self.events = events or EventLog(EventMetrics(CollectorRegistry()))
         self._psk = psk
         self._device_disabled = device_disabled or (lambda device: False)
         self.ctx = self._context(certfile, keyfile, client_ca)
@@ -291,7 +296,7 @@ class DtlsServer(asyncio.DatagramProtocol):
     def stop(self) -> None:
         """Send close_notify to every peer, forget them, close the socket."""
         for session in list(self.peers.values()):
-            self.close(session, None, notify=True)
+            self.close(session, "shutdown", notify=True)
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -333,7 +338,7 @@ class DtlsServer(asyncio.DatagramProtocol):
                 _lib.ERR_clear_error()
                 if error != _ZERO_RETURN:  # not a close_notify: a fatal alert, or a bug
                     log.debug("coaps %s: SSL_read error %d", session, error)
-                self.close(session, None)
+                self.close(session, "closed" if error == _ZERO_RETURN else "error")
                 return
             deliver(_ffi.buffer(buf, n)[:], session)
             if session.conn is None:
@@ -379,7 +384,7 @@ class DtlsServer(asyncio.DatagramProtocol):
             return
         old = self.peers.get(addr)
         if old is not None:
-            self.close(old, None)
+            self.close(old, "restarted")
         now = time.monotonic()
         session = DtlsSession(self, listener, addr, now)
         self.peers[addr] = session
@@ -424,6 +429,8 @@ class DtlsServer(asyncio.DatagramProtocol):
         session.established = True
         self._handshake_over(session)
         self.metrics.handshakes_ok += 1
+        peer = f"{session.addr[0]}:{session.addr[1]}"
+        self.events.connected("coaps", session.device, peer, cipher=conn.get_cipher_name())
 
     # ---- callbacks from OpenSSL --------------------------------------------------------------
 
@@ -447,6 +454,7 @@ class DtlsServer(asyncio.DatagramProtocol):
             if session is None or identity == _ffi.NULL or self._psk is None:
                 return 0
             name = _ffi.string(identity).decode()
+            session.tried = name[:128]
             if not valid_device_id(name):
                 return 0
             key = self._psk(name)
@@ -493,11 +501,11 @@ class DtlsServer(asyncio.DatagramProtocol):
     # ---- ending sessions ---------------------------------------------------------------------
 
     def close(
-        self, session: DtlsSession, reason: str | None, notify: bool = False, report: bool = True
+        self, session: DtlsSession, reason: str, notify: bool = False, report: bool = True
     ) -> None:
-        """End a session: `reason` counts a failed handshake (None: a session that ends);
-        `notify` sends close_notify first; `report` tells the endpoint (else the caller does,
-        for many sessions at once)."""
+        """End a session: why a handshake failed (counted, logged as refused), or why an
+        established session ends (logged); `notify` sends close_notify first; `report` tells
+        the endpoint (else the caller does, for many sessions at once)."""
         conn = session.conn
         if conn is None:
             return
@@ -511,10 +519,14 @@ class DtlsServer(asyncio.DatagramProtocol):
             del self.peers[addr]
         if self.handshaking.get(addr) is session:
             self._handshake_over(session)
-        if reason is not None:
+        peer = f"{addr[0]}:{addr[1]}"
+        if not session.established:
             self.metrics.failed(reason)
-        if session.established and report:
-            self.on_closed([session])
+            self.events.refused("coaps", session.device or session.tried or "", peer, reason)
+        else:
+            self.events.disconnected("coaps", session.device or "", peer, reason)
+            if report:
+                self.on_closed([session])
 
     def _handshake_over(self, session: DtlsSession) -> None:
         addr = session.addr
@@ -529,7 +541,7 @@ class DtlsServer(asyncio.DatagramProtocol):
         """End every session of a device (removed or disabled); returns how many."""
         found = [s for s in self.peers.values() if s.device == device and s.established]
         for session in found:
-            self.close(session, None, notify=True)
+            self.close(session, "revoked", notify=True)
         return len(found)
 
     def sweep(self, now: float) -> None:
@@ -555,7 +567,7 @@ class DtlsServer(asyncio.DatagramProtocol):
             idle = [s for s in self.peers.values() if s.established and s.last_seen < limit]
             for session in idle:
                 self.metrics.expired += 1
-                self.close(session, None, notify=True, report=False)
+                self.close(session, "idle", notify=True, report=False)
             if idle:
                 self.on_closed(idle)
         m = self.metrics

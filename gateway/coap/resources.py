@@ -98,6 +98,8 @@ LINKS = (
     ),
 )
 
+_METHOD_NAMES = {coap.GET: "GET", coap.POST: "POST", coap.PUT: "PUT", coap.DELETE: "DELETE",
+                 coap.FETCH: "FETCH", coap.PATCH: "PATCH", coap.IPATCH: "iPATCH"}
 _SHADOW_METHODS = (coap.FETCH, coap.PUT, coap.PATCH, coap.IPATCH, coap.POST, coap.DELETE)
 MAX_IPATCHES = 10_000  # iPATCHes remembered for retransmissions (EXCHANGE_LIFETIME each)
 REPLY_TO_SECONDS = 300.0  # how long an MQTT 5 response topic of a command is remembered
@@ -234,7 +236,8 @@ class Resources:
                 return True
             peer = ex.addr.addr
             self.endpoint.events.denied("coaps", identity, f"{peer[0]}:{peer[1]}",
-                                        coap.code_str(code), "/".join(msg.uri_path))
+                                        _METHOD_NAMES.get(code, coap.code_str(code)),
+                                        "/".join(msg.uri_path))
             self._error(ex, coap.FORBIDDEN, "a DTLS session acts as its own device only")
             return False
         if verdict is None:
