@@ -125,7 +125,7 @@ class Gateway:
                 psk=self.registry.psk if config.dtls_psk else None,
                 certfile=config.tls_cert, keyfile=config.tls_key,
                 client_ca=config.tls_client_ca, device_disabled=self.registry.disabled,
-                metrics=DtlsMetrics(self.metrics.registry), events=self.events,
+                metrics=DtlsMetrics(self.metrics.registry), events=self.events, guard=self.guard,
                 limits=DtlsLimits(max_sessions=config.dtls_max_sessions,
                                   idle_timeout=config.dtls_idle_timeout),
             )

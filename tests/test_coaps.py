@@ -103,6 +103,24 @@ def test_psk_refusals_are_counted(gateway_factory: Any) -> None:
     assert gw.call(lambda: len(gw.gateway.coap.dtls.peers)) == 0
 
 
+def test_repeated_failures_ban_the_address(gateway_factory: Any) -> None:
+    """Five refused handshakes from one address within a minute ban it (gateway/guard.py, as
+    for wrong passwords): its next handshake is refused after the cookie, even a good one."""
+    gw = _psk_gateway(gateway_factory)
+    for i in range(5):
+        guesser = DtlsClient(gw.coaps_port, f"guess-{i}", b"secret-1")
+        with pytest.raises(SSL.Error):  # unknown_psk_identity alert
+            guesser.handshake(timeout=2.0)
+        guesser.close()
+    good = DtlsClient(gw.coaps_port, "d1", b"secret-1")
+    with pytest.raises(TimeoutError):
+        good.handshake(timeout=1.0)
+    good.close()
+    failures = _metric(gw, "failures")
+    assert failures["unknown_identity"] == 5 and failures["banned"] >= 1
+    assert _metric(gw, "handshakes_ok") == 0
+
+
 def _get(mid: int, path: list[str]) -> bytes:
     return bytes(coap.encode(coap.CON, coap.GET, mid, b"\x01", [(coap.URI_PATH, p) for p in path]))
 

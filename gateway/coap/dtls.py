@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry
 
 from gateway.auth import valid_device_id
 from gateway.events import EventLog
+from gateway.guard import AuthGuard
 from gateway.metrics import DtlsMetrics, EventMetrics
 
 log = logging.getLogger("iotgw.coaps")
@@ -96,8 +97,18 @@ class DtlsSession:
     """One peer's DTLS session: the endpoint's `Addr` for everything CoAP keeps per peer."""
 
     __slots__ = (
-        "addr", "bio_in", "bio_out", "conn", "deadline", "device", "established", "last_seen",
-        "server", "ssl", "tried",
+        "addr",
+        "banned",
+        "bio_in",
+        "bio_out",
+        "conn",
+        "deadline",
+        "device",
+        "established",
+        "last_seen",
+        "server",
+        "ssl",
+        "tried",
     )
 
     def __init__(self, server: DtlsServer, conn: SSL.Connection, addr: Addr, now: float) -> None:
@@ -111,6 +122,7 @@ class DtlsSession:
         self.addr = addr
         self.device: str | None = None
         self.tried: str | None = None  # the PSK identity the client named
+        self.banned = False  # ... and the guard had banned it
         self.established = False
         self.last_seen = now
         self.deadline = now + server.limits.handshake_timeout
@@ -153,6 +165,10 @@ def split_records(data: bytes, mtu: int) -> Iterator[bytes]:
         yield data[start:]
 
 
+# Handshake failures that count as failed credentials (a wrong PSK shows as a timeout).
+_AUTH_FAILURES = frozenset({"unknown_identity", "bad_certificate", "timeout", "disabled"})
+
+
 def _failure_reason(exc: SSL.Error) -> str:
     text = str(exc).lower()
     if "psk identity" in text:
@@ -180,11 +196,15 @@ class DtlsServer(asyncio.DatagramProtocol):
         device_disabled: Callable[[str], bool] | None = None,
         metrics: DtlsMetrics,
         events: EventLog | None = None,
+        guard: AuthGuard | None = None,
         limits: DtlsLimits | None = None,
     ) -> None:
         self.limits = limits or DtlsLimits()
         self.metrics = metrics
         self.events = events or EventLog(EventMetrics(CollectorRegistry()))
+        # Failed handshakes count against the device id and the address as failed secrets do
+        # on every protocol (gateway/guard.py): a banned one gets no handshake.
+        self._throttle = guard.throttle if guard is not None else None
         self._psk = psk
         self._device_disabled = device_disabled or (lambda device: False)
         self.ctx = self._context(certfile, keyfile, client_ca)
@@ -379,6 +399,10 @@ class DtlsServer(asyncio.DatagramProtocol):
             m.failed("full")
             return
         host = addr[0]
+        throttle = self._throttle
+        if throttle is not None and throttle.banned((f"addr:{host}",), _monotonic()):
+            m.failed("banned")
+            return
         if self._hosts.get(host, 0) >= limits.max_handshakes_per_host:
             m.failed("host_busy")  # one address may not take every handshake place
             return
@@ -429,6 +453,10 @@ class DtlsServer(asyncio.DatagramProtocol):
         session.established = True
         self._handshake_over(session)
         self.metrics.handshakes_ok += 1
+        if self._throttle is not None:
+            self._throttle.succeeded(
+                (f"id:{session.device}", f"addr:{session.addr[0]}"), _monotonic()
+            )
         peer = f"{session.addr[0]}:{session.addr[1]}"
         self.events.connected("coaps", session.device, peer, cipher=conn.get_cipher_name())
 
@@ -456,6 +484,10 @@ class DtlsServer(asyncio.DatagramProtocol):
             name = _ffi.string(identity).decode()
             session.tried = name[:128]
             if not valid_device_id(name):
+                return 0
+            throttle = self._throttle
+            if throttle is not None and throttle.banned((f"id:{name}",), _monotonic()):
+                session.banned = True
                 return 0
             key = self._psk(name)
             if key is None or not 0 < len(key) <= max_len:
@@ -521,8 +553,15 @@ class DtlsServer(asyncio.DatagramProtocol):
             self._handshake_over(session)
         peer = f"{addr[0]}:{addr[1]}"
         if not session.established:
+            if session.banned:
+                reason = "banned"
             self.metrics.failed(reason)
-            self.events.refused("coaps", session.device or session.tried or "", peer, reason)
+            who = session.device or session.tried or ""
+            self.events.refused("coaps", who, peer, reason)
+            if reason in _AUTH_FAILURES and self._throttle is not None:
+                keys = (f"id:{who}", f"addr:{addr[0]}") if who else (f"addr:{addr[0]}",)
+                for key, seconds in self._throttle.failed(keys, _monotonic()):
+                    self.events.banned("coaps", key, seconds)
         else:
             self.events.disconnected("coaps", session.device or "", peer, reason)
             if report:
