@@ -239,6 +239,7 @@ class DtlsServer(asyncio.DatagramProtocol):
         # beyond the session itself.
         ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET | SSL.OP_NO_RENEGOTIATION)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)  # an idle session keeps no record buffers
         suites = []
         if self._psk is not None:
             suites.append(PSK_CIPHERS)
