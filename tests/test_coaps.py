@@ -408,3 +408,35 @@ def test_aiocoap_dtls_client_with_psk(gateway_factory: Any) -> None:
     assert str(put.code) == "2.04 Changed" and str(post.code) == "2.04 Changed"
     assert json.loads(get.payload)["state"]["reported"] == {"a": 1}
     assert _metric(gw, "handshakes_ok") == 1  # one session for the three requests
+
+
+def test_split_records_packs_whole_records_up_to_the_mtu() -> None:
+    from gateway.coap.dtls import split_records
+
+    def record(n: int, fill: bytes) -> bytes:
+        return bytes([22, 0xFE, 0xFD]) + bytes(8) + n.to_bytes(2, "big") + fill * n
+
+    a, b, c = record(100, b"a"), record(150, b"b"), record(40, b"c")
+    assert list(split_records(a + b + c, 1400)) == [a + b + c]
+    assert list(split_records(a + b + c, 300)) == [a + b, c]
+    assert list(split_records(a + b + c, 220)) == [a, b + c]
+    assert list(split_records(a + b + c, 100)) == [a, b, c]  # a record over the MTU goes alone
+
+
+def test_certificate_flight_over_a_small_mtu(gateway_factory: Any, pki: dict[str, str]) -> None:
+    """With a 300-byte MTU the certificate flight is fragmented by OpenSSL and packed into
+    datagrams of whole records by the gateway; libcoap reassembles it."""
+    gw = gateway_factory(tls_cert=pki["srv.pem"], tls_key=pki["srv.key"],
+                         tls_client_ca=pki["ca.pem"], mqtts_port=0, coaps_port=0)
+    dtls = gw.gateway.coap.dtls
+
+    def small() -> None:
+        dtls.limits = DtlsLimits(mtu=300)
+        dtls._listener = dtls._new_listener()
+
+    gw.call(small)
+    cert = ("-c", pki["d1.pem"], "-j", pki["d1.key"], "-C", pki["ca.pem"])
+    url = f"coaps://127.0.0.1:{gw.coaps_port}/shadow/d1"
+    out = _coap_client("coap-client-openssl", *cert, url)
+    assert "4.04" in out.stdout + out.stderr  # answered: no shadow yet
+    assert _metric(gw, "handshakes_ok") == 1
