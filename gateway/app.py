@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from gateway._native import mqtt
-from gateway.auth import DeviceRegistry, RegistryError
+from gateway.auth import ADDED, REKEYED, DeviceRegistry, RegistryError
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
 from gateway.coap.dtls import DtlsLimits, DtlsServer
@@ -231,7 +231,12 @@ class Gateway:
         except RegistryError:  # logged by the registry (once a minute); CONNECTs get 0x88
             return
         if changes:
-            closed = self.broker.revoke(changes)
+            # A new PSK concerns coaps sessions only; to MQTT it is what "added" is (a
+            # registered id: only anonymous sessions acting as it go, and there are none
+            # unless it was added meanwhile, which a rekey outranks in `changes`).
+            closed = self.broker.revoke(
+                {d: ADDED if op == REKEYED else op for d, op in changes.items()}
+            )
             self.coap.revoke(changes)
             log.info(
                 "registry: %d devices added, removed or disabled, %d connections closed",

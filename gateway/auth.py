@@ -32,6 +32,7 @@ ITERATIONS: Final = 20_000
 REMOVED: Final = "removed"
 DISABLED: Final = "disabled"
 ADDED: Final = "added"
+REKEYED: Final = "rekeyed"  # a new DTLS pre-shared key (or none): its coaps sessions end
 
 
 class RegistryError(ValueError):
@@ -235,9 +236,9 @@ class DeviceRegistry:
 
     def changes_since(self, cursor: int | None) -> tuple[int, dict[str, str]]:
         """What happened to devices since `cursor` (None: start from now): the new cursor and
-        the devices removed, disabled or added meanwhile, each with the strongest of what
-        happened to it (REMOVED, then DISABLED, then ADDED). One indexed read: the gateway
-        calls it from its periodic sweep."""
+        the devices removed, disabled, added or rekeyed meanwhile, each with the strongest of
+        what happened to it (REMOVED, then DISABLED, then REKEYED, then ADDED). One indexed
+        read: the gateway calls it from its periodic sweep."""
         self.db.reopen_if_replaced()
         try:
             if cursor is None:
@@ -249,7 +250,9 @@ class DeviceRegistry:
         except RegistryUnavailable as exc:
             raise DeviceUnavailableError(str(exc)) from None
         changed: dict[str, str] = {}
-        strength = {ADDED: 1, DISABLED: 2, REMOVED: 3}
+        # A rekey outranks an addition: both together mean a new device whose coaps sessions
+        # (made with the first key) must end, and readers treat REKEYED as ADDED otherwise.
+        strength = {ADDED: 1, REKEYED: 2, DISABLED: 3, REMOVED: 4}
         for seq, device, op in rows:
             cursor = seq
             if strength.get(op, 0) > strength.get(changed.get(device, ""), 0):
@@ -269,6 +272,20 @@ class DeviceRegistry:
         device = Device(device_id, salt, digest, ITERATIONS, time.time())
         self._insert([device], psk)
         return device
+
+    def set_psk(self, device_id: str, psk: str | None) -> None:
+        """Give a device a new DTLS pre-shared key (None: none); its coaps sessions end."""
+        if psk is not None:
+            check_psk(psk)
+        try:
+            with self.db.write() as conn:
+                key = psk.encode() if psk is not None else None
+                changed = conn.execute("UPDATE devices SET psk = ? WHERE id = ?", (key, device_id))
+                if changed.rowcount == 0:
+                    raise UnknownDevice(f"no device {device_id!r}")
+                self.db.log_change(conn, device_id, REKEYED)
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
 
     def add_many(
         self,

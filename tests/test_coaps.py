@@ -236,16 +236,31 @@ def test_sessions_and_handshakes_are_bounded_and_expire(gateway_factory: Any) ->
         c.close()
 
 
-def test_removed_device_loses_its_session(gateway_factory: Any) -> None:
+@pytest.mark.parametrize("change", ["remove", "rekey"])
+def test_removed_or_rekeyed_device_loses_its_session(gateway_factory: Any, change: str) -> None:
     gw = _psk_gateway(gateway_factory)
     client = DtlsClient(gw.coaps_port, "d2", b"secret-2")
     client.handshake()
-    gw.gateway.registry.remove("d2")
+    other = DtlsClient(gw.coaps_port, "d1", b"secret-1")
+    other.handshake()
+    if change == "remove":
+        gw.gateway.registry.remove("d2")
+    else:
+        gw.gateway.registry.set_psk("d2", "secret-3")
     gw.call(gw.gateway.registry_changed)
-    assert gw.call(lambda: len(gw.gateway.coap.dtls.peers)) == 0
+    assert gw.call(lambda: [s.device for s in gw.gateway.coap.dtls.peers.values()]) == ["d1"]
     with pytest.raises(SSL.ZeroReturnError):  # close_notify
         client.receive(timeout=0.5)
     client.close()
+    if change == "rekey":
+        old_key = DtlsClient(gw.coaps_port, "d2", b"secret-2")
+        with pytest.raises(TimeoutError):
+            old_key.handshake(timeout=1.0)
+        old_key.close()
+        new_key = DtlsClient(gw.coaps_port, "d2", b"secret-3")
+        new_key.handshake()
+        new_key.close()
+    other.close()
 
 
 def _openssl(*args: str) -> None:
@@ -309,6 +324,11 @@ def test_devices_add_psk_cli(tmp_path: Path) -> None:
     generated = DeviceRegistry(data).psk("d2")
     assert generated is not None and len(generated) >= 24
     assert cli.main(["devices", "--data-dir", data, "add", "d3", "--psk", "has space"]) == 2
+    assert cli.main(["devices", "--data-dir", data, "psk", "d1", "key-2"]) == 0
+    assert DeviceRegistry(data).psk("d1") == b"key-2"
+    assert cli.main(["devices", "--data-dir", data, "psk", "d1", "--none"]) == 0
+    assert DeviceRegistry(data).psk("d1") is None
+    assert cli.main(["devices", "--data-dir", data, "psk", "nobody", "k"]) == 2
     DeviceRegistry(data).disable("d1")
     assert DeviceRegistry(data).psk("d1") is None  # a disabled device has no key to offer
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 from prometheus_client import CollectorRegistry
 
 from gateway._native import coap
-from gateway.auth import ADDED
+from gateway.auth import ADDED, REKEYED
 from gateway.coap.blockwise import Block1Assembler, block2_slice
 from gateway.coap.dtls import DtlsServer, DtlsSession
 from gateway.coap.exchanges import Addr, Deduplicator, Exchange, Retransmitter, Timing
@@ -272,9 +272,13 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         self.observers.end_peers(set(sessions))
 
     def revoke(self, changes: dict[str, str]) -> None:
-        """Devices removed, disabled or added: observations end (resources.py); the DTLS
-        sessions of removed or disabled devices end."""
-        self.resources.revoke(changes)
+        """Devices removed, disabled, added or given a new PSK: the DTLS sessions of those
+        removed, disabled or rekeyed end (and their observations with them); observations over
+        plain CoAP end as resources.py says (for them a new PSK is what "added" is: the id
+        stays registered)."""
+        self.resources.revoke(
+            {d: ADDED if op == REKEYED else op for d, op in changes.items()}
+        )
         if self.dtls is not None:
             for device, op in changes.items():
                 if op != ADDED:
