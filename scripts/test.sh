@@ -13,6 +13,8 @@ command -v wrk >/dev/null || apt_missing+=(wrk)
 command -v coap-client-gnutls >/dev/null && command -v coap-server-openssl >/dev/null || apt_missing+=(libcoap3-bin)
 # DTLSSocket (aiocoap's DTLS, tinydtls) is built from source by pip: it runs autoreconf
 command -v autoreconf >/dev/null && command -v libtoolize >/dev/null || apt_missing+=(autoconf automake libtool)
+command -v node >/dev/null || apt_missing+=(nodejs)
+command -v npm >/dev/null || apt_missing+=(npm)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;
@@ -27,6 +29,11 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# MQTT.js for the WebSocket tests (tests/js/), into .cache/node once per pinned version:
+mqttjs=5.14.1
+[ "$(node -p "require('./.cache/node/node_modules/mqtt/package.json').version" 2>/dev/null)" = "$mqttjs" ] \
+  || npm install --prefix .cache/node --no-audit --no-fund --silent "mqtt@$mqttjs"
 
 echo "== ruff";   .venv/bin/ruff check .
 echo "== mypy";   .venv/bin/mypy

@@ -44,6 +44,10 @@ def test_boolean_flags_and_variables() -> None:
         ({"IOTGW_DTLS_PSK": "1", "IOTGW_COAP_PORT": "7000", "IOTGW_COAPS_PORT": "7000"},
          "--coaps-port: port 7000 is also --coap-port's"),
         ({"IOTGW_DTLS_PSK": "1", "IOTGW_DTLS_MAX_SESSIONS": "0"}, "must be above 0"),
+        ({"IOTGW_WSS_PORT": "8884"}, "--wss-port needs --tls-cert"),
+        ({"IOTGW_WS_PORT": "1883"}, "--ws-port: port 1883 is also --mqtt-port's"),
+        ({"IOTGW_WS_PORT": "70000"}, "--ws-port: 70000 is not a port"),
+        ({"IOTGW_WS_HANDSHAKE_TIMEOUT": "0"}, "--ws-handshake-timeout: 0 is not"),
     ],
 )
 def test_bad_values_are_named_in_the_error(environ: dict[str, str], message: str) -> None:

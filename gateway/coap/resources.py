@@ -164,8 +164,6 @@ class Resources:
         # iPATCHes applied: (device, token, body digest) -> (expires, ETag of the result)
         self._ipatched: dict[tuple[str, bytes, bytes], tuple[float, bytes]] = {}
         self._ipatch_deadlines: deque[tuple[float, tuple[str, bytes, bytes]]] = deque()
-        if shadows is not None:
-            shadows.listeners.append(self._shadow_changed)
         self.observers.on_removed = self._observer_removed
         self.observers.probe = self._probe
 
@@ -611,8 +609,8 @@ class Resources:
 
     # -- notifications
 
-    def _shadow_changed(self, device: str, version: int) -> None:
-        """ShadowService listener: called after every accepted write or delete."""
+    def shadow_changed(self, device: str, version: int) -> None:
+        """After every accepted shadow write or delete (the app wires ShadowService to it)."""
         observers = self.observers
         if not (observers.observes(SHADOW, device) or observers.observes(DELTA, device)):
             return
@@ -846,9 +844,6 @@ class Resources:
                 del self._reply_to[key]
 
     def close(self) -> None:
-        if self.shadows is not None:
-            with contextlib.suppress(ValueError):
-                self.shadows.listeners.remove(self._shadow_changed)
         for subs in (self._command_subs, self._shadow_subs):
             for unsubscribe in subs.values():
                 unsubscribe()
