@@ -19,16 +19,17 @@ import time
 from pathlib import Path
 
 from gateway._native import mqtt
-from gateway.auth import DeviceRegistry, RegistryError
+from gateway.auth import ADDED, REKEYED, DeviceRegistry, RegistryError
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
+from gateway.coap.dtls import DtlsLimits, DtlsServer
 from gateway.config import Config
 from gateway.events import EventLog
 from gateway.guard import AuthGuard, GuardLimits
 from gateway.http.api import ApiContext, build_api
 from gateway.http.server import HttpServer
 from gateway.logs import setup_logging
-from gateway.metrics import Metrics, ShadowMetrics
+from gateway.metrics import DtlsMetrics, Metrics, ShadowMetrics
 from gateway.mqtt import persistence
 from gateway.mqtt.acl import Acl
 from gateway.mqtt.broker import Broker, BrokerLimits
@@ -117,12 +118,24 @@ class Gateway:
         self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
         self.http: HttpServer | None = None
         # CoAP endpoint (gateway/coap/)
+        dtls: DtlsServer | None = None
+        if config.coaps:  # coaps: the same endpoint, behind DTLS (gateway/coap/dtls.py)
+            dtls = DtlsServer(
+                psk=self.registry.psk if config.dtls_psk else None,
+                certfile=config.tls_cert, keyfile=config.tls_key,
+                client_ca=config.tls_client_ca, device_disabled=self.registry.disabled,
+                metrics=DtlsMetrics(self.metrics.registry), events=self.events, guard=self.guard,
+                limits=DtlsLimits(max_sessions=config.dtls_max_sessions,
+                                  idle_timeout=config.dtls_idle_timeout),
+            )
         self.coap = CoapEndpoint(
             shadows=self.shadows, pipeline=self.telemetry, broker=self.broker,
             registry=self.registry, guard=self.guard, events=self.events,
             allow_anonymous=config.allow_anonymous, metrics=CoapMetrics(self.metrics.registry),
+            dtls=dtls,
         )
         self.coap_port: int | None = None
+        self.coaps_port: int | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.mqtt_port: int | None = None
@@ -197,10 +210,18 @@ class Gateway:
         await self.http.start()
         log.info("HTTP listening on %s:%s", self.config.bind, self.http.port)
         # CoAP endpoint (gateway/coap/)
+        coap_port = self.config.coap_port
         self.coap_port = await self.coap.start(
-            self.config.bind, self.config.coap_port, listeners.coap
+            self.config.bind, coap_port if coap_port >= 0 else None, listeners.coap
         )
-        log.info("CoAP listening on %s:%s (UDP)", self.config.bind, self.coap_port)
+        if self.coap_port is not None:
+            log.info("CoAP listening on %s:%s (UDP)", self.config.bind, self.coap_port)
+        if self.coap.dtls is not None:
+            self.coaps_port = await self.coap.dtls.start(
+                self.config.bind, self.config.coaps_port, listeners.coaps
+            )
+            log.info("CoAP over DTLS listening on %s:%s (UDP)", self.config.bind,
+                     self.coaps_port)
 
     async def _serve_websocket(
         self, socks: list[socket.socket], arena: mqtt.ReadArena, ctx: ssl.SSLContext | None
@@ -234,8 +255,13 @@ class Gateway:
         except RegistryError:  # logged by the registry (once a minute); CONNECTs get 0x88
             return
         if changes:
-            closed = self.broker.lifecycle.revoke(changes)
-            self.coap.resources.revoke(changes)
+            # A new PSK concerns coaps sessions only; to MQTT it is what "added" is (a
+            # registered id: only anonymous sessions acting as it go, and there are none
+            # unless it was added meanwhile, which a rekey outranks in `changes`).
+            closed = self.broker.lifecycle.revoke(
+                {d: ADDED if op == REKEYED else op for d, op in changes.items()}
+            )
+            self.coap.revoke(changes)
             log.info(
                 "registry: %d devices added, removed or disabled, %d connections closed",
                 len(changes), closed,

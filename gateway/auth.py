@@ -32,6 +32,7 @@ ITERATIONS: Final = 20_000
 REMOVED: Final = "removed"
 DISABLED: Final = "disabled"
 ADDED: Final = "added"
+REKEYED: Final = "rekeyed"  # a new DTLS pre-shared key (or none): its coaps sessions end
 
 
 class RegistryError(ValueError):
@@ -121,6 +122,19 @@ def valid_device_id(device_id: str) -> bool:
     return True
 
 
+MAX_PSK: Final = 64  # bytes: what libcoap and most DTLS stacks accept
+
+
+def check_psk(psk: str) -> None:
+    """A PSK is text, used as its UTF-8 bytes (as `coap-client -k KEY` does)."""
+    if not psk or len(psk.encode()) > MAX_PSK or any(c.isspace() for c in psk):
+        raise RegistryError(f"a PSK is 1 to {MAX_PSK} bytes of text without spaces")
+
+
+def generate_psk() -> str:
+    return secrets.token_urlsafe(24)
+
+
 def _check_password(password: str) -> None:
     if not password:
         raise RegistryError("the password may not be empty")
@@ -205,6 +219,16 @@ class DeviceRegistry:
             self._verified[device_id] = digest
         return ok
 
+    def psk(self, device_id: str) -> bytes | None:
+        """The device's DTLS pre-shared key, or None (unknown, disabled, or without one)."""
+        try:
+            rows = self.db.query(
+                "SELECT psk FROM devices WHERE id = ? AND disabled = 0", (device_id,)
+            )
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
+        return bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+
     def disabled(self, device_id: str) -> bool:
         """True when the device is registered and disabled (its CONNECT is "not authorized")."""
         device = self.get(device_id)
@@ -212,9 +236,9 @@ class DeviceRegistry:
 
     def changes_since(self, cursor: int | None) -> tuple[int, dict[str, str]]:
         """What happened to devices since `cursor` (None: start from now): the new cursor and
-        the devices removed, disabled or added meanwhile, each with the strongest of what
-        happened to it (REMOVED, then DISABLED, then ADDED). One indexed read: the gateway
-        calls it from its periodic sweep."""
+        the devices removed, disabled, added or rekeyed meanwhile, each with the strongest of
+        what happened to it (REMOVED, then DISABLED, then REKEYED, then ADDED). One indexed
+        read: the gateway calls it from its periodic sweep."""
         self.db.reopen_if_replaced()
         try:
             if cursor is None:
@@ -226,7 +250,9 @@ class DeviceRegistry:
         except RegistryUnavailable as exc:
             raise DeviceUnavailableError(str(exc)) from None
         changed: dict[str, str] = {}
-        strength = {ADDED: 1, DISABLED: 2, REMOVED: 3}
+        # A rekey outranks an addition: both together mean a new device whose coaps sessions
+        # (made with the first key) must end, and readers treat REKEYED as ADDED otherwise.
+        strength = {ADDED: 1, REKEYED: 2, DISABLED: 3, REMOVED: 4}
         for seq, device, op in rows:
             cursor = seq
             if strength.get(op, 0) > strength.get(changed.get(device, ""), 0):
@@ -235,14 +261,31 @@ class DeviceRegistry:
 
     # ---- writing (the CLI, the REST API) ------------------------------------------------------
 
-    def add(self, device_id: str, password: str) -> Device:
-        """Register a device (PBKDF2 first, then one short transaction)."""
+    def add(self, device_id: str, password: str, psk: str | None = None) -> Device:
+        """Register a device (PBKDF2 first, then one short transaction), with a DTLS
+        pre-shared key when `psk` is given."""
         check_device_id(device_id)
         _check_password(password)
+        if psk is not None:
+            check_psk(psk)
         salt, digest = hash_password(password)
         device = Device(device_id, salt, digest, ITERATIONS, time.time())
-        self._insert([device])
+        self._insert([device], psk)
         return device
+
+    def set_psk(self, device_id: str, psk: str | None) -> None:
+        """Give a device a new DTLS pre-shared key (None: none); its coaps sessions end."""
+        if psk is not None:
+            check_psk(psk)
+        try:
+            with self.db.write() as conn:
+                key = psk.encode() if psk is not None else None
+                changed = conn.execute("UPDATE devices SET psk = ? WHERE id = ?", (key, device_id))
+                if changed.rowcount == 0:
+                    raise UnknownDevice(f"no device {device_id!r}")
+                self.db.log_change(conn, device_id, REKEYED)
+        except RegistryUnavailable as exc:
+            raise DeviceUnavailableError(str(exc)) from None
 
     def add_many(
         self,
@@ -280,7 +323,7 @@ class DeviceRegistry:
         self._insert(devices)
         return len(devices)
 
-    def _insert(self, devices: builtins.list[Device]) -> None:
+    def _insert(self, devices: builtins.list[Device], psk: str | None = None) -> None:
         try:
             with self.db.write() as conn:
                 if len(devices) > 1:  # name the first existing one instead of a bare failure
@@ -289,9 +332,10 @@ class DeviceRegistry:
                         if found.fetchone():
                             raise DeviceExists(f"device {d.device_id!r} exists already")
                 conn.executemany(
-                    f"INSERT INTO devices ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, 0)",
+                    f"INSERT INTO devices ({_COLUMNS}, psk) VALUES (?, ?, ?, ?, ?, 0, ?)",
                     [
-                        (d.device_id, d.salt, d.password_hash, d.iterations, d.created)
+                        (d.device_id, d.salt, d.password_hash, d.iterations, d.created,
+                         psk.encode() if psk is not None else None)
                         for d in devices
                     ],
                 )

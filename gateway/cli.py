@@ -30,6 +30,18 @@ def _build_parser() -> argparse.ArgumentParser:
     add = actions.add_parser("add", help="register a device (prints a generated password)")
     add.add_argument("device_id")
     add.add_argument("--password", help="use this password instead of a generated one")
+    add.add_argument(
+        "--psk", nargs="?", const="", metavar="KEY",
+        help="a DTLS pre-shared key for coaps (the PSK identity is the device id; KEY is text, "
+        "as `coap-client -k KEY` takes it); --psk alone generates one and prints it once",
+    )
+    psk = actions.add_parser(
+        "psk", help="give a device a new DTLS pre-shared key (its coaps sessions end)"
+    )
+    psk.add_argument("device_id")
+    psk.add_argument("key", nargs="?", help="the key (text); without it one is generated "
+                     "and printed once")
+    psk.add_argument("--none", action="store_true", help="take the device's key away")
     actions.add_parser("list", help="list registered devices (disabled ones are marked)")
     for action, text in (
         ("remove", "unregister a device (a connected one is disconnected)"),
@@ -172,13 +184,23 @@ def _import_devices(registry: Any, name: str) -> None:
 
 
 def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
-    from gateway.auth import DeviceRegistry, generate_password
+    from gateway.auth import DeviceRegistry, generate_password, generate_psk
 
     registry = DeviceRegistry(cfg.data_dir)
     if args.action == "add":
         password = args.password or generate_password()
-        registry.add(args.device_id, password)
+        psk = args.psk if args.psk != "" else generate_psk()
+        registry.add(args.device_id, password, psk)
         print(f"{args.device_id}\t{password}" if not args.password else args.device_id)
+        if args.psk == "":
+            print(f"psk\t{psk}")
+    elif args.action == "psk":
+        if args.none and args.key:
+            raise ValueError("give a key or --none, not both")
+        key = None if args.none else args.key or generate_psk()
+        registry.set_psk(args.device_id, key)
+        if key is not None and not args.key:
+            print(f"psk\t{key}")
     elif args.action == "list":
         for device in registry.list():
             print(f"{device.device_id}\tdisabled" if device.disabled else device.device_id)

@@ -41,7 +41,18 @@ class Config:
     tls_cert: str | None = _opt(None, "server certificate (PEM)")
     tls_key: str | None = _opt(None, "server private key (PEM)")
     tls_client_ca: str | None = _opt(None, "CA bundle for device client certificates (PEM)")
-    coap_port: int = _opt(5683, "CoAP UDP port (0: any free port)")
+    coap_port: int = _opt(5683, "CoAP UDP port (0: any free port, -1: no plain CoAP)")
+    coaps_port: int = _opt(
+        5684, "CoAP over DTLS (coaps) UDP port, used with --dtls-psk, or --tls-cert and "
+        "--tls-client-ca (device certificates)"
+    )
+    dtls_psk: bool = _opt(
+        False, "serve coaps with the devices' pre-shared keys (iotgw devices add ID --psk)"
+    )
+    dtls_max_sessions: int = _opt(10_000, "coaps sessions kept at most (handshakes beyond "
+                                  "are refused)")
+    dtls_idle_timeout: float = _opt(300.0, "seconds without a datagram before a coaps "
+                                    "session ends")
     http_port: int = _opt(8080, "REST, health and metrics port (0: any free port)")
     data_dir: str = _opt("iotgw-data", "where sessions, registry and telemetry live")
     allow_anonymous: bool = _opt(False, "accept MQTT clients without credentials")
@@ -97,6 +108,11 @@ class Config:
         False, "log one line per REST request: method, path, status, duration, peer"
     )
 
+    @property
+    def coaps(self) -> bool:
+        """The coaps listener is on: DTLS credentials are configured."""
+        return self.dtls_psk or (self.tls_cert is not None and self.tls_client_ca is not None)
+
     def __post_init__(self) -> None:
         """Values only (ranges, combinations); files, directories and ports are checked when
         the gateway starts (gateway/startup.py)."""
@@ -104,11 +120,15 @@ class Config:
             raise ConfigError(f"--workers: {self.workers} is not a number of processes (>= 1)")
         if (self.cluster or self.workers > 1) and not self.redis:
             raise ConfigError("--cluster and --workers above 1 need --redis (the nodes share it)")
-        if self.workers > 1 and (self.mqtt_port == 0 or self.coap_port == 0):
+        if self.workers > 1 and (self.mqtt_port == 0 or self.coap_port == 0
+                                 or (self.coaps and self.coaps_port == 0)):
             raise ConfigError("--workers above 1 share their ports: give --mqtt-port and "
                               "--coap-port (0 would pick one port per process)")
-        for name in ("mqtt_port", "mqtts_port", "ws_port", "wss_port", "coap_port", "http_port"):
+        for name in ("mqtt_port", "mqtts_port", "ws_port", "wss_port", "coap_port", "coaps_port",
+                     "http_port"):
             port = getattr(self, name)
+            if name == "coap_port" and port == -1:
+                continue  # no plain CoAP
             if not 0 <= port <= MAX_PORT:
                 raise ConfigError(f"{_flag(name)}: {port} is not a port (0 to {MAX_PORT})")
         if self.http_port and self.http_port + self.workers - 1 > MAX_PORT:
@@ -130,6 +150,11 @@ class Config:
                                       "(workers serve HTTP on --http-port + i): give each "
                                       "listener its own port")
                 owner.setdefault(port, flag)
+        if self.coaps and self.coaps_port and self.coaps_port == self.coap_port:
+            raise ConfigError(f"--coaps-port: port {self.coaps_port} is also --coap-port's: "
+                              "give each its own port")
+        if self.dtls_max_sessions < 1 or self.dtls_idle_timeout <= 0:
+            raise ConfigError("--dtls-max-sessions and --dtls-idle-timeout must be above 0")
         if not 1 <= self.max_keepalive <= 65535:
             raise ConfigError(
                 f"--max-keepalive: {self.max_keepalive} is not a keep-alive (1 to 65535 seconds)"

@@ -370,6 +370,7 @@ class CoapMetrics:
         self.block1_dropped = 0
         self.observers = 0
         self.exchanges = 0
+        self.ipatch_repeats = 0
         registry.register(_CoapCollector(self))
 
 
@@ -387,6 +388,7 @@ _COAP_COUNTERS = (
     ("notifications", "Observe notifications sent"),
     ("observers_dropped", "Observers removed because a CON notification was never ACKed"),
     ("block1_dropped", "Block1 uploads dropped unfinished (expired, restarted or pushed out)"),
+    ("ipatch_repeats", "iPATCH requests answered from an earlier identical one, not applied"),
 )
 
 
@@ -420,3 +422,57 @@ class _CoapCollector(Collector):
         yield GaugeMetricFamily(
             "iotgw_coap_exchanges", "Requests remembered for deduplication", value=m.exchanges
         )
+
+
+class DtlsMetrics:
+    """`iotgw_coaps_*`: the DTLS layer under CoAP (gateway/coap/dtls.py). Plain integers like
+    CoapMetrics; the gauges are refreshed by the sweep."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.handshakes_ok = 0
+        self.failures: dict[str, int] = {}
+        self.hello_verify = 0
+        self.cookies_rejected = 0
+        self.dropped = 0
+        self.sends_dropped = 0
+        self.expired = 0
+        self.sessions = 0
+        self.handshaking = 0
+        registry.register(_DtlsCollector(self))
+
+    def failed(self, reason: str) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
+
+
+_DTLS_COUNTERS = (
+    ("hello_verify", "HelloVerifyRequests sent (ClientHellos without a valid cookie)"),
+    ("cookies_rejected", "ClientHellos whose cookie was wrong or too old"),
+    ("dropped", "Datagrams dropped: no session for them and not a ClientHello"),
+    ("sends_dropped", "CoAP messages not sent: their session had ended"),
+    ("expired", "Sessions ended after the idle timeout"),
+)
+
+
+class _DtlsCollector(Collector):
+    def __init__(self, m: DtlsMetrics) -> None:
+        self.m = m
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        m = self.m
+        handshakes = CounterMetricFamily(
+            "iotgw_coaps_handshakes", "DTLS handshakes past the cookie, by result and reason",
+            labels=["result", "reason"],
+        )
+        handshakes.add_metric(["ok", ""], m.handshakes_ok)
+        for reason, count in sorted(m.failures.items()):
+            handshakes.add_metric(["failed", reason], count)
+        yield handshakes
+        for name, text in _DTLS_COUNTERS:
+            yield CounterMetricFamily(f"iotgw_coaps_{name}", text, value=getattr(m, name))
+        yield GaugeMetricFamily("iotgw_coaps_sessions", "Established DTLS sessions",
+                                value=m.sessions)
+        yield GaugeMetricFamily("iotgw_coaps_handshakes_in_progress",
+                                "DTLS handshakes past the cookie, not finished",
+                                value=m.handshaking)

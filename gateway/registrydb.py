@@ -12,8 +12,10 @@ The `changes` table logs what happened to devices (added, removed, disabled, ena
 increasing sequence number: a running gateway asks for what came after the last number it saw
 (`changes_since`) to end the sessions of devices removed or disabled by another process.
 
-Schema version 1 (`PRAGMA user_version`). On its first creation the file takes in the
-`devices.json` and `tokens.json` of earlier versions, which are then renamed `*.migrated`.
+Schema version 2 (`PRAGMA user_version`): version 1 plus the devices' DTLS pre-shared keys
+(`psk`, NULL for a device without one); a version 1 file is upgraded in place when opened. On
+its first creation the file takes in the `devices.json` and `tokens.json` of earlier versions,
+which are then renamed `*.migrated`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, Final
 log = logging.getLogger("iotgw.registry")
 
 FILE_NAME: Final = "registry.sqlite"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_S: Final = 30.0  # a writer waits this long for another writer's transaction
 LOG_EVERY_S: Final = 60.0  # an unreadable registry is logged at most once per this
 CHANGES_KEPT_S: Final = 7 * 86400.0  # change-log rows older than this are pruned by writers
@@ -45,7 +47,8 @@ CREATE TABLE IF NOT EXISTS devices (
     hash BLOB NOT NULL,
     iterations INTEGER NOT NULL,
     created REAL NOT NULL,
-    disabled INTEGER NOT NULL DEFAULT 0
+    disabled INTEGER NOT NULL DEFAULT 0,
+    psk BLOB
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS tokens (
     id TEXT PRIMARY KEY,
@@ -110,6 +113,9 @@ class RegistryDb:
                     if statement.strip():
                         conn.execute(statement)
                 migrated = _migrate(conn, self.data_dir)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            elif version == 1:
+                conn.execute("ALTER TABLE devices ADD COLUMN psk BLOB")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
             # WAL outside the transaction (it cannot change inside one); persistent in the file.

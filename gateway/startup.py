@@ -151,9 +151,11 @@ class Listeners:
     wss: list[socket.socket] = field(default_factory=list)
     http: list[socket.socket] = field(default_factory=list)
     coap: socket.socket | None = None
+    coaps: socket.socket | None = None
 
     def close(self) -> None:
-        for sock in [*self.mqtt, *self.mqtts, *self.ws, *self.wss, *self.http, self.coap]:
+        for sock in [*self.mqtt, *self.mqtts, *self.ws, *self.wss, *self.http, self.coap,
+                     self.coaps]:
             if sock is not None:
                 sock.close()
 
@@ -256,18 +258,27 @@ def bind_listeners(config: Config, workers: int | None = None) -> list[Listeners
             port = config.http_port + i if config.http_port else 0
             (result[i].http,) = _group("HTTP", "--http-port", host, port,
                                        socket.SOCK_STREAM, None)
-        # CoAP binds one address (the endpoint is one datagram socket), as before.
-        family, address = _addresses(host, config.coap_port, socket.SOCK_DGRAM)[0]
-        for i in range(count):
-            if shared is None:
-                result[i].coap = _bind("CoAP", "--coap-port", family, address,
-                                       socket.SOCK_DGRAM, reuse_port=False)
-            else:
-                if i == 0:
-                    _bind("CoAP", "--coap-port", family, address, socket.SOCK_DGRAM,
-                          reuse_port=False).close()
-                result[i].coap = _bind("CoAP", "--coap-port", family, address,
-                                       socket.SOCK_DGRAM, reuse_port=True)
+        # CoAP binds one address (the endpoint is one datagram socket), as before; coaps too.
+        # With SO_REUSEPORT the kernel sends a peer's datagrams to one worker (a hash of the
+        # addresses), so each DTLS session lives in one process.
+        udp = [("CoAP", "--coap-port", config.coap_port, "coap")]
+        if config.coaps:
+            udp.append(("CoAP over DTLS", "--coaps-port", config.coaps_port, "coaps"))
+        for what, flag, udp_port, attr in udp:
+            if udp_port < 0:
+                continue
+            family, address = _addresses(host, udp_port, socket.SOCK_DGRAM)[0]
+            for i in range(count):
+                if shared is None:
+                    sock = _bind(what, flag, family, address, socket.SOCK_DGRAM,
+                                 reuse_port=False)
+                else:
+                    if i == 0:
+                        _bind(what, flag, family, address, socket.SOCK_DGRAM,
+                              reuse_port=False).close()
+                    sock = _bind(what, flag, family, address, socket.SOCK_DGRAM,
+                                 reuse_port=True)
+                setattr(result[i], attr, sock)
     except BaseException:
         for listeners in result:
             with contextlib.suppress(OSError):

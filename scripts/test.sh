@@ -10,7 +10,10 @@ command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
 command -v wrk >/dev/null || apt_missing+=(wrk)
 command -v strace >/dev/null || apt_missing+=(strace)
-command -v coap-server-notls >/dev/null || apt_missing+=(libcoap3-bin)
+# libcoap3-bin: coap-client-openssl, coap-client-gnutls, coap-server-openssl (coaps interop, anchor)
+command -v coap-client-gnutls >/dev/null && command -v coap-server-openssl >/dev/null || apt_missing+=(libcoap3-bin)
+# DTLSSocket (aiocoap's DTLS, tinydtls) is built from source by pip: it runs autoreconf
+command -v autoreconf >/dev/null && command -v libtoolize >/dev/null || apt_missing+=(autoconf automake libtool)
 command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
 if [ ${#apt_missing[@]} -gt 0 ]; then

@@ -303,6 +303,7 @@ class RunningGateway:
         self.mqtt_port: int = self.gateway.mqtt_port
         self.mqtts_port = self.gateway.mqtts_port
         self.coap_port: int | None = self.gateway.coap_port
+        self.coaps_port: int | None = self.gateway.coaps_port
 
     def call(self, fn, *args):  # type: ignore[no-untyped-def]
         """Run fn(*args) on the gateway's loop and return its result."""

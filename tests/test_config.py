@@ -40,6 +40,10 @@ def test_boolean_flags_and_variables() -> None:
         ({"IOTGW_CLUSTER": "1"}, "need --redis"),
         ({"IOTGW_WORKERS": "2", "IOTGW_REDIS": "redis://r", "IOTGW_MQTT_PORT": "0"},
          "share their ports"),
+        ({"IOTGW_COAP_PORT": "-2"}, "--coap-port: -2 is not a port"),
+        ({"IOTGW_DTLS_PSK": "1", "IOTGW_COAP_PORT": "7000", "IOTGW_COAPS_PORT": "7000"},
+         "--coaps-port: port 7000 is also --coap-port's"),
+        ({"IOTGW_DTLS_PSK": "1", "IOTGW_DTLS_MAX_SESSIONS": "0"}, "must be above 0"),
         ({"IOTGW_WSS_PORT": "8884"}, "--wss-port needs --tls-cert"),
         ({"IOTGW_WS_PORT": "1883"}, "--ws-port: port 1883 is also --mqtt-port's"),
         ({"IOTGW_WS_PORT": "70000"}, "--ws-port: 70000 is not a port"),
@@ -80,3 +84,11 @@ def test_bad_settings_stop_run_with_one_line_and_exit_2(
     assert main(["run", "--data-dir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("iotgw: ") and message in err and "Traceback" not in err
+
+
+def test_coaps_is_on_with_dtls_credentials_and_plain_coap_can_be_off() -> None:
+    assert not config.load(None, environ={}).coaps
+    assert config.load(None, environ={"IOTGW_DTLS_PSK": "1"}).coaps
+    assert config.parse(["--tls-cert", "c.pem", "--tls-client-ca", "ca.pem"]).coaps
+    assert not config.parse(["--tls-cert", "c.pem"]).coaps  # no device credential for DTLS
+    assert config.parse(["--coap-port", "-1"]).coap_port == -1

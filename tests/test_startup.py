@@ -268,7 +268,7 @@ def test_unwritable_data_dir_is_a_one_line_error(tmp_path: Path) -> None:
         (["--log-level", "verbose"], "--log-level"),
         (["--log-format", "xml"], "--log-format"),
         (["--mqtt-port", "99999"], "--mqtt-port"),
-        (["--coap-port", "-1"], "--coap-port"),
+        (["--coap-port", "-2"], "--coap-port"),
         (["--http-port", "65536"], "--http-port"),
         (["--mqtts-port", "70000"], "--mqtts-port"),
         (["--max-packet-size", "0"], "--max-packet-size"),

@@ -37,7 +37,9 @@ from typing import TYPE_CHECKING, Any, cast
 from prometheus_client import CollectorRegistry
 
 from gateway._native import coap
+from gateway.auth import ADDED, REKEYED
 from gateway.coap.blockwise import Block1Assembler, block2_slice
+from gateway.coap.dtls import DtlsServer, DtlsSession
 from gateway.coap.exchanges import Addr, Deduplicator, Exchange, Retransmitter, Timing
 from gateway.coap.observe import ObserveRegistry
 from gateway.coap.resources import Resources
@@ -92,6 +94,7 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         metrics: CoapMetrics | None = None,
         limits: CoapLimits | None = None,
         timing: Timing | None = None,
+        dtls: DtlsServer | None = None,
     ) -> None:
         self.limits = limits = limits or CoapLimits()
         self.timing = timing = timing or Timing()
@@ -133,20 +136,30 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         self._peers: dict[Addr, Addr] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.closing = False
+        # coaps: the DTLS layer hands us each decrypted message with its session as the peer.
+        self.dtls = dtls
+        if dtls is not None:
+            dtls.deliver = self.datagram_received
+            dtls.on_closed = self._sessions_closed
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+    async def start(
+        self, host: str, port: int | None, sock: socket.socket | None = None
+    ) -> int | None:
         """Bind the UDP socket (or serve `sock`, bound already), start the sweep; returns the
-        port (useful with port 0)."""
+        port (useful with port 0). Port None and no sock: no plain CoAP (coaps only)."""
         loop = asyncio.get_running_loop()
         if sock is not None:
             transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
-        else:
+        elif port is not None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: self, local_addr=(host, port), family=family
             )
+        else:
+            self._sweeper = loop.create_task(self._sweep_forever())
+            return None
         sock = transport.get_extra_info("socket")
         # Bursts of small datagrams: the default buffer (~200 KB) holds only ~200 of them
         # (each costs ~1 KB of kernel accounting). The kernel caps this at net.core.rmem_max.
@@ -181,6 +194,8 @@ class CoapEndpoint(asyncio.DatagramProtocol):
             self._sweeper = None
         self.observers.clear()
         self.retransmitter.clear()
+        if self.dtls is not None:
+            self.dtls.stop()
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -188,6 +203,9 @@ class CoapEndpoint(asyncio.DatagramProtocol):
     # ---- I/O ---------------------------------------------------------------------------------
 
     def send(self, data: bytes, addr: Addr) -> None:
+        if type(addr) is DtlsSession:
+            addr.send(data)
+            return
         transport = self.transport
         if transport is not None:
             transport.sendto(data, addr)
@@ -217,6 +235,8 @@ class CoapEndpoint(asyncio.DatagramProtocol):
                 self._duplicate(found, mtype, addr)
                 return
             ex = dedup.add(addr, mid, mtype, msg.token, now)
+            if type(addr) is DtlsSession:
+                ex.identity = addr.device
             try:
                 self.resources.handle(ex, msg, code, now)
             except Exception:  # a bug must cost this request only
@@ -246,6 +266,23 @@ class CoapEndpoint(asyncio.DatagramProtocol):
                 self.retransmitter.acknowledge(addr, msg.mid)
             return
         self.metrics.format_errors += 1  # a reserved code class, decoded but unusable
+
+    def _sessions_closed(self, sessions: list[DtlsSession]) -> None:
+        """DTLS sessions ended: their observations end with them (RFC 7252 9.1)."""
+        self.observers.end_peers(set(sessions))
+
+    def revoke(self, changes: dict[str, str]) -> None:
+        """Devices removed, disabled, added or given a new PSK: the DTLS sessions of those
+        removed, disabled or rekeyed end (and their observations with them); observations over
+        plain CoAP end as resources.py says (for them a new PSK is what "added" is: the id
+        stays registered)."""
+        self.resources.revoke(
+            {d: ADDED if op == REKEYED else op for d, op in changes.items()}
+        )
+        if self.dtls is not None:
+            for device, op in changes.items():
+                if op != ADDED:
+                    self.dtls.close_device(device)
 
     def _reset(self, mid: int, addr: Addr) -> None:
         self.metrics.rst_sent += 1
@@ -349,6 +386,8 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         self.blocks.expire(now)
         observers.sweep(now)
         self.resources.sweep(now)
+        if self.dtls is not None:
+            self.dtls.sweep(now)
         m = self.metrics
         m.retransmissions = self.retransmitter.retransmissions
         m.transmit_failures = self.retransmitter.failures

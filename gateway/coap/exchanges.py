@@ -61,6 +61,7 @@ class Exchange:
         "block1",
         "block2",
         "done",
+        "identity",
         "key",
         "method",
         "mid",
@@ -79,6 +80,7 @@ class Exchange:
         self.key = (addr, mid)
         self.arrived = now
         self.anonymous = False  # served without a token (--allow-anonymous)
+        self.identity: str | None = None  # the device its DTLS session authenticated
         self.response: bytes | None = None
         self.done = False
         self.separate = False

@@ -180,6 +180,14 @@ class ObserveRegistry:
                     ended += 1
         return ended
 
+    def end_peers(self, peers: set[Addr]) -> int:
+        """Forget every observation of these peers (their DTLS sessions ended): no final
+        notification, there is no session to send it in."""
+        gone = [obs for obs in self.by_key.values() if obs.addr in peers]
+        for obs in gone:
+            self.remove(obs)
+        return len(gone)
+
     def observers(self, kind: str, device: str) -> list[Observer]:
         members = self.by_resource.get((kind, device))
         return list(members.values()) if members else []

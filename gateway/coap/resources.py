@@ -2,8 +2,12 @@
 
     POST /telemetry/{id}, POST /events/{id}     a telemetry record; 2.04 once it is durable
     GET /shadow/{id}                            the shadow document (ETag = version); Observe
-    PUT /shadow/{id}                            replace; PATCH or POST: update (AWS document,
-                                                plus the iotgw "seq" and "context" fields)
+    PUT /shadow/{id}                            replace; PATCH, iPATCH or POST: update (AWS
+                                                document, plus the iotgw "seq" and "context"
+                                                fields); a retransmitted iPATCH (same token
+                                                and body) is answered, not applied again
+    FETCH /shadow/{id}                          RFC 8132: a JSON list of dotted paths in, those
+                                                fields of the document out
     DELETE /shadow/{id}                         2.02, or 4.04 when there is none
     GET /shadow/{id}/delta                      {"state": delta, "version", "timestamp"}; Observe
                                                 (empty, version 0, while there is no shadow)
@@ -37,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -83,7 +88,7 @@ LINKS = (
     ("/events", 'rt="iotgw.events";title="POST /events/{id}?t={token}"'),
     (
         "/shadow",
-        'rt="iotgw.shadow";ct=50;obs;title="GET PUT PATCH POST DELETE /shadow/{id}, '
+        'rt="iotgw.shadow";ct=50;obs;title="GET FETCH PUT PATCH iPATCH POST DELETE /shadow/{id}, '
         'GET /shadow/{id}/delta"',
     ),
     (
@@ -93,6 +98,10 @@ LINKS = (
     ),
 )
 
+_METHOD_NAMES = {coap.GET: "GET", coap.POST: "POST", coap.PUT: "PUT", coap.DELETE: "DELETE",
+                 coap.FETCH: "FETCH", coap.PATCH: "PATCH", coap.IPATCH: "iPATCH"}
+_SHADOW_METHODS = (coap.FETCH, coap.PUT, coap.PATCH, coap.IPATCH, coap.POST, coap.DELETE)
+MAX_IPATCHES = 10_000  # iPATCHes remembered for retransmissions (EXCHANGE_LIFETIME each)
 REPLY_TO_SECONDS = 300.0  # how long an MQTT 5 response topic of a command is remembered
 MAX_REPLY_TO = 10_000
 
@@ -152,6 +161,9 @@ class Resources:
         self._versions: dict[str, int] = {}  # newest shadow version heard of, while observed
         self._notifying: set[str] = set()  # devices with a notification task running
         self._dirty: set[str] = set()  # ... that must look at the store once more
+        # iPATCHes applied: (device, token, body digest) -> (expires, ETag of the result)
+        self._ipatched: dict[tuple[str, bytes, bytes], tuple[float, bytes]] = {}
+        self._ipatch_deadlines: deque[tuple[float, tuple[str, bytes, bytes]]] = deque()
         self.observers.on_removed = self._observer_removed
         self.observers.probe = self._probe
 
@@ -214,7 +226,18 @@ class Resources:
         self, ex: Exchange, msg: coap.Message, code: int, device: str, verdict: str | None
     ) -> bool:
         """True when the request may act as `device`; else it was answered (4.01, 4.29, 5.03),
-        or it waits for the guard and is handled again with its verdict."""
+        or it waits for the guard and is handled again with its verdict. Over DTLS the session
+        is the credential: it acts as its own device only (4.03 otherwise)."""
+        identity = ex.identity
+        if identity is not None:
+            if identity == device:
+                return True
+            peer = ex.addr.addr
+            self.endpoint.events.denied("coaps", identity, f"{peer[0]}:{peer[1]}",
+                                        _METHOD_NAMES.get(code, coap.code_str(code)),
+                                        "/".join(msg.uri_path))
+            self._error(ex, coap.FORBIDDEN, "a DTLS session acts as its own device only")
+            return False
         if verdict is None:
             result = self._check(ex, msg, device)
             if not isinstance(result, str):
@@ -365,9 +388,9 @@ class Resources:
         now: float,
         verdict: str | None,
     ) -> None:
-        if code != _GET and (delta or code not in (coap.PUT, coap.PATCH, coap.POST, coap.DELETE)):
+        if code != _GET and (delta or code not in _SHADOW_METHODS):
             self._error(ex, coap.METHOD_NOT_ALLOWED,
-                        "GET only" if delta else "GET, PUT, PATCH, POST or DELETE")
+                        "GET only" if delta else "GET, FETCH, PUT, PATCH, iPATCH, POST or DELETE")
             return
         if self.shadows is None:
             self._error(ex, coap.SERVICE_UNAVAILABLE, "no shadow service")
@@ -385,16 +408,63 @@ class Resources:
         body = b""
         if code != coap.DELETE:
             cf = msg.content_format
-            if cf is not None and cf != coap.JSON:
+            if cf is not None and cf not in (coap.JSON, coap.MERGE_PATCH):
                 self._error(ex, coap.UNSUPPORTED_CONTENT_FORMAT, "application/json (50) only")
                 return
             found = self._body(ex, msg, now)
             if found is None:
                 return
             body = bytes(found)
+        if code == coap.FETCH:
+            self._spawn(self._shadow_fetch(ex, device, body))
+            return
+        idempotent = None
+        if code == coap.IPATCH:
+            # A retransmitted iPATCH (same token and body, even with a new message id) gets the
+            # first one's answer; it is not applied again (RFC 8132 3.2).
+            idempotent = (device, ex.token, hashlib.sha256(body).digest())
+            done = self._ipatched.get(idempotent)
+            if done is not None:
+                self.endpoint.metrics.ipatch_repeats += 1
+                self.respond(ex, coap.CHANGED, [(coap.ETAG, done[1])])
+                return
         self._spawn(
-            self._shadow_write(ex, code, device, body, msg.if_match, msg.if_none_match)
+            self._shadow_write(
+                ex, code, device, body, msg.if_match, msg.if_none_match, idempotent
+            )
         )
+
+    async def _shadow_fetch(self, ex: Exchange, device: str, body: bytes) -> None:
+        """FETCH (RFC 8132 2): the body is a JSON list of dotted paths ("state.reported.t",
+        "version"); the answer holds those fields of the document, in its shape (paths that
+        are not there are left out)."""
+        assert self.shadows is not None
+        try:
+            paths = json.loads(body) if body else None
+        except ValueError as exc:
+            self._error(ex, coap.BAD_REQUEST, f"the payload is not JSON: {exc}")
+            return
+        if not isinstance(paths, list) or not all(
+            isinstance(p, str) and p and len(p) <= 256 for p in paths
+        ) or len(paths) > 64:
+            self._error(ex, coap.BAD_REQUEST, 'FETCH takes a JSON list of up to 64 paths, '
+                        'such as ["state.reported.t", "version"]')
+            return
+        try:
+            shadow = await self.shadows.store.get(device)
+        except Exception:
+            log.exception("shadow get of %s failed", device)
+            self._error(ex, coap.INTERNAL_SERVER_ERROR, "internal error")
+            return
+        if shadow is None:
+            self._error(ex, coap.NOT_FOUND, "no shadow")
+            return
+        doc = shadow.document()
+        selected: dict[str, Any] = {}
+        for path in paths:
+            _select(doc, selected, path.split("."))
+        options = [(coap.ETAG, etag_of(shadow.version)), (coap.CONTENT_FORMAT, coap.JSON)]
+        self.respond(ex, coap.CONTENT, options, _json(selected))
 
     @staticmethod
     def _representation(kind: str, shadow: Shadow | None) -> bytes:
@@ -475,6 +545,7 @@ class Resources:
         body: bytes,
         if_match: list[bytes],
         if_none_match: bool,
+        idempotent: tuple[str, bytes, bytes] | None = None,
     ) -> None:
         shadows = self.shadows
         assert shadows is not None
@@ -512,7 +583,10 @@ class Resources:
                 result = await shadows.update(
                     device, update, expected_version=expected, context=context, seq=seq
                 )
-            self.respond(ex, coap.CHANGED, [(coap.ETAG, etag_of(result.version))])
+            etag = etag_of(result.version)
+            if idempotent is not None:
+                self._remember_ipatch(idempotent, etag)
+            self.respond(ex, coap.CHANGED, [(coap.ETAG, etag)])
         except VersionConflict as exc:
             status = coap.PRECONDITION_FAILED if if_match else coap.CONFLICT
             self._error(ex, status, str(exc), [(coap.ETAG, etag_of(exc.current_version))]
@@ -524,6 +598,14 @@ class Resources:
         except Exception:
             log.exception("shadow write of %s failed", device)
             self._error(ex, coap.INTERNAL_SERVER_ERROR, "internal error")
+
+    def _remember_ipatch(self, key: tuple[str, bytes, bytes], etag: bytes) -> None:
+        ipatched = self._ipatched
+        if len(ipatched) >= MAX_IPATCHES:
+            ipatched.pop(next(iter(ipatched)))
+        expires = _monotonic() + self.endpoint.timing.exchange_lifetime
+        ipatched[key] = (expires, etag)
+        self._ipatch_deadlines.append((expires, key))
 
     # -- notifications
 
@@ -748,6 +830,12 @@ class Resources:
     # ---- sweep and stop ----------------------------------------------------------------------
 
     def sweep(self, now: float) -> None:
+        ipatches = self._ipatch_deadlines
+        while ipatches and ipatches[0][0] <= now:
+            expires, done = ipatches.popleft()
+            found = self._ipatched.get(done)
+            if found is not None and found[0] == expires:
+                del self._ipatched[done]
         deadlines = self._reply_deadlines
         while deadlines and deadlines[0][0] <= now:
             _, key, topic = deadlines.popleft()
@@ -788,6 +876,20 @@ def _link_matches(href: str, attrs: str, query: str) -> bool:
             if key == name:
                 candidates.extend(v.strip('"').split())
     return any(c.startswith(value) if prefix else c == value for c in candidates)
+
+
+def _select(doc: Any, out: dict[str, Any], path: list[str]) -> None:
+    """Copy doc's field at `path` (keys) into `out`, creating the objects on the way."""
+    value = doc
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return
+        value = value[key]
+    for key in path[:-1]:
+        out = out.setdefault(key, {})
+        if not isinstance(out, dict):
+            return
+    out[path[-1]] = value
 
 
 def _json(doc: Any) -> bytes:
