@@ -122,6 +122,7 @@ class MqttWebSocket(WSListener):
             transport.disconnect()  # the server closes TCP first (RFC 6455 7.1.1)
             return
         elif kind is _TEXT:
+            self._deliver_pending()  # the frames before it were good
             self.close(WSCloseCode.UNSUPPORTED_DATA, b"MQTT takes binary frames only")
         # PONG: nothing to do; PING is answered by picows
         if frame.last_in_buffer:
@@ -130,11 +131,13 @@ class MqttWebSocket(WSListener):
     def _fragment(self, frame: WSFrame, continuation: bool) -> None:
         """A frame of a message in several frames (RFC 6455 5.4)."""
         if continuation != self.fragmented:
+            self._deliver_pending()  # the frames before it were good
             self.close(WSCloseCode.PROTOCOL_ERROR, b"continuation frame out of place")
             return
         size = frame.payload_size
         self.message_bytes = size + (self.message_bytes if continuation else 0)
         if self.message_bytes > self.max_message:
+            self._deliver_pending()
             self.close(WSCloseCode.MESSAGE_TOO_BIG, b"message larger than the maximum packet")
             return
         self.fragmented = not frame.fin
@@ -180,7 +183,7 @@ class MqttWebSocket(WSListener):
             return
         self.closing = True
         self.plain = False
-        self.pending.clear()
+        self.pending.clear()  # what came after the reason to close
         ws.send_close(code, reason)
         socket.resume_reading()  # the client's close frame must be read
         asyncio.get_running_loop().call_later(
