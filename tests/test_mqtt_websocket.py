@@ -363,11 +363,12 @@ def test_message_larger_than_the_maximum_packet_is_closed_with_1009(
     for fragmented in (False, True):
         client = WsClient(gw.gateway.ws_port)
         assert client.connect("big").reason_code == 0
-        publish = mqtt.encode_publish("big", b"x" * 1500, version=5)
-        if fragmented:  # each frame small, the message too big
-            client.send(client.frame(publish[:700], finished=False) + client.frame(publish[700:]))
+        if fragmented:  # each frame and each MQTT packet small, the message too big
+            small = mqtt.encode_publish("big", b"x" * 480, version=5)
+            client.send(client.frame(small, finished=False) + client.frame(small, finished=False)
+                        + client.frame(small))
         else:
-            client.send(client.frame(publish))
+            client.send(client.frame(mqtt.encode_publish("big", b"x" * 1500, version=5)))
         event = client.next_event()
         assert isinstance(event, CloseConnection) and event.code == 1009
 
