@@ -28,3 +28,42 @@ def test_no_module_of_the_mqtt_room_imports_the_cluster() -> None:
     assert {name: found for name, found in offenders.items() if found} == {}
     assert len(offenders) >= 8  # the room's modules were found
 
+
+
+def test_the_channel_does_no_io_and_knows_no_telemetry_or_shadows() -> None:
+    """The protocol state machine: no sockets, no asyncio, and what a PUBLISH means to
+    telemetry or shadows is theirs (interceptors registered by app.py)."""
+    found = _imports(MQTT / "channel.py")
+    forbidden = ("asyncio", "socket", "ssl", "gateway.telemetry", "gateway.shadows", "uvloop")
+    assert sorted(n for n in found if n.split(".")[0] in forbidden or n.startswith(forbidden)) == []
+    for path in sorted(MQTT.glob("*.py")):
+        assert not any(
+            n.startswith(("gateway.telemetry", "gateway.shadows")) for n in _imports(path)
+        ), path.name
+
+
+def _assigned_on_self(path: Path) -> set[str]:
+    return {
+        node.attr
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+        and isinstance(node.ctx, ast.Store)
+    }
+
+
+def test_transports_hold_no_protocol_state() -> None:
+    """The TCP/TLS transport keeps its transport, framer and closing state only: what it sets
+    on itself is that short list (anything of the protocol belongs to the channel). The
+    WebSocket layer keeps WebSocket state only (frames of a read, a fragmented message, its
+    close) and the inner MQTT connection it hands the bytes to."""
+    assert _assigned_on_self(MQTT / "connection.py") == {
+        "broker", "framer", "transport", "channel", "_draining", "_discard", "_writing_paused",
+    }
+    assert _assigned_on_self(MQTT / "websocket.py") == {
+        "broker", "arena", "handshake_timeout",  # WebSocketListener
+        "max_message", "inner", "ws", "socket", "pending", "message_bytes", "fragmented",
+        "closing", "plain",  # MqttWebSocket
+        "protocol", "write",  # WebSocketTransport
+    }
