@@ -298,7 +298,13 @@ class RunningGateway:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.gateway = Gateway(self.config)
-        asyncio.run_coroutine_threadsafe(self.gateway.start(), self.loop).result(10)
+        try:
+            asyncio.run_coroutine_threadsafe(self.gateway.start(), self.loop).result(10)
+        except BaseException:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+            raise
         assert self.gateway.mqtt_port is not None
         self.mqtt_port: int = self.gateway.mqtt_port
         self.mqtts_port = self.gateway.mqtts_port
@@ -341,7 +347,20 @@ def gateway_factory(tmp_path: Path) -> Iterator[object]:
         settings.setdefault("mqtt_port", 0)
         settings.setdefault("http_port", 0)
         settings.setdefault("coap_port", 0)
-        gw = RunningGateway(**settings)
+        from gateway.startup import StartupError
+
+        for attempt in range(3):
+            try:
+                gw = RunningGateway(**settings)
+                break
+            except StartupError as exc:
+                # --ws-port and --wss-port have no "any free port" (0 is off): a port that was
+                # free a moment ago may have been taken since by another process; pick again.
+                if attempt == 2 or "WebSocket" not in str(exc) or "in use" not in str(exc):
+                    raise
+                for name in ("ws_port", "wss_port"):
+                    if settings.get(name):
+                        settings[name] = free_port()
         started.append(gw)
         return gw
 

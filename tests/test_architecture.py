@@ -42,18 +42,28 @@ def test_the_channel_does_no_io_and_knows_no_telemetry_or_shadows() -> None:
         ), path.name
 
 
-def test_transports_hold_no_protocol_state() -> None:
-    """The TCP/TLS transport keeps its transport, framer and closing state only: what it sets
-    on itself is that short list (anything of the protocol belongs to the channel)."""
-    tree = ast.parse((MQTT / "connection.py").read_text())
-    assigned = {
+def _assigned_on_self(path: Path) -> set[str]:
+    return {
         node.attr
-        for node in ast.walk(tree)
+        for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.Attribute)
         and isinstance(node.value, ast.Name)
         and node.value.id == "self"
         and isinstance(node.ctx, ast.Store)
     }
-    assert assigned == {
+
+
+def test_transports_hold_no_protocol_state() -> None:
+    """The TCP/TLS transport keeps its transport, framer and closing state only: what it sets
+    on itself is that short list (anything of the protocol belongs to the channel). The
+    WebSocket layer keeps WebSocket state only (frames of a read, a fragmented message, its
+    close) and the inner MQTT connection it hands the bytes to."""
+    assert _assigned_on_self(MQTT / "connection.py") == {
         "broker", "framer", "transport", "channel", "_draining", "_discard", "_writing_paused",
+    }
+    assert _assigned_on_self(MQTT / "websocket.py") == {
+        "broker", "arena", "handshake_timeout",  # WebSocketListener
+        "max_message", "inner", "ws", "socket", "pending", "message_bytes", "fragmented",
+        "closing", "plain",  # MqttWebSocket
+        "protocol", "write",  # WebSocketTransport
     }

@@ -316,11 +316,34 @@ def test_ping_is_answered_and_the_connection_goes_on(ws_gateway: Any) -> None:
 def test_text_frame_is_closed_with_1003(ws_gateway: Any) -> None:
     client = WsClient(ws_gateway.gateway.ws_port)
     assert client.connect("texter").reason_code == 0
-    client.send(client.ws.send(TextMessage(data="hello")))
+    # A good frame and a text frame in one write: the first is still answered.
+    client.send(client.frame(mqtt.PINGREQ_FRAME) + client.ws.send(TextMessage(data="hello")))
+    assert client.recv().type == mqtt.PINGRESP
     event = client.next_event()
     assert isinstance(event, CloseConnection) and event.code == 1003
     client.send(client.ws.send(event.response()))  # our half of the close handshake
     assert client.next_event() is None and client.closed_by_server
+
+
+def _masked_frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A frame wsproto will not make (it keeps to the rules): masked, payload under 126."""
+    key = os.urandom(4)
+    masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return bytes([(0x80 if fin else 0) | opcode, 0x80 | len(payload)]) + key + masked
+
+
+def test_continuation_frame_out_of_place_is_closed_with_1002(ws_gateway: Any) -> None:
+    client = WsClient(ws_gateway.gateway.ws_port)
+    assert client.connect("stray").reason_code == 0
+    client.send(_masked_frame(0x0, mqtt.PINGREQ_FRAME))  # a continuation with nothing begun
+    event = client.next_event()
+    assert isinstance(event, CloseConnection) and event.code == 1002
+    client = WsClient(ws_gateway.gateway.ws_port)
+    assert client.connect("restart").reason_code == 0
+    begun = _masked_frame(0x2, mqtt.PINGREQ_FRAME[:1], fin=False)
+    client.send(begun + _masked_frame(0x2, mqtt.PINGREQ_FRAME))  # a new message inside one
+    event = client.next_event()
+    assert isinstance(event, CloseConnection) and event.code == 1002
 
 
 def test_close_handshake_is_answered(ws_gateway: Any) -> None:
@@ -340,11 +363,12 @@ def test_message_larger_than_the_maximum_packet_is_closed_with_1009(
     for fragmented in (False, True):
         client = WsClient(gw.gateway.ws_port)
         assert client.connect("big").reason_code == 0
-        publish = mqtt.encode_publish("big", b"x" * 1500, version=5)
-        if fragmented:  # each frame small, the message too big
-            client.send(client.frame(publish[:700], finished=False) + client.frame(publish[700:]))
+        if fragmented:  # each frame and each MQTT packet small, the message too big
+            small = mqtt.encode_publish("big", b"x" * 480, version=5)
+            client.send(client.frame(small, finished=False) + client.frame(small, finished=False)
+                        + client.frame(small))
         else:
-            client.send(client.frame(publish))
+            client.send(client.frame(mqtt.encode_publish("big", b"x" * 1500, version=5)))
         event = client.next_event()
         assert isinstance(event, CloseConnection) and event.code == 1009
 

@@ -95,6 +95,7 @@ class MqttWebSocket(WSListener):
         self.message_bytes = 0  # of the binary message being received, so far
         self.fragmented = False  # a binary message continues in the next frame
         self.closing = False  # our close frame is sent: what comes until the client's is dropped
+        self.plain = True  # neither of the two: whole binary messages take the short path
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.ws = transport
@@ -103,14 +104,14 @@ class MqttWebSocket(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
-        if kind is _BINARY and frame.fin and not self.fragmented and not self.closing:
-            # The common case: a whole message (picows bounds a frame's size). Alone in its
-            # read, it goes straight to MQTT.
-            if frame.last_in_buffer and not self.pending:
-                self._deliver(frame.get_payload_as_memoryview())
+        if kind is _BINARY and frame.fin and self.plain:
+            # The common case: a whole message (picows bounds a frame's size).
+            data = frame.get_payload_as_memoryview()
+            if self.pending or not frame.last_in_buffer:
+                self.pending += data  # handed on with the read's last frame
+            else:  # alone in its read: straight into the MQTT framer
+                self._deliver(data)
                 return
-            else:
-                self.pending += frame.get_payload_as_memoryview()
         elif kind is _BINARY or kind is _CONTINUATION:
             if not self.closing:
                 self._fragment(frame, kind is _CONTINUATION)
@@ -121,6 +122,7 @@ class MqttWebSocket(WSListener):
             transport.disconnect()  # the server closes TCP first (RFC 6455 7.1.1)
             return
         elif kind is _TEXT:
+            self._deliver_pending()  # the frames before it were good
             self.close(WSCloseCode.UNSUPPORTED_DATA, b"MQTT takes binary frames only")
         # PONG: nothing to do; PING is answered by picows
         if frame.last_in_buffer:
@@ -129,14 +131,17 @@ class MqttWebSocket(WSListener):
     def _fragment(self, frame: WSFrame, continuation: bool) -> None:
         """A frame of a message in several frames (RFC 6455 5.4)."""
         if continuation != self.fragmented:
+            self._deliver_pending()  # the frames before it were good
             self.close(WSCloseCode.PROTOCOL_ERROR, b"continuation frame out of place")
             return
         size = frame.payload_size
         self.message_bytes = size + (self.message_bytes if continuation else 0)
         if self.message_bytes > self.max_message:
+            self._deliver_pending()
             self.close(WSCloseCode.MESSAGE_TOO_BIG, b"message larger than the maximum packet")
             return
         self.fragmented = not frame.fin
+        self.plain = not self.fragmented
         if size:
             self.pending += frame.get_payload_as_memoryview()
 
@@ -149,9 +154,14 @@ class MqttWebSocket(WSListener):
         """Copy MQTT bytes into the inner connection's buffer: as much as it takes per call."""
         inner = self.inner
         while data:
-            buffer = inner.get_buffer(len(data))
-            n = min(len(buffer), len(data))
-            buffer[:n] = data[:n]
+            n = len(data)
+            buffer = inner.get_buffer(n)
+            if len(buffer) >= n:  # nearly always: all of it at once
+                buffer[:n] = data
+                inner.buffer_updated(n)
+                return
+            n = len(buffer)
+            buffer[:] = data[:n]
             inner.buffer_updated(n)
             data = data[n:]
 
@@ -172,7 +182,8 @@ class MqttWebSocket(WSListener):
         if self.closing or ws is None or socket is None:
             return
         self.closing = True
-        self.pending.clear()
+        self.plain = False
+        self.pending.clear()  # what came after the reason to close
         ws.send_close(code, reason)
         socket.resume_reading()  # the client's close frame must be read
         asyncio.get_running_loop().call_later(
