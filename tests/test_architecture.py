@@ -63,7 +63,6 @@ def test_transports_hold_no_protocol_state() -> None:
     }
     assert _assigned_on_self(MQTT / "websocket.py") == {
         "broker", "arena", "handshake_timeout",  # WebSocketListener
-        "max_message", "inner", "ws", "socket", "pending", "message_bytes", "fragmented",
-        "closing", "plain",  # MqttWebSocket
-        "protocol", "write",  # WebSocketTransport
+        "framer", "channel", "ws", "socket", "pending", "message_bytes", "fragmented",
+        "closing", "plain", "writing_paused",  # MqttWebSocket
     }

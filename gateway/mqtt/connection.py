@@ -13,7 +13,7 @@ from typing import Any, cast
 
 from gateway._native import mqtt
 from gateway.mqtt.broker import Broker
-from gateway.mqtt.channel import MqttChannel
+from gateway.mqtt.channel import ChannelIO, MqttChannel
 
 DRAIN_SECONDS = 2.0  # how long a connection the server ends is read (and dropped) at most
 _DISCARD_BYTES = 16384
@@ -35,15 +35,7 @@ class MqttConnection(asyncio.BufferedProtocol):
         # uvloop's transports are not asyncio.Transport subclasses, but behave as one.
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=self.broker.limits.max_write_buffer)
-        peer = transport.get_extra_info("peername")
-        self.channel = MqttChannel(
-            self.broker,
-            self,
-            peer=f"{peer[0]}:{peer[1]}" if peer else "?",
-            peer_host=str(peer[0]) if peer else "?",
-            cert_identity=certificate_identity(transport.get_extra_info("peercert")),
-        )
-        self.broker.metrics.connections.inc()
+        self.channel = open_channel(self.broker, self, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._draining:  # what the client still sends is read and dropped
@@ -54,16 +46,8 @@ class MqttConnection(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         if self._draining:
             return
-        channel = self.channel
-        assert channel is not None
-        self.broker.metrics.bytes_in += nbytes
-        try:
-            packets = self.framer.buffer_updated(nbytes)
-        except mqtt.MqttError as exc:
-            channel.malformed(exc)
-        else:
-            channel.received(packets)
-        self.broker.flush()
+        assert self.channel is not None
+        framed(self.broker, self.framer, self.channel, nbytes)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too
@@ -123,6 +107,32 @@ class MqttConnection(asyncio.BufferedProtocol):
         asyncio.get_running_loop().call_later(
             DRAIN_SECONDS, lambda: None if transport.is_closing() else transport.abort()
         )
+
+
+def framed(broker: Broker, framer: Any, channel: MqttChannel, nbytes: int) -> None:
+    """`nbytes` more were read into the framer's buffer: its whole packets go to the channel,
+    then every channel's output of this read is written (one write each)."""
+    broker.metrics.bytes_in += nbytes
+    try:
+        packets = framer.buffer_updated(nbytes)
+    except mqtt.MqttError as exc:
+        channel.malformed(exc)
+    else:
+        channel.received(packets)
+    broker.flush()
+
+
+def open_channel(broker: Broker, io: ChannelIO, transport: asyncio.BaseTransport) -> MqttChannel:
+    """The channel of a connection whose transport is `transport` (its peer, its certificate)."""
+    peer = transport.get_extra_info("peername")
+    broker.metrics.connections.inc()
+    return MqttChannel(
+        broker,
+        io,
+        peer=f"{peer[0]}:{peer[1]}" if peer else "?",
+        peer_host=str(peer[0]) if peer else "?",
+        cert_identity=certificate_identity(transport.get_extra_info("peercert")),
+    )
 
 
 def certificate_identity(cert: Any) -> str | None:

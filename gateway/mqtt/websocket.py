@@ -1,14 +1,13 @@
-"""MQTT over WebSocket (RFC 6455; MQTT 5.0 6.0, 3.1.1 6.0): a transport in front of an unchanged
-`MqttConnection`, which holds all MQTT state.
+"""MQTT over WebSocket (RFC 6455; MQTT 5.0 6.0, 3.1.1 6.0): a transport in front of an
+`MqttChannel`, as the TCP/TLS one is (gateway/mqtt/connection.py).
 
 The WebSocket protocol is picows's (a Cython implementation; README says why not wsproto): it
 answers the HTTP upgrade, times out upgrades that do not finish, unmasks frames, answers pings
 and bounds the frame size. `WebSocketListener` routes an upgrade request: path `/mqtt` only,
 subprotocol `mqtt` or the legacy `mqttv3.1`. `MqttWebSocket` is one upgraded connection: the
-binary data of every frame of one read is handed to the inner `MqttConnection` in one
-`buffer_updated`, as a TCP read is (MQTT packets and frames split anywhere: the MQTT framer
-reassembles), so replies still leave in one write per read. The inner connection sees a
-`WebSocketTransport`, on which each write is one binary message.
+binary data of every frame of one read goes through the MQTT framer to the channel in one pass,
+as a TCP read does (MQTT packets and frames split anywhere: the framer reassembles), so replies
+still leave in one write per read, each write one binary message.
 """
 
 from __future__ import annotations
@@ -16,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Callable
-from functools import partial
-from typing import Any, cast
+from typing import Any
 
 from picows import (
     WSCloseCode,
@@ -32,8 +29,10 @@ from picows import (
     ws_create_server,
 )
 
+from gateway._native import mqtt
 from gateway.mqtt.broker import Broker
-from gateway.mqtt.connection import MqttConnection
+from gateway.mqtt.channel import MqttChannel
+from gateway.mqtt.connection import framed, open_channel
 
 PATH = b"/mqtt"
 # Preferred first: `mqtt` is the name MQTT 3.1.1 and 5.0 register; `mqttv3.1` is older clients'.
@@ -84,11 +83,14 @@ class WebSocketListener:
 
 
 class MqttWebSocket(WSListener):
-    """One upgraded connection: frames in, MQTT bytes to the inner connection."""
+    """One upgraded connection, a transport in front of an `MqttChannel` (`ChannelIO`): the
+    binary data of a read goes through the MQTT framer to the channel; each write of the
+    channel is one binary message."""
 
     def __init__(self, broker: Broker, arena: Any) -> None:
-        self.max_message = broker.limits.max_packet_size
-        self.inner = MqttConnection(broker, arena)
+        self.broker = broker
+        self.framer = mqtt.Framer(arena, max_packet_size=broker.limits.max_packet_size)
+        self.channel: MqttChannel | None = None
         self.ws: WSTransport | None = None
         self.socket: asyncio.Transport | None = None
         self.pending = bytearray()  # binary data of this read, not yet handed on
@@ -96,11 +98,13 @@ class MqttWebSocket(WSListener):
         self.fragmented = False  # a binary message continues in the next frame
         self.closing = False  # our close frame is sent: what comes until the client's is dropped
         self.plain = True  # neither of the two: whole binary messages take the short path
+        self.writing_paused = False
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.ws = transport
-        self.socket = transport.underlying_transport
-        self.inner.connection_made(cast(asyncio.Transport, WebSocketTransport(self, transport)))
+        self.socket = socket = transport.underlying_transport
+        socket.set_write_buffer_limits(high=self.broker.limits.max_write_buffer)
+        self.channel = open_channel(self.broker, self, socket)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -123,7 +127,7 @@ class MqttWebSocket(WSListener):
             return
         elif kind is _TEXT:
             self._deliver_pending()  # the frames before it were good
-            self.close(WSCloseCode.UNSUPPORTED_DATA, b"MQTT takes binary frames only")
+            self._close_ws(WSCloseCode.UNSUPPORTED_DATA, b"MQTT takes binary frames only")
         # PONG: nothing to do; PING is answered by picows
         if frame.last_in_buffer:
             self._deliver_pending()
@@ -132,13 +136,13 @@ class MqttWebSocket(WSListener):
         """A frame of a message in several frames (RFC 6455 5.4)."""
         if continuation != self.fragmented:
             self._deliver_pending()  # the frames before it were good
-            self.close(WSCloseCode.PROTOCOL_ERROR, b"continuation frame out of place")
+            self._close_ws(WSCloseCode.PROTOCOL_ERROR, b"continuation frame out of place")
             return
         size = frame.payload_size
         self.message_bytes = size + (self.message_bytes if continuation else 0)
-        if self.message_bytes > self.max_message:
+        if self.message_bytes > self.broker.limits.max_packet_size:
             self._deliver_pending()
-            self.close(WSCloseCode.MESSAGE_TOO_BIG, b"message larger than the maximum packet")
+            self._close_ws(WSCloseCode.MESSAGE_TOO_BIG, b"message larger than the maximum packet")
             return
         self.fragmented = not frame.fin
         self.plain = not self.fragmented
@@ -151,31 +155,63 @@ class MqttWebSocket(WSListener):
             self._deliver(memoryview(data))
 
     def _deliver(self, data: memoryview) -> None:
-        """Copy MQTT bytes into the inner connection's buffer: as much as it takes per call."""
-        inner = self.inner
-        while data:
+        """Copy MQTT bytes into the framer's buffer: as much as it takes per call."""
+        channel, framer = self.channel, self.framer
+        assert channel is not None
+        while data and not self.closing:
             n = len(data)
-            buffer = inner.get_buffer(n)
+            buffer = framer.get_buffer(n)
             if len(buffer) >= n:  # nearly always: all of it at once
                 buffer[:n] = data
-                inner.buffer_updated(n)
+                framed(self.broker, framer, channel, n)
                 return
             n = len(buffer)
             buffer[:] = data[:n]
-            inner.buffer_updated(n)
+            framed(self.broker, framer, channel, n)
             data = data[n:]
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.inner.connection_lost(None)
+        if self.channel is not None:
+            self.broker.metrics.connections.dec()
+            self.channel.connection_lost("closed by the client")
         self.ws = self.socket = None
 
     def pause_writing(self) -> None:
-        self.inner.pause_writing()
+        self.writing_paused = True
+        if self.channel is not None:
+            self.channel.writing_paused()
 
     def resume_writing(self) -> None:
-        self.inner.resume_writing()
+        self.writing_paused = False
+        if self.channel is not None:
+            self.channel.writing_resumed()
 
-    def close(self, code: WSCloseCode = WSCloseCode.OK, reason: bytes | None = None) -> None:
+    # ---- the channel's side (ChannelIO) ----------------------------------------------------
+
+    def write(self, data: bytearray) -> None:
+        if self.ws is not None and not self.closing:
+            self.ws.send(_BINARY, data)
+
+    def pause_reading(self) -> None:
+        if self.socket is not None and not self.closing:
+            self.socket.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.socket is not None and not self.socket.is_closing():
+            self.socket.resume_reading()
+
+    def close(self, graceful: bool) -> None:
+        socket = self.socket
+        if socket is None or socket.is_closing():
+            return
+        if self.writing_paused:  # it is not reading: a close frame would wait on it for ever
+            socket.abort()
+            return
+        self._close_ws()
+        if not graceful:
+            socket.close()
+
+    def _close_ws(self, code: WSCloseCode = WSCloseCode.OK, reason: bytes | None = None) -> None:
         """Send a close frame after what is pending, then drop what the client still sends
         until its close frame comes (TCP is closed then), or CLOSE_SECONDS pass."""
         ws, socket = self.ws, self.socket
@@ -189,49 +225,3 @@ class MqttWebSocket(WSListener):
         asyncio.get_running_loop().call_later(
             CLOSE_SECONDS, lambda: None if socket.is_closing() else socket.abort()
         )
-
-
-class WebSocketTransport:
-    """What `MqttConnection` uses of its transport, over WebSocket: each write is one binary
-    message; write_eof sends a close frame (input is then dropped until the client's close
-    frame); reading is paused and resumed on the socket itself."""
-
-    def __init__(self, protocol: MqttWebSocket, ws: WSTransport) -> None:
-        self.protocol = protocol
-        # One binary message per write (picows drops what comes after our close frame).
-        self.write: Callable[[bytes | bytearray | memoryview], None] = partial(ws.send, _BINARY)
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.protocol.close()
-
-    def close(self) -> None:
-        self.protocol.close()
-        if self.protocol.socket is not None:
-            self.protocol.socket.close()
-
-    def abort(self) -> None:
-        if self.protocol.socket is not None:
-            self.protocol.socket.abort()
-
-    def is_closing(self) -> bool:
-        socket = self.protocol.socket
-        return socket is None or socket.is_closing()
-
-    def pause_reading(self) -> None:
-        if self.protocol.socket is not None:
-            self.protocol.socket.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.protocol.socket is not None:
-            self.protocol.socket.resume_reading()
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        if self.protocol.socket is not None:
-            self.protocol.socket.set_write_buffer_limits(high, low)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        socket = self.protocol.socket
-        return default if socket is None else socket.get_extra_info(name, default)
