@@ -465,7 +465,7 @@ class MqttDevice(Device):
             return False
         self.seq += 1
         body = json.dumps(
-            {"state": {"reported": reported}, "seq": self.seq, "ts": _now_us()},
+            {"state": {"reported": reported}, "seq": self.seq},
             separators=(",", ":"),
         )
         return self.publish(f"$shadow/{self.id}/update", body, name="shadow update")
@@ -635,9 +635,11 @@ class CoapDevice(Device):
         content_format: int | None = None,
         name: str | None = None,
         observe: Callable[[Any], None] | None = None,
+        done: Callable[[Any], None] | None = None,
     ) -> bool:
         """Send a request; the response time is recorded as (METHOD, name), name defaulting to
-        the path with the device id replaced by {id}. The access token is added as ?t=."""
+        the path with the device id replaced by {id}. The access token is added as ?t=.
+        `done(response)` is called for a successful (2.xx) response."""
         code = METHODS[method.upper()] if isinstance(method, str) else method
         if isinstance(payload, str):
             payload = payload.encode()
@@ -657,6 +659,7 @@ class CoapDevice(Device):
             options=opts,
             name=name,
             observe=observe,
+            done=done,
         )
 
     def post_telemetry(
@@ -680,7 +683,7 @@ class CoapDevice(Device):
             return False
         self.seq += 1
         body = json.dumps(
-            {"state": {"reported": reported}, "seq": self.seq, "ts": _now_us()},
+            {"state": {"reported": reported}, "seq": self.seq},
             separators=(",", ":"),
         )
         return self.request(
