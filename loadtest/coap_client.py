@@ -174,9 +174,11 @@ class CoapClient(asyncio.DatagramProtocol):
         options: Iterable[tuple[int, Any]] = (),
         name: str | None = None,
         observe: Notification | None = None,
+        done: Notification | None = None,
     ) -> bool:
         """Send a request; the response records (METHOD, name). With `observe`, registers for
-        notifications (Observe: 0) that go to the callback as decoded messages."""
+        notifications (Observe: 0) that go to the callback as decoded messages; `done` gets a
+        successful (2.xx) response of a request without Observe."""
         label = METHOD_NAMES.get(method, str(method))
         name = name or path.partition("?")[0]
         t = self.transport
@@ -195,7 +197,7 @@ class CoapClient(asyncio.DatagramProtocol):
         except (ValueError, TypeError) as exc:
             self.rt.stats.failure(label, name, f"cannot encode request: {exc}")
             return False
-        p = Pending(mid, token, label, name, frame, confirmable, observe)
+        p = Pending(mid, token, label, name, frame, confirmable, observe or done)
         now = self.rt.loop.time()
         if confirmable:
             p.timeout = ACK_TIMEOUT * random.uniform(1.0, ACK_RANDOM_FACTOR)

@@ -1,6 +1,6 @@
 """The deployment the chaos suite starts on this machine, with a fault proxy on every link.
 
-    devices --MQTT--> toxiproxy "mqtt"  --> gateway workers (iotgw run --workers N)
+    devices --MQTT--> toxiproxy "device" --> gateway workers (iotgw run --workers N)
     devices --CoAP--> UdpRelay (in the load tester's process) --> gateway CoAP port
     gateway --------> toxiproxy "kafka" --> Kafka (one KRaft node)
     gateway --------> toxiproxy "redis" --> redis-server (AOF on: a restart keeps the shadows)
@@ -181,7 +181,7 @@ class Deployment:
         try:
             self.toxi_server.start()
             p = self.ports
-            self.toxi.create("mqtt", f"127.0.0.1:{p.mqtt_proxy}", f"127.0.0.1:{p.mqtt}")
+            self.toxi.create("device", f"127.0.0.1:{p.mqtt_proxy}", f"127.0.0.1:{p.mqtt}")
             self.toxi.create("redis", f"127.0.0.1:{p.redis_proxy}", f"127.0.0.1:{p.redis}")
             self.toxi.create("kafka", f"127.0.0.1:{p.kafka_proxy}",
                              f"127.0.0.1:{p.kafka_external}")

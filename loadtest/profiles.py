@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 
+from loadtest.chaosfleet import FLEET
 from loadtest.device import CoapDevice, Device, MqttDevice, task
 from loadtest.wait import ScenarioError, between, constant_throughput
 
@@ -101,6 +102,7 @@ class CoapActuator(CoapDevice):
 
 
 PROFILES: dict[str, list[type[Device]]] = {
+    "chaos": FLEET,
     "fleet": [Sensor, Actuator],
     "heartbeat": [Heartbeat],
     "telemetry": [Sensor],

@@ -14,6 +14,7 @@ The impairment can be changed at any time (`relay.impairment = ...`); counters s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from dataclasses import dataclass, fields
 from typing import Any
@@ -172,7 +173,5 @@ class UdpRelay:
 
 
 def _send_safely(send: Any, data: bytes) -> None:
-    try:
-        send(data)
-    except (OSError, AttributeError, RuntimeError):
-        pass  # the socket closed while the datagram was delayed
+    with contextlib.suppress(OSError, AttributeError, RuntimeError):
+        send(data)  # fails when the socket closed while the datagram was delayed

@@ -3,10 +3,25 @@ schedules) against the real things, and a short chaos run end to end."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+from conftest import free_port
 from test_loadtest_mqtt import count, iotgw_load, stats_csv, subscriber_factory  # noqa: F401
+
+from loadtest.chaos import judge, parse_chaos_fail_on, summarize
+from loadtest.chaosfleet import Ledger
+from loadtest.faults import BUILTIN, KINDS, ScheduleError, load_schedule, parse_schedule
+from loadtest.stats import Collector
+from loadtest.toxiproxy import Toxiproxy, ToxiproxyError, ToxiproxyServer, find_binary
+from loadtest.udprelay import NONE, Impairment, UdpRelay
 
 
 def test_loadtest_shadow_reports_are_accepted_by_iotgw(
@@ -34,3 +49,239 @@ def test_loadtest_shadow_reports_are_accepted_by_iotgw(
     assert patches["Failure Count"] == "0"
     assert count(stats_csv(tmp_path / "mqtt"), "PUBLISH", "shadow update") > 0
     assert [t for t in sub.topics if t.endswith("/accepted")]
+
+
+# ---- Toxiproxy -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def toxiproxy(tmp_path: Path) -> Iterator[Toxiproxy]:
+    binary = find_binary()
+    if binary is None:
+        pytest.fail("toxiproxy-server is missing: scripts/test.sh builds it into .cache/go-bin")
+    server = ToxiproxyServer(binary, free_port(), tmp_path / "toxiproxy.log")
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def echo_server() -> Iterator[int]:
+    """A TCP echo server on a free loopback port (a thread per connection)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield port
+    listener.close()
+
+
+def _round_trip(port: int) -> float:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        t0 = time.monotonic()
+        s.sendall(b"ping")
+        assert s.recv(16) == b"ping"
+        return time.monotonic() - t0
+
+
+def test_toxiproxy_client_adds_latency_and_cuts_the_link(
+    toxiproxy: Toxiproxy, echo_server: int
+) -> None:
+    listen = free_port()
+    proxy = toxiproxy.create("echo", f"127.0.0.1:{listen}", f"127.0.0.1:{echo_server}")
+    assert proxy.port == listen and proxy.enabled
+    assert _round_trip(listen) < 0.2
+    toxiproxy.add_toxic("echo", "slow", "latency", {"latency": 300, "jitter": 0})
+    assert [t["name"] for t in toxiproxy.toxics("echo")] == ["slow"]
+    assert _round_trip(listen) >= 0.3
+    toxiproxy.remove_toxic("echo", "slow")
+    assert _round_trip(listen) < 0.2
+    toxiproxy.set_enabled("echo", False)  # a partition: new connections are refused
+    with pytest.raises(OSError):
+        _round_trip(listen)
+    toxiproxy.reset()  # everything enabled again, no toxics
+    assert toxiproxy.proxies()["echo"].enabled
+    assert _round_trip(listen) < 0.2
+    with pytest.raises(ToxiproxyError, match="unknown toxic type"):
+        toxiproxy.add_toxic("echo", "x", "nonsense", {})
+    with pytest.raises(ToxiproxyError, match="404"):
+        toxiproxy.remove_toxic("no-such-proxy", "slow")
+
+
+# ---- the UDP impairment relay ----------------------------------------------------------------
+
+
+class _Echo(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport: Any = transport
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.transport.sendto(data, addr)
+
+
+class _Client(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.got: list[tuple[bytes, float]] = []
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.got.append((data, time.monotonic()))
+
+
+async def _relay_exchange(impairment: Impairment, n: int = 40) -> tuple[list[bytes], UdpRelay,
+                                                                        float]:
+    """Send n datagrams through a relay to a UDP echo server: (what came back in order, relay,
+    seconds from the first send to the first answer)."""
+    loop = asyncio.get_running_loop()
+    echo, _ = await loop.create_datagram_endpoint(_Echo, local_addr=("127.0.0.1", 0))
+    relay = UdpRelay(echo.get_extra_info("sockname"), impairment)
+    port = await relay.start()
+    client = _Client()
+    transport, _ = await loop.create_datagram_endpoint(lambda: client,
+                                                       remote_addr=("127.0.0.1", port))
+    t0 = time.monotonic()
+    for i in range(n):
+        transport.sendto(b"%03d" % i)
+    await asyncio.sleep(0.6)
+    transport.close()
+    relay.close()
+    echo.close()
+    first = client.got[0][1] - t0 if client.got else float("inf")
+    return [d for d, _ in client.got], relay, first
+
+
+def test_udp_relay_impairs_datagrams_as_told() -> None:
+    async def main() -> None:
+        got, relay, first = await _relay_exchange(NONE)
+        assert got == [b"%03d" % i for i in range(40)]
+        got, relay, _ = await _relay_exchange(Impairment(drop=1.0))
+        assert got == [] and relay.counters["dropped"] == 40
+        got, relay, _ = await _relay_exchange(Impairment(duplicate=1.0))
+        assert sorted(got) == sorted([b"%03d" % i for i in range(40)] * 4)  # both ways
+        got, relay, first = await _relay_exchange(Impairment(delay_ms=100))
+        assert len(got) == 40 and first >= 0.2  # 100 ms each way
+        got, relay, _ = await _relay_exchange(Impairment(reorder=0.5, reorder_ms=50))
+        assert sorted(got) == [b"%03d" % i for i in range(40)] and got != sorted(got)
+        assert relay.counters["reordered"] > 0
+        got, relay, _ = await _relay_exchange(Impairment(drop=0.5), n=200)
+        assert 20 < len(got) < 120  # 0.25 of 200 expected back (dropped either way)
+
+    asyncio.run(main())
+    with pytest.raises(ValueError, match="share from 0 to 1"):
+        Impairment(drop=1.5)
+    with pytest.raises(ValueError, match="unknown impairment"):
+        Impairment.from_dict({"loss": 0.1})
+
+
+# ---- schedules and the verdict -------------------------------------------------------------
+
+
+def test_schedules_parse_and_bad_ones_are_one_line_errors(tmp_path: Path) -> None:
+    for name in BUILTIN:
+        s = load_schedule(name)
+        assert s.faults and all(f.end <= s.duration for f in s.faults)
+    full = load_schedule("full")
+    kinds = {f.kind for f in full.faults}
+    assert kinds == set(KINDS)  # every kind of fault
+    partitions = [f for f in full.faults if f.kind == "partition" and f.link == "device"]
+    assert [f.at for f in partitions] == [80, 110, 140]  # every 30 s, 3 times
+    bad = {
+        'duration = "10s"\n[[fault]]\nkind = "explode"\nat = "1s"\n': "kind 'explode'",
+        'duration = "10s"\n[[fault]]\nkind = "latency"\nat = "1s"\n': "needs link",
+        'duration = "10s"\n[[fault]]\nkind = "latency"\nlink = "device"\nat = "8s"\nfor = "5s"'
+        "\n": "after the run",
+        'duration = "10s"\n[[fault]]\nkind = "impair"\nlink = "device"\nat = "1s"\n':
+            "coap link only",
+        'duration = "10s"\n[[fault]]\nkind = "latency"\nlink = "kafka"\nat = "1s"\nrate = 3\n':
+            "unknown setting 'rate'",
+        '[[fault]]\nkind = "flood"\nat = "1s"\n': "no duration",
+        "duration = ": "Invalid",
+    }
+    for text, message in bad.items():
+        with pytest.raises(ScheduleError, match=message):
+            parse_schedule(text, "x.toml")
+    path = tmp_path / "bad.toml"
+    path.write_text('duration = "10s"\n[[fault]]\nkind = "explode"\nat = "1s"\n')
+    out = iotgw_load(tmp_path, "chaos", "--schedule", str(path))
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "kind 'explode'" in out.stderr
+    out = iotgw_load(tmp_path, "chaos", "--fail-on", "p99:nothing>3ms")
+    assert out.returncode == 2 and "no traffic kind 'nothing'" in out.stderr
+
+
+class _Dev:
+    def __init__(self, device_id: str, acked: list[int]) -> None:
+        self.id = device_id
+        self.ledger = Ledger()
+        self.ledger.telemetry_acked = [(seq, 0.0) for seq in acked]
+
+
+def test_an_acknowledged_message_missing_from_kafka_is_lost_and_fails_the_run() -> None:
+    collector = Collector()
+    devices = [_Dev("a", [1, 2, 3]), _Dev("b", [1, 2])]
+    shadows = {"devices": 0, "converged": True, "diverged": []}
+    seen = {("a", 1): 1, ("a", 2): 2, ("a", 3): 1, ("b", 1): 1, ("b", 2): 1, ("b", 9): 1}
+    summary = summarize(collector, [], devices, seen, shadows, {})
+    assert summary["lost"] == 0 and summary["duplicates"] == 1
+    assert summary["kinds"]["telemetry"]["acknowledged"] == 5
+    assert judge(summary, parse_chaos_fail_on(None)) == []
+    assert judge(summary, parse_chaos_fail_on("duplicates>0")) == ["duplicates = 1 > 0"]
+    del seen[("b", 2)]
+    summary = summarize(collector, [], devices, seen, shadows, {})
+    assert summary["lost"] == 1
+    assert judge(summary, parse_chaos_fail_on(None)) == ["lost = 1 > 0"]
+    shadows = {"devices": 1, "converged": False, "diverged": [{"device": "c", "problem": "x"}]}
+    summary = summarize(collector, [], devices[:1], {("a", s): 1 for s in (1, 2, 3)}, shadows,
+                        {})
+    assert judge(summary, []) == ["shadows did not converge: 1 devices"]
+
+
+# ---- end to end ------------------------------------------------------------------------------
+
+
+@pytest.mark.chaos
+def test_chaos_smoke_run_loses_nothing_acknowledged_and_converges(tmp_path: Path) -> None:
+    """`iotgw-load chaos --schedule smoke`: two gateway workers, Redis, Kafka and Toxiproxy
+    started by the command; MQTT delayed and CoAP lossy, Kafka stopped, a worker SIGKILLed,
+    telemetry flooding while Kafka is slow. Every acknowledged telemetry message is in Kafka,
+    every shadow holds its last acknowledged report, urgent traffic keeps its priority."""
+    out = iotgw_load(tmp_path, "chaos", "--schedule", "smoke", "-c", "10", "--json",
+                     str(tmp_path / "chaos.json"), "--html", str(tmp_path / "chaos.html"),
+                     "--fail-on", "priority>3", "-q", timeout=240)
+    s = json.loads((tmp_path / "chaos.json").read_text())
+    assert out.returncode == 0, (out.stdout, out.stderr[-3000:])
+    assert s["passed"] and s["failed"] == []
+    assert s["lost"] == 0 and s["converged"]
+    assert s["kinds"]["telemetry"]["acknowledged"] > 300
+    assert s["kinds"]["flood"]["acknowledged"] > 300
+    assert s["shadow"]["devices"] >= 2
+    assert s["commands"]["answered"] > 0
+    for kind in ("heartbeat", "telemetry", "command", "shadow"):
+        assert s["p99_ms"][kind] is not None
+    windows = {w["name"]: w for w in s["windows"]}
+    assert all(w["error"] is None for w in s["windows"])
+    # each fault bit: the delay is seen, the relay impaired, acks waited for the spool,
+    # the devices of the killed worker reconnected
+    assert windows["latency device (latency_ms=200, jitter_ms=50)"]["kinds"]["heartbeat"][
+        "p50_ms"] >= 150
+    assert s["coap_relay"]["dropped"] > 0 and s["coap_relay"]["duplicated"] > 0
+    assert windows["kafka-stop"]["kinds"]["telemetry"]["max_ms"] >= 1000
+    assert windows["worker-kill"]["kinds"]["reconnect"]["count"] >= 1
+    assert s["reconnects"]["p99_ms"] is not None
+    for urgent in ("command", "shadow"):
+        assert s["priority"][urgent]["within_bound"], s["priority"]
+    report = (tmp_path / "chaos.html").read_text()
+    assert "<title>kafka-stop</title>" in report and "Chaos summary" in report
