@@ -339,6 +339,7 @@ class MqttDevice(Device):
         self._handlers: dict[str, Callable[[str, bytes], Any]] = {}
         self._commands_prefix: str | None = None
         self._command_rate: tuple[float, float] | None = None
+        self._reconnecting = False
         size = self.telemetry_size
         self._size = random.randint(*size) if isinstance(size, tuple) else size
 
@@ -406,8 +407,12 @@ class MqttDevice(Device):
         """A message on a subscribed topic without a handler of its own."""
 
     def on_connection_lost(self, client: MqttClient, reason: str | None) -> None:
-        if self.stopped or not self.reconnect:
+        # One reconnect at a time, for the current client only: a connect that fails calls
+        # this and also raises to the reconnect in progress, and two reconnects would run two
+        # clients with one client id, taking each other's session over without end.
+        if self.stopped or not self.reconnect or client is not self.client or self._reconnecting:
             return
+        self._reconnecting = True
         delay = self.rt.settings.reconnect_delay * random.uniform(1.0, 2.0)
         self.rt.scheduler.after(delay, _reconnect, self)
 
@@ -567,18 +572,23 @@ class MqttDevice(Device):
 
 def _reconnect(device: MqttDevice, due: float) -> None:
     if device.stopped:
+        device._reconnecting = False
         return
 
     async def again() -> None:
         try:
             await device._connect()
         except (ConnectError, OSError):
+            if device.client is not None:
+                device.client.abort()  # connected but not subscribed: not half a device
             if not device.stopped:
                 device.rt.scheduler.after(
                     device.rt.settings.reconnect_delay * random.uniform(1.0, 3.0),
                     _reconnect,
                     device,
                 )
+            return
+        device._reconnecting = False
 
     device.rt.loop.create_task(again())
 

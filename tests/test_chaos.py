@@ -4,6 +4,7 @@ schedules) against the real things, and a short chaos run end to end."""
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import socket
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import free_port
-from test_loadtest_mqtt import count, iotgw_load, stats_csv, subscriber_factory  # noqa: F401
+from test_loadtest_mqtt import count, iotgw_load, spawn_load, stats_csv, subscriber_factory  # noqa: F401
 
 from loadtest.chaos import judge, parse_chaos_fail_on, summarize
 from loadtest.chaosfleet import Ledger
@@ -285,3 +286,34 @@ def test_chaos_smoke_run_loses_nothing_acknowledged_and_converges(tmp_path: Path
         assert s["priority"][urgent]["within_bound"], s["priority"]
     report = (tmp_path / "chaos.html").read_text()
     assert "<title>kafka-stop</title>" in report and "Chaos summary" in report
+
+
+def test_devices_reconnect_once_each_after_connections_are_reset(
+    gateway_factory: Any, toxiproxy: Toxiproxy, tmp_path: Path
+) -> None:
+    """Connections reset (also while connecting) must leave one connection per device: a
+    device that scheduled two reconnects ran two clients with one client id, which took each
+    other's session over, again and again."""
+    gw = gateway_factory(allow_anonymous=True, acl="open")
+    listen = free_port()
+    toxiproxy.create("gw", f"127.0.0.1:{listen}", f"127.0.0.1:{gw.mqtt_port}")
+    load = spawn_load(tmp_path, "--profile", "commands", "-H", f"mqtt://127.0.0.1:{listen}",
+                      "-c", "4", "-r", "100", "-d", "14s", "--headless", "--csv",
+                      str(tmp_path / "run"), "--fail-on", "errors>100000")
+    time.sleep(3)
+    toxiproxy.add_toxic("gw", "reset-down", "reset_peer", {"timeout": 0})
+    toxiproxy.add_toxic("gw", "reset-up", "reset_peer", {"timeout": 0}, stream="upstream")
+    time.sleep(3)
+    toxiproxy.reset()
+    _, err = load.communicate(timeout=60)
+    assert load.returncode == 0, err
+    with open(tmp_path / "run_failures.csv") as f:
+        lost = sum(int(r["Occurrences"]) for r in csv.DictReader(f)
+                   if r["Method"] == "CONNECT" and r["Name"] == "connection")
+    # each device lost its connection at the reset (4), and none after it came back
+    assert lost <= 8, lost
+    stats = stats_csv(tmp_path / "run")
+    assert count(stats, "COMMAND", "round trip") > 0
+    connects = int(stats[("CONNECT", "connect")]["Request Count"]) - int(
+        stats[("CONNECT", "connect")]["Failure Count"])
+    assert connects <= 4 * 2 + 1  # the devices, once more each, and the command issuer
