@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import re
 import sys
 import tempfile
@@ -37,10 +38,11 @@ from typing import Any
 
 from loadtest.chaosfleet import ChaosActuator, ChaosCoapDevice, Flooder, Ledger
 from loadtest.deploy import API_TOKEN, Deployment, DeploymentError
-from loadtest.faults import Fault, Schedule
+from loadtest.faults import PROCESS, Fault, Schedule
 from loadtest.kafka import parse_record
 from loadtest.runtime import Settings, UsageError
 from loadtest.stats import Collector, HistoryRow, StatsEntry
+from loadtest.toxiproxy import Toxiproxy
 from loadtest.udprelay import NONE, Impairment, UdpRelay
 
 # Traffic kinds: (type, name) entries of the statistics that make each.
@@ -69,6 +71,27 @@ class Window:
 
 
 @dataclass
+class Target:
+    """Where the fleet goes and where the verifier looks: the deployment this command started,
+    or one given by flags (`--host` ...)."""
+
+    mqtt_host: str
+    mqtt_port: int
+    coap_host: str
+    coap_port: int
+    kafka: str  # bootstrap for reading back (past any fault proxy)
+    http_urls: list[str]
+    api_token: str
+    toxi: Toxiproxy | None  # proxies named device, kafka, redis
+    dep: Deployment | None = None  # for the process faults
+
+    @classmethod
+    def of(cls, dep: Deployment) -> Target:
+        return cls("127.0.0.1", dep.ports.mqtt_proxy, "127.0.0.1", dep.ports.coap,
+                   dep.kafka_direct, dep.http_urls, API_TOKEN, dep.toxi, dep)
+
+
+@dataclass
 class ChaosOptions:
     schedule: Schedule
     devices: int = 12
@@ -82,6 +105,7 @@ class ChaosOptions:
     toxiproxy: str | None = None
     verify_timeout: float = 60.0
     quiet: bool = False
+    target: Target | None = None  # None: start a deployment
 
 
 @dataclass
@@ -130,17 +154,14 @@ def parse_chaos_fail_on(text: str | None) -> list[tuple[str, float]]:
 class FaultDriver:
     """Applies and reverts faults on the deployment, the relay and the fleet."""
 
-    def __init__(self, dep: Deployment, relay: UdpRelay,
+    def __init__(self, target: Target, relay: UdpRelay,
                  flooders: Callable[[], list[Flooder]]) -> None:
-        self.dep = dep
+        self.target = target
         self.relay = relay
         self.flooders = flooders
-        self._n = 0
 
     async def apply(self, f: Fault) -> None:
-        self._n += 1
-        f.label = f.label or f.name
-        toxi = self.dep.toxi
+        toxi, dep = self._toxi(f), self._dep(f)
         p = f.params
         if f.link == "coap":
             self.relay.impairment = Impairment(drop=1.0) if f.kind == "partition" else \
@@ -161,19 +182,29 @@ class FaultDriver:
                 await asyncio.to_thread(toxi.add_toxic, str(f.link), self._toxic(f, stream),
                                         kind, attrs, stream)
         elif f.kind == "kafka-stop":
-            await asyncio.to_thread(self.dep.stop_kafka)
+            await asyncio.to_thread(dep.stop_kafka)
         elif f.kind == "redis-stop":
-            await asyncio.to_thread(self.dep.stop_redis)
+            await asyncio.to_thread(dep.stop_redis)
         elif f.kind == "worker-kill":
-            await asyncio.to_thread(self.dep.kill_worker, 0)
+            await asyncio.to_thread(dep.kill_worker, 0)
         elif f.kind == "gateway-kill":
-            await asyncio.to_thread(self.dep.kill_gateway)
+            await asyncio.to_thread(dep.kill_gateway)
         elif f.kind == "flood":
             for d in self.flooders():
                 d.flooding = True
 
+    def _toxi(self, f: Fault) -> Toxiproxy:
+        if f.link in (None, "coap") or self.target.toxi is not None:
+            return self.target.toxi  # type: ignore[return-value]
+        raise UsageError(f"{f.name}: needs Toxiproxy (--toxiproxy-api)")
+
+    def _dep(self, f: Fault) -> Deployment:
+        if f.kind not in PROCESS or self.target.dep is not None:
+            return self.target.dep  # type: ignore[return-value]
+        raise UsageError(f"{f.name}: process faults need the deployment this command starts")
+
     async def revert(self, f: Fault) -> None:
-        toxi = self.dep.toxi
+        toxi, dep = self._toxi(f), self._dep(f)
         if f.link == "coap":
             self.relay.impairment = NONE
         elif f.kind == "partition":
@@ -183,11 +214,11 @@ class FaultDriver:
             for stream in streams:
                 await asyncio.to_thread(toxi.remove_toxic, str(f.link), self._toxic(f, stream))
         elif f.kind == "kafka-stop":
-            await asyncio.to_thread(self.dep.start_kafka)
+            await asyncio.to_thread(dep.start_kafka)
         elif f.kind == "redis-stop":
-            await asyncio.to_thread(self.dep.start_redis)
+            await asyncio.to_thread(dep.start_redis)
         elif f.kind == "gateway-kill":
-            await asyncio.to_thread(self.dep.start_gateway)
+            await asyncio.to_thread(dep.start_gateway)
         elif f.kind == "flood":
             for d in self.flooders():
                 d.flooding = False
@@ -283,13 +314,14 @@ async def read_telemetry(bootstrap: str, want: set[tuple[str, int]], timeout: fl
     return seen
 
 
-def _get_json(url: str, timeout: float = 5.0) -> Any:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {API_TOKEN}"})
+def _get_json(url: str, token: str, timeout: float = 5.0) -> Any:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
 
-def check_shadows(http_urls: Sequence[str], devices: Sequence[Any]) -> dict[str, Any]:
+def check_shadows(http_urls: Sequence[str], devices: Sequence[Any], token: str
+                  ) -> dict[str, Any]:
     """Each shadow-reporting device's stored document against its ledger."""
     diverged: list[dict[str, Any]] = []
     checked = 0
@@ -300,7 +332,7 @@ def check_shadows(http_urls: Sequence[str], devices: Sequence[Any]) -> dict[str,
         checked += 1
         url = f"{http_urls[i % len(http_urls)]}/v1/devices/{d.id}/shadow"
         try:
-            doc = _get_json(url)
+            doc = _get_json(url, token)
         except (OSError, urllib.error.URLError, ValueError) as exc:
             diverged.append({"device": d.id, "problem": f"GET shadow: {exc}"})
             continue
@@ -420,6 +452,8 @@ def summarize(collector: Collector, windows: list[Window], devices: Sequence[Any
             "error": w.error,
             "kinds": {k: _describe(_merge(rows, k)) for k in KINDS},
             "lost": sum(1 for t in lost_at if w.start <= t < w_end),
+            # devices reconnect after the fault: counted up to the next fault (or the end)
+            "reconnects": _describe(_merge(_rows_between(collector, w.start, nxt), "reconnect")),
             "recovery_s": _recovery(collector, w_end, baseline, nxt),
         })
 
@@ -507,21 +541,22 @@ def judge(summary: dict[str, Any], conds: list[tuple[str, float]]) -> list[str]:
 # ---- the run ---------------------------------------------------------------------------------
 
 
-async def _run(opts: ChaosOptions, dep: Deployment, log: Callable[[str], None]
+async def _run(opts: ChaosOptions, target: Target, log: Callable[[str], None]
                ) -> tuple[Collector, list[Window], list[Any], dict[tuple[str, int], int],
                           dict[str, Any], dict[str, int]]:
     from loadtest.console import HeadlessDisplay, default_line
     from loadtest.driver import RunControl, load_classes, run_local
     from loadtest.runner import Runner
 
-    relay = UdpRelay(("127.0.0.1", dep.ports.coap))
+    relay = UdpRelay((target.coap_host, target.coap_port))
     relay_port = await relay.start()
-    settings = Settings(mqtt_host="127.0.0.1", mqtt_port=dep.ports.mqtt_proxy,
+    settings = Settings(mqtt_host=target.mqtt_host, mqtt_port=target.mqtt_port,
                         coap_host="127.0.0.1", coap_port=relay_port, qos=1, keepalive=15,
                         ack_timeout=15.0, coap_timeout=30.0, command_timeout=10.0)
     spec: dict[str, Any] = {
         "kind": "scenario", "users": opts.devices, "spawn_rate": opts.spawn_rate,
-        "first_number": 1, "settings": settings.to_dict(),
+        # device numbers of their own: records of earlier runs in Kafka are not this run's
+        "first_number": random.randrange(1, 10**6) * 1000, "settings": settings.to_dict(),
         "scenario": {"file": None, "profile": "chaos", "classes": []},
     }
     spec["_classes"] = load_classes(spec)
@@ -532,7 +567,7 @@ async def _run(opts: ChaosOptions, dep: Deployment, log: Callable[[str], None]
         w = ctl.workload
         return list(w.devices) if isinstance(w, Runner) else []
 
-    driver = FaultDriver(dep, relay, lambda: [d for d in devices() if isinstance(d, Flooder)])
+    driver = FaultDriver(target, relay, lambda: [d for d in devices() if isinstance(d, Flooder)])
     windows: list[Window] = []
     traffic = asyncio.ensure_future(run_local(spec, ctl))
     while ctl.workload is None and not traffic.done():
@@ -551,9 +586,10 @@ async def _run(opts: ChaosOptions, dep: Deployment, log: Callable[[str], None]
     fleet = devices()
     want = {(d.id, seq) for d in fleet for seq, _ in d.ledger.telemetry_acked}
     log(f"chaos: reading back {len(want)} acknowledged telemetry messages from Kafka")
-    seen = await read_telemetry(dep.kafka_direct, want, opts.verify_timeout)
+    seen = await read_telemetry(target.kafka, want, opts.verify_timeout)
     reporters = [d for d in fleet if isinstance(d, ChaosActuator | ChaosCoapDevice)]
-    shadows = await asyncio.to_thread(check_shadows, dep.http_urls, reporters)
+    shadows = await asyncio.to_thread(check_shadows, target.http_urls, reporters,
+                                      target.api_token)
     return ctl.collector, windows, fleet, seen, shadows, dict(relay.counters)
 
 
@@ -568,27 +604,35 @@ def run_chaos(opts: ChaosOptions) -> Verdict:
             print(text, file=sys.stderr, flush=True)
 
     tmp = None
-    if opts.workdir:
-        workdir = Path(opts.workdir)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="iotgw-chaos-")
-        workdir = Path(tmp.name)
-    dep = Deployment(workdir, workers=opts.workers, toxiproxy_binary=opts.toxiproxy, log=log)
-    log(f"chaos: starting the deployment in {workdir} ({opts.workers} workers, Redis, Kafka, "
-        "Toxiproxy)")
-    started = time.monotonic()
-    dep.start()
-    log(f"chaos: deployment up in {time.monotonic() - started:.1f} s; schedule "
-        f"{opts.schedule.name}: {len(opts.schedule.faults)} faults over "
+    dep: Deployment | None = None
+    target = opts.target
+    if target is None:
+        if opts.workdir:
+            workdir = Path(opts.workdir)
+        else:
+            tmp = tempfile.TemporaryDirectory(prefix="iotgw-chaos-")
+            workdir = Path(tmp.name)
+        dep = Deployment(workdir, workers=opts.workers, toxiproxy_binary=opts.toxiproxy,
+                         log=log)
+        log(f"chaos: starting the deployment in {workdir} ({opts.workers} workers, Redis, "
+            "Kafka, Toxiproxy)")
+        started = time.monotonic()
+        dep.start()
+        log(f"chaos: deployment up in {time.monotonic() - started:.1f} s")
+        target = Target.of(dep)
+    log(f"chaos: schedule {opts.schedule.name}: {len(opts.schedule.faults)} faults over "
         f"{opts.schedule.duration:g} s, {opts.devices} devices")
     try:
-        collector, windows, fleet, seen, shadows, relayed = uvloop.run(_run(opts, dep, log))
+        collector, windows, fleet, seen, shadows, relayed = uvloop.run(_run(opts, target, log))
     finally:
-        dep.stop()
+        if dep is not None:
+            dep.stop()
         if tmp is not None and not opts.keep:
             tmp.cleanup()
     meta = {"schedule": opts.schedule.name, "duration_s": opts.schedule.duration,
-            "devices": opts.devices, "workers": opts.workers}
+            "devices": opts.devices,
+            "workers": opts.workers if opts.target is None else None,
+            "target": f"mqtt://{target.mqtt_host}:{target.mqtt_port}"}
     summary = summarize(collector, windows, fleet, seen, shadows, meta)
     summary["coap_relay"] = relayed
     failed = judge(summary, conds)
@@ -630,7 +674,7 @@ def summary_html(s: dict[str, Any]) -> str:
             f"<td class=num>{w['end_s']}</td><td class=num>{w['lost']}</td>"
             + "".join(f"<td class=num>{cell(w['kinds'][k]['p99_ms'])}</td>"
                       for k in ("heartbeat", "telemetry", "command", "shadow"))
-            + f"<td class=num>{w['kinds']['reconnect']['count']}</td>"
+            + f"<td class=num>{w['reconnects']['count']}</td>"
             f"<td class=num>{cell(w['recovery_s'].get('telemetry'))}</td></tr>"
         )
     rows.append("</tbody></table>")
@@ -649,7 +693,7 @@ def print_verdict(v: Verdict) -> None:
     for w in s["windows"]:
         print(f"  [{w['start_s']:6.1f}-{w['end_s']:6.1f}s] {w['name']}: lost={w['lost']} "
               f"telemetry p99={w['kinds']['telemetry']['p99_ms']} "
-              f"reconnects={w['kinds']['reconnect']['count']} recovery={w['recovery_s']}")
+              f"reconnects={w['reconnects']['count']} recovery={w['recovery_s']}")
     pr = s["priority"]
     for k in ("command", "shadow"):
         print(f"  priority {k}: calm p99={pr[k]['calm_p99_ms']} stressed "
@@ -695,7 +739,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-timeout", type=parse_duration, default=60.0,
                    help="seconds to wait for acknowledged telemetry in Kafka (default 60)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    g = p.add_argument_group(
+        "an existing deployment (instead of starting one; network faults only)")
+    g.add_argument("-H", "--host", help="mqtt://HOST:PORT the devices connect to (put your "
+                   "Toxiproxy's device proxy here for faults on that link)")
+    g.add_argument("--coap-host", help="coap://HOST:PORT of the gateway (the relay in this "
+                   "process sits in front of it)")
+    g.add_argument("--kafka", metavar="HOST:PORT", help="Kafka to read iot.telemetry back from "
+                   "(not through a fault proxy)")
+    g.add_argument("--http", metavar="URL[,URL]", help="the gateway's REST base URL(s), for "
+                   "reading the shadows back")
+    g.add_argument("--api-token", help="a REST token with shadow read scope")
+    g.add_argument("--toxiproxy-api", metavar="HOST:PORT",
+                   help="your Toxiproxy's API; its proxies named device, kafka, redis")
     return p
+
+
+def target_from_args(args: argparse.Namespace, schedule: Schedule) -> Target:
+    from loadtest.runtime import parse_host
+
+    missing = [flag for flag, v in (("--coap-host", args.coap_host), ("--kafka", args.kafka),
+                                    ("--http", args.http), ("--api-token", args.api_token))
+               if not v]
+    if missing:
+        raise UsageError(f"--host needs {', '.join(missing)} too")
+    mqtt_ep = parse_host(args.host)
+    coap_ep = parse_host(args.coap_host)
+    if mqtt_ep.scheme != "mqtt" or coap_ep.scheme != "coap":
+        raise UsageError("--host takes mqtt://HOST:PORT and --coap-host coap://HOST:PORT")
+    process = [f.name for f in schedule.faults if f.kind in PROCESS]
+    if process:
+        raise UsageError(f"the fault {process[0]!r} needs the deployment this command starts "
+                         "(without --host)")
+    toxi = None
+    if args.toxiproxy_api:
+        host, _, port = args.toxiproxy_api.rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"--toxiproxy-api {args.toxiproxy_api!r}: give HOST:PORT")
+        toxi = Toxiproxy(host, int(port))
+    elif any(f.link in ("device", "kafka", "redis") for f in schedule.faults):
+        raise UsageError("faults on the device, kafka or redis links need --toxiproxy-api")
+    return Target(mqtt_ep.host, mqtt_ep.port, coap_ep.host, coap_ep.port, args.kafka,
+                  [u.strip().rstrip("/") for u in args.http.split(",") if u.strip()],
+                  args.api_token, toxi)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -714,11 +800,12 @@ def main(argv: Sequence[str]) -> int:
             raise UsageError("--devices: at least 3 (the fleet has 2 flooders)")
         if args.workers < 1:
             raise UsageError("--workers: at least 1")
+        target = target_from_args(args, schedule) if args.host else None
         opts = ChaosOptions(schedule, devices=args.devices, spawn_rate=args.spawn_rate,
                             workers=args.workers, json_path=args.json, html_path=args.html,
                             fail_on=args.fail_on, workdir=args.workdir,
                             toxiproxy=args.toxiproxy, verify_timeout=args.verify_timeout,
-                            quiet=args.quiet)
+                            quiet=args.quiet, target=target)
         parse_chaos_fail_on(args.fail_on)
     except (ScheduleError, UsageError) as exc:
         print(f"iotgw-load chaos: error: {exc}", file=sys.stderr)
