@@ -351,6 +351,10 @@ def check_shadows(http_urls: Sequence[str], devices: Sequence[Any], token: str
             diverged.append({"device": d.id, "problem": f"version {version} < "
                              f"{ledger.reports_acked} reports acknowledged (a lost write)",
                              "vv": doc.get("vv")})
+        elif sum(int(n) for n in (doc.get("vv") or {}).values()) < ledger.reports_acked:
+            diverged.append({"device": d.id, "problem": "the version vector counts fewer "
+                             f"writes than the {ledger.reports_acked} acknowledged (a lost "
+                             "write)", "vv": doc.get("vv")})
     return {"devices": checked, "converged": not diverged, "diverged": diverged}
 
 

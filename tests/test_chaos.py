@@ -17,7 +17,7 @@ import pytest
 from conftest import free_port
 from test_loadtest_mqtt import count, iotgw_load, spawn_load, stats_csv, subscriber_factory  # noqa: F401
 
-from loadtest.chaos import judge, parse_chaos_fail_on, summarize
+from loadtest.chaos import check_shadows, judge, parse_chaos_fail_on, summarize
 from loadtest.chaosfleet import Ledger
 from loadtest.faults import BUILTIN, KINDS, ScheduleError, load_schedule, parse_schedule
 from loadtest.stats import Collector
@@ -346,3 +346,41 @@ def test_chaos_against_a_deployment_it_did_not_start(
     out = iotgw_load(tmp_path, "chaos", "-H", "mqtt://127.0.0.1:1", timeout=30)
     assert out.returncode == 2 and "--host needs --coap-host, --kafka, --http, --api-token" \
         in out.stderr
+
+
+def test_shadow_check_finds_stale_and_lost_writes(gateway_factory: Any) -> None:
+    """check_shadows against a real gateway's REST API: a stored report that is not the last
+    acknowledged one, and fewer writes than acknowledged, are both divergence."""
+    import urllib.request
+
+    gw = gateway_factory(allow_anonymous=True, acl="open", api_token="t0k")
+    url = f"http://127.0.0.1:{gw.gateway.http.port}"
+    for n in (1, 2):  # two writes: version 2
+        req = urllib.request.Request(
+            f"{url}/v1/devices/dev-{n}/shadow", method="PATCH",
+            data=json.dumps({"state": {"reported": {"n": n}}}).encode(),
+            headers={"Authorization": "Bearer t0k", "Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=5).read()
+    req = urllib.request.Request(
+        f"{url}/v1/devices/dev-1/shadow", method="PATCH",
+        data=json.dumps({"state": {"reported": {"n": 5}}}).encode(),
+        headers={"Authorization": "Bearer t0k", "Content-Type": "application/json"})
+    urllib.request.urlopen(req, timeout=5).read()
+
+    def device(device_id: str, reports: list[dict[str, Any]], acked: int) -> Any:
+        d = _Dev(device_id, [])
+        d.ledger.reports = [(i + 1, r) for i, r in enumerate(reports)]
+        d.ledger.report_acked = d.ledger.reports_acked = acked
+        return d
+
+    ok = device("dev-1", [{"n": 1}, {"n": 5}], 2)
+    later = device("dev-1", [{"n": 1}, {"n": 5}], 1)  # the last one sent, never acknowledged
+    stale = device("dev-2", [{"n": 2}, {"n": 3}], 2)  # acknowledged {"n": 3}, stored {"n": 2}
+    lost = device("dev-1", [{"n": 1}, {"n": 2}, {"n": 5}], 3)  # 3 acknowledged, version 2
+    result = check_shadows([url], [ok, later], "t0k")
+    assert result["converged"] and result["devices"] == 2
+    result = check_shadows([url], [stale, lost], "t0k")
+    problems = {x["device"]: x["problem"] for x in result["diverged"]}
+    assert not result["converged"]
+    assert "not the last acknowledged report" in problems["dev-2"]
+    assert "a lost write" in problems["dev-1"]
