@@ -31,6 +31,7 @@ echo "== mypy";   .venv/bin/mypy
 cmp -s tests/kafka/pom.xml .cache/kafka/pom.xml || { rm -rf .cache/kafka/new && mvn -q -f tests/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory="$PWD/.cache/kafka/new" && rm -rf .cache/kafka/libs && mv .cache/kafka/new .cache/kafka/libs && cp tests/kafka/pom.xml .cache/kafka/pom.xml; }
 # Toxiproxy (the chaos suite's TCP fault proxy), built from the Go module proxy once per version:
 TOXIPROXY_VERSION=v2.5.0
-go version -m .cache/go-bin/toxiproxy-server 2>/dev/null | grep -q "mod[[:space:]]*github.com/Shopify/toxiproxy/v2[[:space:]]*$TOXIPROXY_VERSION" || {
+# (grep without -q reads all of go's output: with pipefail an early exit could fail the check)
+go version -m .cache/go-bin/toxiproxy-server 2>/dev/null | grep "mod[[:space:]]*github.com/Shopify/toxiproxy/v2[[:space:]]*$TOXIPROXY_VERSION" >/dev/null || {
   rm -rf .cache/go-bin/new && GOBIN="$PWD/.cache/go-bin/new" go install "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION" && mv .cache/go-bin/new/server .cache/go-bin/toxiproxy-server && rm -rf .cache/go-bin/new; }
 echo "== pytest"; .venv/bin/pytest tests bench --benchmark-disable "$@"
