@@ -6,7 +6,7 @@ store afterwards.
 | --- | --- | --- | --- | --- |
 | ChaosSensor (weight 3) | PINGREQ 1 Hz | 5-20 Hz, 128-512 B JSON | | |
 | ChaosActuator (weight 1) | PINGREQ 1 Hz | | answered, 0.1-2 Hz | on change |
-| ChaosCoapDevice (weight 1) | CoAP ping 1 Hz | POST 5 Hz (CON) | | PATCH on change |
+| ChaosCoapDevice (weight 1) | CoAP ping 1 Hz | POST 5 Hz (CON) | by Observe, 0.1-2 Hz | PATCH |
 | Flooder (fixed 2) | | 200 Hz while a `flood` fault is on | | |
 
 What counts as acknowledged: a telemetry PUBLISH whose PUBACK came (the gateway acknowledges it
@@ -162,6 +162,19 @@ class ChaosCoapDevice(CoapDevice):
         self.heartbeat(1.0)
         self.state = {"mode": "auto", "n": 0}
         self.report_shadow(force=True)
+        # Commands by Observe, answered with POST; the observation is renewed every 10 s (a
+        # server that lost it, a killed worker, would otherwise never notify again) and the
+        # old one ends with the RST to its next notification.
+        self.observe_commands()
+        self.every(10.0, self._renew_observation)
+        from loadtest.commands import commander_of
+
+        commander_of(self.rt).add(self.id, random.uniform(0.1, 2.0))
+
+    def _renew_observation(self) -> None:
+        if self.client is not None:
+            self.client.forget("observe commands")
+        self.observe_commands()
 
     @task
     def telemetry(self) -> None:

@@ -384,3 +384,53 @@ def test_shadow_check_finds_stale_and_lost_writes(gateway_factory: Any) -> None:
     assert not result["converged"]
     assert "not the last acknowledged report" in problems["dev-2"]
     assert "a lost write" in problems["dev-1"]
+
+
+def test_coap_client_ends_an_observation_it_gave_up_with_rst(gateway_factory: Any) -> None:
+    """The chaos fleet renews its command observations; the one given up must end on the
+    gateway (its next notification answered with RST), not linger and notify forever."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from loadtest.coap_client import CoapClient
+    from loadtest.runtime import Runtime, Settings
+
+    gw = gateway_factory(allow_anonymous=True, acl="open")
+    pub = paho.Client(CallbackAPIVersion.VERSION2, client_id="backend")
+    pub.connect("127.0.0.1", gw.mqtt_port)
+    pub.loop_start()
+
+    def observers() -> int:
+        return int(gw.call(lambda: len(gw.gateway.coap.observers)))
+
+    async def main() -> list[Any]:
+        rt = Runtime(Settings(coap_host="127.0.0.1", coap_port=gw.coap_port))
+        rt.start_sweeps()
+        client = CoapClient(rt)
+        await client.start()
+        got: list[Any] = []
+        client.request(1, "/commands/dev-1", name="obs", observe=got.append)  # GET
+
+        async def until(cond: Any) -> None:
+            for _ in range(100):
+                if cond():
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("timed out")
+
+        await until(lambda: observers() == 1 and got)
+        pub.publish("devices/dev-1/commands/open", b'{"a":1}', qos=1).wait_for_publish(5)
+        await until(lambda: len(got) == 2)  # the GET's answer, then the notification
+        client.forget("obs")
+        pub.publish("devices/dev-1/commands/open", b'{"a":2}', qos=1).wait_for_publish(5)
+        await until(lambda: observers() == 0)
+        client.close()
+        rt.close()
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+    assert len(got) == 2
