@@ -7,6 +7,10 @@ run on its own core (`taskset -c 1`) while the broker runs on another. Modes:
 - `qos0`: P publishers send QoS 0 as fast as the socket takes them; 1 subscriber counts them.
 - `connect`: opens C connections (CONNECT/CONNACK) and holds them; connections per second.
 
+`--websocket`: MQTT over WebSocket (path /mqtt, subprotocol mqtt) instead of TCP, qos1 only:
+each write is one masked binary frame, as a browser or MQTT.js sends it. The framing here is
+a few lines of its own (no library), so that the generator stays cheaper than any server.
+
 `python bench/brokerload.py qos1 --port 1883 --connections 100 --window 10 --seconds 5`
 prints one JSON line. The broker's CPU time and RSS are read from /proc when `--pid` is given.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -53,6 +58,10 @@ class Client(asyncio.BufferedProtocol):
         self.transport = transport
         transport.write(mqtt.Connect(self.client_id, keep_alive=0).encode())
 
+    def write(self, data: bytes | bytearray) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.framer.get_buffer(sizehint)
 
@@ -71,20 +80,101 @@ class Client(asyncio.BufferedProtocol):
             self.closed.set_result(None)
 
 
+class WsClient(asyncio.Protocol):
+    """The same client over WebSocket: the HTTP upgrade, then one masked binary frame per
+    write; the server's frames (unmasked, any split) are unwrapped into the MQTT framer."""
+
+    def __init__(self, arena: mqtt.ReadArena, client_id: str, on_packet: Callable[..., None]):
+        self.framer = mqtt.Framer(version=4)
+        self.client_id = client_id
+        self.on_packet = on_packet
+        self.transport: asyncio.Transport | None = None
+        self.connack = asyncio.get_running_loop().create_future()
+        self.closed = asyncio.get_running_loop().create_future()
+        self.key = os.urandom(4)
+        self.upgraded = False
+        self.buffer = bytearray()
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        nonce = base64.b64encode(os.urandom(16))
+        transport.write(
+            b"GET /mqtt HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: " + nonce + b"\r\n"
+            b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+        )
+
+    def write(self, data: bytes | bytearray) -> None:
+        n = len(data)
+        if n < 126:
+            header = bytes((0x82, 0x80 | n))
+        elif n < 65536:
+            header = bytes((0x82, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            header = bytes((0x82, 0x80 | 127)) + n.to_bytes(8, "big")
+        key = (self.key * (n // 4 + 1))[:n]
+        masked = (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
+            n, "little")
+        assert self.transport is not None
+        self.transport.write(header + self.key + masked)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buffer
+        buf += data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self.connack.set_exception(ConnectionError(bytes(buf[:end]).decode()))
+                return
+            del buf[:end + 4]
+            self.upgraded = True
+            self.write(mqtt.Connect(self.client_id, keep_alive=0).encode())
+        payload = bytearray()
+        while len(buf) >= 2:
+            length, start = buf[1] & 0x7F, 2
+            if length == 126:
+                length, start = int.from_bytes(buf[2:4], "big"), 4
+            elif length == 127:
+                length, start = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < start + length:
+                break
+            if buf[0] & 0x0F in (0, 2):  # binary or continuation
+                payload += buf[start:start + length]
+            del buf[:start + length]
+        if payload:
+            for packet in self.framer.feed(payload):
+                if packet.type == mqtt.CONNACK:
+                    if not self.connack.done():
+                        self.connack.set_result(packet.reason_code)
+                else:
+                    self.on_packet(self, packet)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.connack.done():
+            self.connack.set_exception(ConnectionError("closed before CONNACK"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
 async def _connect(
     port: int, client_id: str, arena: mqtt.ReadArena, on_packet: Callable[..., None],
-    host: str = "127.0.0.1", source: str | None = None,
-) -> Client:
+    host: str = "127.0.0.1", source: str | None = None, websocket: bool = False,
+) -> Any:
     loop = asyncio.get_running_loop()
     sock = await connected_socket(host, port, (source, 0) if source else None)
-    _, client = await loop.create_connection(lambda: Client(arena, client_id, on_packet), sock=sock)
+    kind = WsClient if websocket else Client
+    _, client = await loop.create_connection(lambda: kind(arena, client_id, on_packet), sock=sock)
     code = await client.connack
     if code != 0:
         raise ConnectionError(f"CONNACK {code}")
     return client
 
 
-async def run_qos1(port: int, connections: int, window: int, seconds: float) -> dict[str, Any]:
+async def run_qos1(
+    port: int, connections: int, window: int, seconds: float, websocket: bool = False
+) -> dict[str, Any]:
     arena = mqtt.ReadArena()
     stats = Stats()
     running = True
@@ -97,8 +187,7 @@ async def run_qos1(port: int, connections: int, window: int, seconds: float) -> 
             pid = pid % 65535 + 1
             mqtt.encode_publish_into(out, "bench/qos1", PAYLOAD, qos=1, packet_id=pid)
         next_id[c] = pid
-        assert c.transport is not None
-        c.transport.write(out)
+        c.write(out)  # over WebSocket one frame: then each PUBACK brings one frame of one
 
     def on_packet(c: Client, p: Any) -> None:
         if p.type == mqtt.PUBACK:
@@ -106,7 +195,8 @@ async def run_qos1(port: int, connections: int, window: int, seconds: float) -> 
             if running:
                 send(c, 1)
 
-    clients = [await _connect(port, f"q1-{i}", arena, on_packet) for i in range(connections)]
+    clients = [await _connect(port, f"q1-{i}", arena, on_packet, websocket=websocket)
+               for i in range(connections)]
     for c in clients:
         next_id[c] = 0
     started = time.perf_counter()
@@ -120,7 +210,8 @@ async def run_qos1(port: int, connections: int, window: int, seconds: float) -> 
     for c in clients:
         assert c.transport is not None
         c.transport.close()
-    return {"mode": "qos1", "messages": done, "seconds": elapsed, "rate": done / elapsed}
+    mode = "qos1-ws" if websocket else "qos1"
+    return {"mode": mode, "messages": done, "seconds": elapsed, "rate": done / elapsed}
 
 
 async def run_qos0(
@@ -228,7 +319,8 @@ def run(mode: str, port: int, pid: int | None = None, **kw: Any) -> dict[str, An
 
     cpu0 = cpu_seconds(pid) if pid else None
     if mode == "qos1":
-        result = uvloop.run(run_qos1(port, kw["connections"], kw["window"], kw["seconds"]))
+        result = uvloop.run(run_qos1(port, kw["connections"], kw["window"], kw["seconds"],
+                                     kw.get("websocket", False)))
     elif mode == "qos0":
         result = uvloop.run(run_qos0(port, kw["publishers"], kw["seconds"], kw.get("sub_port")))
     else:
@@ -257,6 +349,8 @@ def main() -> None:
     parser.add_argument("--sources", help="comma-separated local addresses (127.0.0.x)")
     parser.add_argument("--sub-port", type=int, help="qos0: the subscriber's port (another node)")
     parser.add_argument("--id-prefix", default="c-", help="client ids: {prefix}{i}")
+    parser.add_argument("--websocket", action="store_true",
+                        help="qos1: MQTT over WebSocket (path /mqtt) instead of TCP")
     parser.add_argument("--until-stdin-closes", action="store_true",
                         help="connect: print a ready line, hold until stdin closes")
     args = parser.parse_args()
@@ -264,7 +358,8 @@ def main() -> None:
     print(json.dumps(run(args.mode, args.port, args.pid, connections=args.connections,
                          window=args.window, publishers=args.publishers, seconds=args.seconds,
                          hold=args.hold, sources=sources, id_prefix=args.id_prefix,
-                         until_stdin_closes=args.until_stdin_closes, sub_port=args.sub_port)))
+                         until_stdin_closes=args.until_stdin_closes, sub_port=args.sub_port,
+                         websocket=args.websocket)))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from gateway.mqtt.acl import Acl
 from gateway.mqtt.broker import Broker, BrokerLimits
 from gateway.mqtt.connection import MqttConnection
 from gateway.mqtt.session import Message
-from gateway.shadows import ShadowService
+from gateway.mqtt.websocket import WebSocketListener
+from gateway.shadows import ShadowInterceptor, ShadowService
 from gateway.startup import (
     DataDirLock,
     Listeners,
@@ -44,6 +45,7 @@ from gateway.startup import (
     tls_context,
 )
 from gateway.telemetry.filesink import FileSink
+from gateway.telemetry.interceptor import TelemetryInterceptor
 from gateway.telemetry.pipeline import Sink, TelemetryPipeline
 from gateway.telemetry.records import SHADOW, Record
 from gateway.tokens import TokenStore
@@ -91,7 +93,9 @@ class Gateway:
         self.shadows = ShadowService(
             self._open_shadow_store(), self._publish, node_id=self.node_id,
             on_change=self._shadow_changed,
+            on_version=lambda device, version: self.coap.resources.shadow_changed(device, version),
         )
+        self.cluster: Cluster | None = None  # built with the broker, when nodes share a Redis
         self.broker = Broker(
             acl=Acl.from_config(config.acl, config.acl_file),
             metrics=self.metrics.mqtt,
@@ -106,14 +110,9 @@ class Gateway:
                 max_queued_bytes=config.max_queued_bytes,
                 max_queued_bytes_total=config.max_queued_bytes_total,
             ),
-            telemetry=self.telemetry,
-            shadows=self.shadows,
+            interceptors=[ShadowInterceptor(self.shadows), TelemetryInterceptor(self.telemetry)],
+            cluster=self._cluster_of if config.cluster or worker is not None else None,
         )
-        self.cluster: Cluster | None = None
-        if config.cluster or worker is not None:
-            assert config.redis
-            self.cluster = Cluster(self.broker, config.redis, self.node_id, self.metrics.cluster)
-            self.broker.cluster = self.cluster
         self.tokens = TokenStore(self.data_dir, bootstrap=config.api_token)
         self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
         self.http: HttpServer | None = None
@@ -128,12 +127,20 @@ class Gateway:
         self._sweeper: asyncio.Task[None] | None = None
         self.mqtt_port: int | None = None
         self.mqtts_port: int | None = None
+        self.ws_port: int | None = None
+        self.wss_port: int | None = None
         self.state = persistence.StateStore(
             self.state_dir / "mqtt-state.sqlite", self.broker,
             legacy=self.state_dir / "mqtt-state.msgpack",
         )
         self._saving: asyncio.Task[bool] | None = None
         self._registry_cursor: int | None = None  # the last registry change acted upon
+
+    def _cluster_of(self, broker: Broker) -> Cluster:
+        """The cluster link of `broker` (built by the broker: each needs the other)."""
+        assert self.config.redis
+        self.cluster = Cluster(broker, self.config.redis, self.node_id, self.metrics.cluster)
+        return self.cluster
 
     async def start(self, listeners: Listeners | None = None) -> None:
         """Serve `listeners` (bound by `run`/`supervise`), or bind them here (embedded, tests):
@@ -167,6 +174,9 @@ class Gateway:
                 ))
             self.mqtts_port = listeners.mqtts[0].getsockname()[1]
             log.info("MQTT over TLS listening on %s:%s", self.config.bind, self.mqtts_port)
+        self.ws_port = await self._serve_websocket(listeners.ws, arena, None)
+        if listeners.wss:
+            self.wss_port = await self._serve_websocket(listeners.wss, arena, self._tls_context())
         self._sweeper = asyncio.create_task(self._sweep_forever())
         log.info("MQTT listening on %s:%s", self.config.bind, self.mqtt_port)
         self.http = HttpServer(
@@ -192,6 +202,20 @@ class Gateway:
         )
         log.info("CoAP listening on %s:%s (UDP)", self.config.bind, self.coap_port)
 
+    async def _serve_websocket(
+        self, socks: list[socket.socket], arena: mqtt.ReadArena, ctx: ssl.SSLContext | None
+    ) -> int | None:
+        """MQTT over WebSocket (gateway/mqtt/websocket.py) on `socks`, with TLS if `ctx`."""
+        if not socks:
+            return None
+        listener = WebSocketListener(self.broker, arena, self.config.ws_handshake_timeout)
+        for sock in socks:
+            self._servers.append(await listener.serve(sock, ctx))
+        port: int = socks[0].getsockname()[1]
+        log.info("MQTT over WebSocket%s listening on %s:%s (path /mqtt)",
+                 " with TLS" if ctx else "", self.config.bind, port)
+        return port
+
     def _open_shadow_store(self) -> ShadowStore:
         if self.config.redis:
             from shadow.redis import RedisShadowStore
@@ -210,7 +234,7 @@ class Gateway:
         except RegistryError:  # logged by the registry (once a minute); CONNECTs get 0x88
             return
         if changes:
-            closed = self.broker.revoke(changes)
+            closed = self.broker.lifecycle.revoke(changes)
             self.coap.resources.revoke(changes)
             log.info(
                 "registry: %d devices added, removed or disabled, %d connections closed",
@@ -236,7 +260,7 @@ class Gateway:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
-                self.broker.sweep()
+                self.broker.lifecycle.sweep()
                 self.guard.sweep()
                 self.registry_changed()
                 now = loop.time()

@@ -54,13 +54,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from gateway._native import mqtt
 from gateway.mqtt import persistence
 from gateway.mqtt.session import Message, Session, monotonic
-from gateway.mqtt.topics import SubscriptionTrie, TopicTree
+from gateway.mqtt.topics import SubscriptionTrie
 from shadow import resp
 
 if TYPE_CHECKING:
     from gateway.metrics import ClusterMetrics
     from gateway.mqtt.broker import Broker
-    from gateway.mqtt.connection import MqttConnection
+    from gateway.mqtt.channel import MqttChannel
 
 log = logging.getLogger("iotgw.cluster")
 
@@ -192,7 +192,7 @@ class Cluster:
         self._pub_seen: dict[str, int] = {}  # origin -> number of the last message from it
         self.blocked = False  # some node is over HIGH_WATER
         self.subscribed = False  # the Redis subscription is up (notes are coming in)
-        self._held: set[MqttConnection] = set()
+        self._held: set[MqttChannel] = set()
         # Other nodes' routes: ordinary filters keyed by node; shared ones keyed by
         # (node, "$share/g/f") under the inner filter.
         self.routes: SubscriptionTrie[str, bool] = SubscriptionTrie()
@@ -215,7 +215,6 @@ class Cluster:
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scripts: dict[str, Any] = {}
-        self.claiming: dict[str, tuple[str, MqttConnection]] = {}  # client id -> (epoch, conn)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -485,14 +484,14 @@ class Cluster:
 
     # ---- flow control ------------------------------------------------------------------------
 
-    def hold(self, conn: MqttConnection) -> None:
+    def hold(self, conn: MqttChannel) -> None:
         """A publisher while some node is behind: stop reading it until it caught up."""
         if conn not in self._held:
             self._held.add(conn)
             self.metrics.held_publishers.inc()
             conn.pause_reading(PAUSE_REASON)
 
-    def forget(self, conn: MqttConnection) -> None:
+    def forget(self, conn: MqttChannel) -> None:
         self._held.discard(conn)
 
     def _check_flow(self) -> None:
@@ -549,18 +548,19 @@ class Cluster:
 
     async def _load_retained(self) -> None:
         stored: dict[Any, Any] = await self.redis.hgetall(RETAINED_KEY)
-        self.broker.retained = TopicTree()
-        for topic, wire in stored.items():
-            self._apply_retained(topic.decode(), wire)
+        messages = {topic.decode(): self._retained_message(wire) for topic, wire in stored.items()}
+        self.broker.replace_retained({t: m for t, m in messages.items() if m is not None})
 
     def _apply_retained(self, topic: str, wire: bytes) -> None:
+        self.broker.set_retained(topic, self._retained_message(wire))
+
+    def _retained_message(self, wire: bytes) -> Message | None:
+        """A retained message as stored in Redis; None for a deleted or expired one."""
         if not wire:
-            self.broker.retained.delete(topic)
-            return
+            return None
         packed, saved_at = msgpack.unpackb(wire, raw=False)
         message = persistence.unpack_message(packed, monotonic() - (self.wall() - saved_at))
-        if not message.expired(monotonic()):
-            self.broker.retained.set(topic, message)
+        return None if message.expired(monotonic()) else message
 
     # ---- client ids: claims and takeovers -----------------------------------------------------
 
@@ -597,7 +597,7 @@ class Cluster:
 
         def done(f: asyncio.Future[Any]) -> None:
             if f.exception() is None and f.result() == 0 and session.cluster_epoch == epoch:
-                self.broker.drop_session(session)  # it moved on while we were down
+                self.broker.lifecycle.drop(session)  # it moved on while we were down
 
         future.add_done_callback(done)
 
@@ -639,12 +639,8 @@ class Cluster:
     def _on_kick(self, client_id: str, epoch: str, origin: str, request: int, want: bool) -> None:
         """A newer claim elsewhere names ours (epoch): our connection goes, and the session
         goes with the client (`want`) or ends."""
-        claiming = self.claiming.get(client_id)
-        if claiming is not None and claiming[0] == epoch:
-            # A CONNECT of ours still waiting for its own claim lost: it answers once that
-            # claim is settled, with whatever session it was bringing here (`surrender`).
-            claiming[1].taken_over = (origin, request, want)
-            return
+        if self.broker.lifecycle.taken_over_while_claiming(client_id, epoch, origin, request, want):
+            return  # our CONNECT still waiting for its claim lost: it answers once settled
         session = self.broker.sessions.get(client_id)
         if session is not None and session.cluster_epoch == epoch:
             self.surrender(client_id, None, origin, request, want)
@@ -658,20 +654,19 @@ class Cluster:
         its will published), and hand over its session (`want`) or end it. `packed`: a session
         that was on its way here (it goes on to the winner; one held here is stale then)."""
         broker = self.broker
-        conn = broker.online.get(client_id)
-        if conn is not None:
-            conn.close_with(mqtt.SESSION_TAKEN_OVER, "session taken over on another node")
-            broker.detach(conn, conn.will, 0)
-            conn.will = None
+        sessions = broker.lifecycle
+        channel = broker.online.get(client_id)
+        if channel is not None:
+            sessions.kick(channel, mqtt.SESSION_TAKEN_OVER, "session taken over on another node")
         session = broker.sessions.get(client_id)
         if session is not None:
             if packed is None and want and session.expiry_interval:
                 packed = persistence.pack_session(session, monotonic(), self.wall())
-                broker.drop_session(session)
+                sessions.drop(session)
             elif packed is not None:
-                broker.drop_session(session)
+                sessions.drop(session)
             else:
-                broker.end_session(session)
+                sessions.end(session)
         broker.flush()
         if want:
             self._send("PUBLISH", _node_channel(origin), _pack([KICKED, request, packed]))
@@ -679,7 +674,7 @@ class Cluster:
     def import_session(self, packed: Any) -> Session | None:
         existing = self.broker.sessions.get(packed["client_id"])
         if existing is not None:
-            self.broker.drop_session(existing)
+            self.broker.lifecycle.drop(existing)
         return persistence.unpack_session(self.broker, packed, monotonic(), self.wall())
 
     # ---- receiving ----------------------------------------------------------------------------

@@ -32,6 +32,12 @@ class Config:
     bind: str = _opt("127.0.0.1", "address the listeners bind to")
     mqtt_port: int = _opt(1883, "MQTT listener port (0: any free port)")
     mqtts_port: int = _opt(8883, "MQTT over TLS port, used when --tls-cert is set")
+    ws_port: int = _opt(0, "MQTT over WebSocket port, path /mqtt (0: off)")
+    wss_port: int = _opt(0, "MQTT over WebSocket with TLS port, path /mqtt (0: off); needs "
+                         "--tls-cert (the certificate of --mqtts-port)")
+    ws_handshake_timeout: int = _opt(
+        10, "seconds a WebSocket connection may take to finish its HTTP upgrade"
+    )
     tls_cert: str | None = _opt(None, "server certificate (PEM)")
     tls_key: str | None = _opt(None, "server private key (PEM)")
     tls_client_ca: str | None = _opt(None, "CA bundle for device client certificates (PEM)")
@@ -101,7 +107,7 @@ class Config:
         if self.workers > 1 and (self.mqtt_port == 0 or self.coap_port == 0):
             raise ConfigError("--workers above 1 share their ports: give --mqtt-port and "
                               "--coap-port (0 would pick one port per process)")
-        for name in ("mqtt_port", "mqtts_port", "coap_port", "http_port"):
+        for name in ("mqtt_port", "mqtts_port", "ws_port", "wss_port", "coap_port", "http_port"):
             port = getattr(self, name)
             if not 0 <= port <= MAX_PORT:
                 raise ConfigError(f"{_flag(name)}: {port} is not a port (0 to {MAX_PORT})")
@@ -114,6 +120,8 @@ class Config:
             self.http_port + i for i in range(self.workers) if self.http_port]}
         if self.tls_cert:
             tcp["--mqtts-port"] = [self.mqtts_port]
+        tcp["--ws-port"] = [self.ws_port]
+        tcp["--wss-port"] = [self.wss_port]
         owner: dict[int, str] = {}
         for flag, ports in tcp.items():
             for port in ports:
@@ -147,6 +155,12 @@ class Config:
             raise ConfigError("--api-token: a bearer token is one word (no spaces)")
         if not self.bind.strip():
             raise ConfigError("--bind: give an address (0.0.0.0 or :: for every interface)")
+        if self.wss_port and not self.tls_cert:
+            raise ConfigError("--wss-port needs --tls-cert (and --tls-key): WSS serves the "
+                              "certificate of --mqtts-port")
+        if not 1 <= self.ws_handshake_timeout <= 3600:
+            raise ConfigError(f"--ws-handshake-timeout: {self.ws_handshake_timeout} is not a "
+                              "number of seconds (1 to 3600)")
         if self.tls_key and not self.tls_cert:
             raise ConfigError("--tls-key needs --tls-cert (the certificate the key belongs to)")
         if self.tls_client_ca and not self.tls_cert:

@@ -5,7 +5,7 @@
   update), `/update/documents` (previous and current), `/update/delta` (the whole delta, stamped
   with the new version) when desired changed; `/get/accepted`, `/delete/accepted`; and
   `/update|get|delete/rejected` with `{"code", "message", "clientToken"}` to the requester.
-- listeners (CoAP observers of `/shadow/{id}`) with the new version;
+- `on_version` (CoAP observers of `/shadow/{id}`) with the new version;
 - the telemetry pipeline: a `shadow` record per accepted write (Kafka topic `iot.shadow`).
 
 Requests over MQTT: publish a JSON document to `$shadow/{id}/update` (an update document,
@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from gateway.mqtt.channel import REFUSED, ROUTE, TAKEN, MqttChannel
+from gateway.mqtt.session import Message
 from shadow import ShadowError, ShadowStore, UpdateResult
 from shadow.model import InvalidUpdate
 
@@ -77,12 +79,13 @@ class ShadowService:
         *,
         node_id: str,
         on_change: Callable[[str, bytes], None] | None = None,
+        on_version: Listener | None = None,
     ) -> None:
         self.store = store
         self.publish = publish
         self.node_id = node_id
         self.on_change = on_change  # (device, accepted JSON): the telemetry pipeline's record
-        self.listeners: list[Listener] = []
+        self.on_version = on_version  # (device, new version): CoAP observers of the shadow
         self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- the operations (REST and CoAP call these directly) ---------------------------------
@@ -144,11 +147,12 @@ class ShadowService:
         self._notify(device, result.version)
 
     def _notify(self, device: str, version: int) -> None:
-        for listener in self.listeners:
-            try:
-                listener(device, version)
-            except Exception:  # one broken observer must not stop the others
-                log.exception("shadow listener failed")
+        if self.on_version is None:
+            return
+        try:
+            self.on_version(device, version)
+        except Exception:  # a broken observer must not fail the write that was stored
+            log.exception("shadow change listener failed")
 
     # ---- MQTT requests ------------------------------------------------------------------------
 
@@ -235,3 +239,31 @@ class ShadowService:
 
 def _json(doc: Any) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class ShadowInterceptor:
+    """`$shadow/{id}/update|get|delete` over MQTT: the PUBLISH goes to the shadow service, not
+    to subscribers, and its QoS 1/2 acknowledgement waits until the store has it. The other
+    `$shadow/` topics (the replies) are the gateway's alone to publish: refused."""
+
+    def __init__(self, shadows: ShadowService) -> None:
+        self.shadows = shadows
+
+    def on_publish(self, channel: MqttChannel, message: Message) -> int:
+        if not message.topic.startswith("$shadow/"):
+            return ROUTE
+        request = parse_request_topic(message.topic)
+        if request is None:
+            return REFUSED
+        token = channel.hold_ack()
+
+        def done() -> None:
+            if token is not None:
+                channel.records_durable([token])
+
+        self.shadows.submit_mqtt(request[0], request[1], bytes(message.payload), done)
+        return TAKEN
+
+    def forget(self, channel: MqttChannel) -> None:
+        pass  # a request in progress finds the channel closed and acknowledges nothing
+

@@ -147,11 +147,13 @@ class Listeners:
 
     mqtt: list[socket.socket] = field(default_factory=list)
     mqtts: list[socket.socket] = field(default_factory=list)
+    ws: list[socket.socket] = field(default_factory=list)
+    wss: list[socket.socket] = field(default_factory=list)
     http: list[socket.socket] = field(default_factory=list)
     coap: socket.socket | None = None
 
     def close(self) -> None:
-        for sock in [*self.mqtt, *self.mqtts, *self.http, self.coap]:
+        for sock in [*self.mqtt, *self.mqtts, *self.ws, *self.wss, *self.http, self.coap]:
             if sock is not None:
                 sock.close()
 
@@ -228,7 +230,7 @@ def _group(what: str, flag: str, host: str, port: int, kind: int,
 
 def bind_listeners(config: Config, workers: int | None = None) -> list[Listeners]:
     """Bind every listener of the config: one Listeners for a lone gateway (workers=None),
-    else one per worker (MQTT, MQTTS and CoAP shared with SO_REUSEPORT, HTTP on
+    else one per worker (MQTT, MQTTS, WS, WSS and CoAP shared with SO_REUSEPORT, HTTP on
     --http-port + i). Raises StartupError, having closed what it bound."""
     count = workers or 1
     shared = workers  # None: plain sockets
@@ -242,6 +244,14 @@ def bind_listeners(config: Config, workers: int | None = None) -> list[Listeners
             for i, socks in enumerate(_group("MQTT over TLS", "--mqtts-port", host,
                                              config.mqtts_port, socket.SOCK_STREAM, shared)):
                 result[i].mqtts = socks
+        if config.ws_port:
+            for i, socks in enumerate(_group("MQTT over WebSocket", "--ws-port", host,
+                                             config.ws_port, socket.SOCK_STREAM, shared)):
+                result[i].ws = socks
+        if config.wss_port:
+            for i, socks in enumerate(_group("MQTT over secure WebSocket", "--wss-port", host,
+                                             config.wss_port, socket.SOCK_STREAM, shared)):
+                result[i].wss = socks
         for i in range(count):
             port = config.http_port + i if config.http_port else 0
             (result[i].http,) = _group("HTTP", "--http-port", host, port,

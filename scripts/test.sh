@@ -9,6 +9,8 @@ apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
 command -v wrk >/dev/null || apt_missing+=(wrk)
+command -v node >/dev/null || apt_missing+=(nodejs)
+command -v npm >/dev/null || apt_missing+=(npm)
 command -v go >/dev/null || apt_missing+=(golang-go)  # builds Toxiproxy (below)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
@@ -24,6 +26,11 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# MQTT.js for the WebSocket tests (tests/js/), into .cache/node once per pinned version:
+mqttjs=5.14.1
+[ "$(node -p "require('./.cache/node/node_modules/mqtt/package.json').version" 2>/dev/null)" = "$mqttjs" ] \
+  || npm install --prefix .cache/node --no-audit --no-fund --silent "mqtt@$mqttjs"
 
 echo "== ruff";   .venv/bin/ruff check .
 echo "== mypy";   .venv/bin/mypy

@@ -40,6 +40,10 @@ def test_boolean_flags_and_variables() -> None:
         ({"IOTGW_CLUSTER": "1"}, "need --redis"),
         ({"IOTGW_WORKERS": "2", "IOTGW_REDIS": "redis://r", "IOTGW_MQTT_PORT": "0"},
          "share their ports"),
+        ({"IOTGW_WSS_PORT": "8884"}, "--wss-port needs --tls-cert"),
+        ({"IOTGW_WS_PORT": "1883"}, "--ws-port: port 1883 is also --mqtt-port's"),
+        ({"IOTGW_WS_PORT": "70000"}, "--ws-port: 70000 is not a port"),
+        ({"IOTGW_WS_HANDSHAKE_TIMEOUT": "0"}, "--ws-handshake-timeout: 0 is not"),
     ],
 )
 def test_bad_values_are_named_in_the_error(environ: dict[str, str], message: str) -> None:

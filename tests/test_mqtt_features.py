@@ -1,5 +1,6 @@
 """MQTT 5 features and limits of the server, one test each, with raw frames (the edge cases) and
-real clients (paho-mqtt, amqtt)."""
+real clients (paho-mqtt, amqtt); the ones on the `gw` fixture run over TCP, TLS, WebSocket and
+WebSocket with TLS."""
 
 from __future__ import annotations
 
@@ -9,17 +10,31 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import pytest
-from test_mqtt_server import PahoClient, RawClient
+from test_mqtt_server import (  # noqa: F401  (fixtures)
+    Endpoint,
+    PahoClient,
+    RawClient,
+    certificates,
+    open_endpoint,
+)
 
 from gateway._native import mqtt
 
 
+class _Over:
+    """The gateway as the tests see it: `mqtt_port` is the Endpoint of one transport."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.mqtt_port = endpoint
+        self.gateway = endpoint.running.gateway
+
+
 @pytest.fixture
-def gw(gateway_factory: Any) -> Any:
-    return gateway_factory(allow_anonymous=True, acl="open")
+def gw(open_endpoint: Endpoint) -> Any:  # noqa: F811
+    return _Over(open_endpoint)
 
 
-def _subscriber(port: int, topic_filter: str, qos: int = 1, **opts: Any) -> RawClient:
+def _subscriber(port: int | Endpoint, topic_filter: str, qos: int = 1, **opts: Any) -> RawClient:
     sub = RawClient(port, version=5)
     assert sub.connect("sub-" + topic_filter.replace("/", "_")).reason_code == 0
     sub.send(mqtt.Subscribe(1, [mqtt.Subscription(topic_filter, qos, **opts)]).encode(5))
@@ -27,7 +42,7 @@ def _subscriber(port: int, topic_filter: str, qos: int = 1, **opts: Any) -> RawC
     return sub
 
 
-def _publisher(port: int, client_id: str = "pub") -> RawClient:
+def _publisher(port: int | Endpoint, client_id: str = "pub") -> RawClient:
     pub = RawClient(port, version=5)
     assert pub.connect(client_id).reason_code == 0
     return pub
@@ -222,8 +237,10 @@ def test_request_response_properties_reach_the_responder(gw: Any) -> None:
     assert reply.properties.correlation_data == b"\x01\x02"
 
 
-def test_amqtt_client_publishes_and_receives_through_the_gateway(gw: Any) -> None:
+def test_amqtt_client_publishes_and_receives_through_the_gateway(gateway_factory: Any) -> None:
     from amqtt.client import MQTTClient
+
+    gw = gateway_factory(allow_anonymous=True, acl="open")
 
     async def scenario() -> list[tuple[str, bytes]]:
         sub, pub = MQTTClient(client_id="amqtt-sub"), MQTTClient(client_id="amqtt-pub")

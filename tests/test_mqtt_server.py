@@ -7,6 +7,7 @@ import ssl
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,20 +20,41 @@ from paho.mqtt.properties import Properties as PahoProperties
 from gateway._native import mqtt
 
 PROTOCOLS = {"v311": paho.MQTTv311, "v5": paho.MQTTv5}
+TRANSPORTS = ("tcp", "tls", "ws", "wss")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where and how to reach the MQTT server: `transport` tcp, tls, ws or wss; TLS trusts `ca`.
+    RawClient and PahoClient take one wherever they take a port."""
+
+    port: int
+    transport: str = "tcp"
+    ca: str | None = None
+    running: Any = None  # the running gateway (tests/conftest.py), when the test needs it
 
 
 class PahoClient:
     """A paho client on its own network thread, collecting what it receives."""
 
     def __init__(
-        self, port: int, client_id: str, protocol: int, clean_session: bool | None = None,
+        self, port: int | Endpoint, client_id: str, protocol: int,
+        clean_session: bool | None = None, transport: str = "tcp", ca: str | None = None,
         **connect: Any,
     ) -> None:
+        """`transport`: "tcp" or "websockets" (path /mqtt); `ca`: TLS, trusting this CA."""
+        if isinstance(port, Endpoint):
+            transport = "websockets" if port.transport in ("ws", "wss") else "tcp"
+            port, ca = port.port, port.ca
         # 3.1.1 takes clean_session in the constructor, 5.0 takes clean_start in connect().
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol,
-            clean_session=clean_session,
+            clean_session=clean_session, transport=transport,  # type: ignore[arg-type]
         )
+        if transport == "websockets":
+            self.client.ws_set_options(path="/mqtt")
+        if ca is not None:
+            self.client.tls_set(ca_certs=ca)
         self.protocol = protocol
         self.messages: list[paho.MQTTMessage] = []
         self.received = threading.Condition()
@@ -75,15 +97,45 @@ class PahoClient:
 
 
 class RawClient:
-    """Frames in, packets out: for the edge cases a library client will not produce."""
+    """Frames in, packets out: for the edge cases a library client will not produce. Over TCP,
+    or `transport` "tls", "ws" or "wss" (TLS trusting `ca`; WebSocket on /mqtt through
+    wsproto's client side, one binary message per send)."""
 
-    def __init__(self, port: int, version: int = 4) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    def __init__(
+        self, port: int | Endpoint, version: int = 4, transport: str = "tcp",
+        ca: str | None = None,
+    ) -> None:
+        if isinstance(port, Endpoint):
+            port, transport, ca = port.port, port.transport, port.ca
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if transport in ("tls", "wss"):
+            ctx = ssl.create_default_context(cafile=ca)
+            sock = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+        self.sock = sock
         self.framer = mqtt.Framer(version=version)
         self.version = version
         self.pending: list[Any] = []
+        self.ws: Any = None
+        if transport in ("ws", "wss"):
+            from wsproto import ConnectionType, WSConnection
+            from wsproto.events import AcceptConnection, Request
+
+            self.ws = WSConnection(ConnectionType.CLIENT)
+            sock.sendall(self.ws.send(Request("127.0.0.1", "/mqtt", subprotocols=["mqtt"])))
+            while not any(isinstance(e, AcceptConnection) for e in self._ws_events()):
+                pass
+
+    def _ws_events(self) -> list[Any]:
+        data = self.sock.recv(65536)
+        assert data, "closed during the WebSocket upgrade"
+        self.ws.receive_data(data)
+        return list(self.ws.events())
 
     def send(self, data: bytes) -> None:
+        if self.ws is not None:
+            from wsproto.events import Message as WsMessage
+
+            data = self.ws.send(WsMessage(data=data))
         self.sock.sendall(data)
 
     def connect(self, client_id: str, **kw: Any) -> Any:
@@ -96,11 +148,31 @@ class RawClient:
         deadline = time.monotonic() + timeout
         while not self.pending:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))
-            data = self.sock.recv(65536)
+            try:
+                data = self.sock.recv(65536)
+            except ssl.SSLError:  # a TLS connection cut without close_notify
+                return None
             if not data:
                 return None
+            if self.ws is not None:
+                data = self._unwrap(data)
+                if data is None:
+                    return None
             self.pending.extend(p.detach() for p in self.framer.feed(data))
         return self.pending.pop(0)
+
+    def _unwrap(self, data: bytes) -> bytes | None:
+        """The MQTT bytes in WebSocket data; None once the server closed the WebSocket."""
+        from wsproto.events import BytesMessage, CloseConnection
+
+        self.ws.receive_data(data)
+        out = b""
+        for event in self.ws.events():
+            if isinstance(event, BytesMessage):
+                out += event.data
+            elif isinstance(event, CloseConnection) and not out:
+                return None
+        return out
 
     def close(self) -> None:
         self.sock.close()
@@ -111,11 +183,30 @@ def open_gateway(gateway_factory: Any) -> Any:
     return gateway_factory(allow_anonymous=True, acl="open")
 
 
+@pytest.fixture(params=TRANSPORTS)
+def open_endpoint(request: Any, gateway_factory: Any, certificates: dict[str, str]) -> Endpoint:
+    """An open gateway listening on MQTT, MQTTS, WS and WSS; the Endpoint of one of them."""
+    from conftest import free_port
+
+    gw = gateway_factory(
+        allow_anonymous=True, acl="open", tls_cert=certificates["srv.pem"],
+        tls_key=certificates["srv.key"], mqtts_port=0, ws_port=free_port(),
+        wss_port=free_port(),
+    )
+    ports = {"tcp": gw.mqtt_port, "tls": gw.mqtts_port, "ws": gw.gateway.ws_port,
+             "wss": gw.gateway.wss_port}
+    transport = request.param
+    ca = certificates["ca.pem"] if transport in ("tls", "wss") else None
+    return Endpoint(ports[transport], transport, ca, gw)
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS.values(), ids=PROTOCOLS.keys())
 @pytest.mark.parametrize("qos", [0, 1, 2])
-def test_publish_reaches_subscriber_at_each_qos(open_gateway: Any, protocol: int, qos: int) -> None:
-    sub = PahoClient(open_gateway.mqtt_port, "sub", protocol)
-    pub = PahoClient(open_gateway.mqtt_port, "pub", protocol)
+def test_publish_reaches_subscriber_at_each_qos(
+    open_endpoint: Endpoint, protocol: int, qos: int
+) -> None:
+    sub = PahoClient(open_endpoint, "sub", protocol)
+    pub = PahoClient(open_endpoint, "pub", protocol)
     sub.subscribe("plant/+/temp", qos)
     for i in range(20):
         pub.publish(f"plant/{i % 3}/temp", b"%d" % i, qos)
@@ -127,26 +218,26 @@ def test_publish_reaches_subscriber_at_each_qos(open_gateway: Any, protocol: int
 
 
 def test_retained_message_is_delivered_on_subscribe_and_cleared_by_empty_payload(
-    open_gateway: Any,
+    open_endpoint: Endpoint,
 ) -> None:
-    pub = PahoClient(open_gateway.mqtt_port, "pub", paho.MQTTv311)
+    pub = PahoClient(open_endpoint, "pub", paho.MQTTv311)
     pub.publish("state/lamp", b"on", 1, retain=True)
-    sub = PahoClient(open_gateway.mqtt_port, "sub", paho.MQTTv311)
+    sub = PahoClient(open_endpoint, "sub", paho.MQTTv311)
     sub.subscribe("state/#", 1)
     (msg,) = sub.wait_messages(1)
     assert (msg.topic, msg.payload, msg.retain) == ("state/lamp", b"on", True)
     pub.publish("state/lamp", b"", 1, retain=True)
-    late = PahoClient(open_gateway.mqtt_port, "late", paho.MQTTv311)
+    late = PahoClient(open_endpoint, "late", paho.MQTTv311)
     late.subscribe("state/#", 1)
     assert late.wait_messages(1, timeout=0.5) == []
     for c in (pub, sub, late):
         c.close()
 
 
-def test_qos2_duplicate_publish_is_delivered_once(open_gateway: Any) -> None:
-    sub = PahoClient(open_gateway.mqtt_port, "sub", paho.MQTTv311)
+def test_qos2_duplicate_publish_is_delivered_once(open_endpoint: Endpoint) -> None:
+    sub = PahoClient(open_endpoint, "sub", paho.MQTTv311)
     sub.subscribe("q2/#", 2)
-    raw = RawClient(open_gateway.mqtt_port)
+    raw = RawClient(open_endpoint)
     assert raw.connect("raw").reason_code == 0
     frame = mqtt.encode_publish("q2/x", b"once", qos=2, packet_id=7)
     raw.send(frame)
@@ -162,10 +253,10 @@ def test_qos2_duplicate_publish_is_delivered_once(open_gateway: Any) -> None:
     sub.close()
 
 
-def test_will_is_published_when_keepalive_expires(open_gateway: Any) -> None:
-    sub = PahoClient(open_gateway.mqtt_port, "watcher", paho.MQTTv311)
+def test_will_is_published_when_keepalive_expires(open_endpoint: Endpoint) -> None:
+    sub = PahoClient(open_endpoint, "watcher", paho.MQTTv311)
     sub.subscribe("wills/#", 1)
-    raw = RawClient(open_gateway.mqtt_port)
+    raw = RawClient(open_endpoint)
     will = mqtt.Will("wills/dev1", b"gone", qos=1)
     assert raw.connect("dev1", keep_alive=1, will=will).reason_code == 0
     started = time.monotonic()
@@ -176,10 +267,10 @@ def test_will_is_published_when_keepalive_expires(open_gateway: Any) -> None:
     sub.close()
 
 
-def test_normal_disconnect_discards_the_will(open_gateway: Any) -> None:
-    sub = PahoClient(open_gateway.mqtt_port, "watcher", paho.MQTTv311)
+def test_normal_disconnect_discards_the_will(open_endpoint: Endpoint) -> None:
+    sub = PahoClient(open_endpoint, "watcher", paho.MQTTv311)
     sub.subscribe("wills/#", 1)
-    raw = RawClient(open_gateway.mqtt_port)
+    raw = RawClient(open_endpoint)
     raw.connect("dev1", will=mqtt.Will("wills/dev1", b"gone"))
     raw.send(mqtt.Disconnect().encode(4))
     assert raw.recv() is None
@@ -187,10 +278,12 @@ def test_normal_disconnect_discards_the_will(open_gateway: Any) -> None:
     sub.close()
 
 
-def test_session_takeover_disconnects_the_older_connection_with_0x8e(open_gateway: Any) -> None:
-    first = RawClient(open_gateway.mqtt_port, version=5)
+def test_session_takeover_disconnects_the_older_connection_with_0x8e(
+    open_endpoint: Endpoint,
+) -> None:
+    first = RawClient(open_endpoint, version=5)
     assert first.connect("same").reason_code == 0
-    second = RawClient(open_gateway.mqtt_port, version=5)
+    second = RawClient(open_endpoint, version=5)
     assert second.connect("same").reason_code == 0
     kicked = first.recv()
     assert (kicked.type, kicked.reason_code) == (mqtt.DISCONNECT, mqtt.SESSION_TAKEN_OVER)
@@ -200,9 +293,9 @@ def test_session_takeover_disconnects_the_older_connection_with_0x8e(open_gatewa
 
 
 def test_persistent_session_keeps_subscriptions_and_queues_qos1_while_offline(
-    open_gateway: Any,
+    open_endpoint: Endpoint,
 ) -> None:
-    port = open_gateway.mqtt_port
+    port = open_endpoint
     dev = PahoClient(port, "dev", paho.MQTTv311, clean_session=False)
     dev.subscribe("cmd/dev", 1)
     dev.close()
@@ -217,8 +310,8 @@ def test_persistent_session_keeps_subscriptions_and_queues_qos1_while_offline(
     pub.close()
 
 
-def test_unacknowledged_qos1_is_resent_with_dup_after_reconnect(open_gateway: Any) -> None:
-    port = open_gateway.mqtt_port
+def test_unacknowledged_qos1_is_resent_with_dup_after_reconnect(open_endpoint: Endpoint) -> None:
+    port = open_endpoint
     dev = RawClient(port)
     dev.connect("dev", clean_start=False)
     dev.send(mqtt.Subscribe(1, [mqtt.Subscription("cmd/#", qos=1)]).encode(4))
@@ -237,24 +330,24 @@ def test_unacknowledged_qos1_is_resent_with_dup_after_reconnect(open_gateway: An
     app.close()
 
 
-def test_malformed_frame_closes_only_its_own_connection_with_0x81(open_gateway: Any) -> None:
-    bystander = PahoClient(open_gateway.mqtt_port, "ok", paho.MQTTv5)
+def test_malformed_frame_closes_only_its_own_connection_with_0x81(open_endpoint: Endpoint) -> None:
+    bystander = PahoClient(open_endpoint, "ok", paho.MQTTv5)
     bystander.subscribe("t", 0)
-    bad = RawClient(open_gateway.mqtt_port, version=5)
+    bad = RawClient(open_endpoint, version=5)
     assert bad.connect("bad").reason_code == 0
     bad.send(bytes([0x36, 0x05, 0x00, 0x01, ord("t"), 0x00, 0x01]))  # PUBLISH with QoS 3
     reply = bad.recv()
     assert (reply.type, reply.reason_code) == (mqtt.DISCONNECT, mqtt.MALFORMED_PACKET)
     assert bad.recv() is None
-    other = PahoClient(open_gateway.mqtt_port, "pub", paho.MQTTv5)
+    other = PahoClient(open_endpoint, "pub", paho.MQTTv5)
     other.publish("t", b"still here", 0)
     assert [m.payload for m in bystander.wait_messages(1)] == [b"still here"]
     bystander.close()
     other.close()
 
 
-def test_unsupported_protocol_level_gets_connack_1(open_gateway: Any) -> None:
-    raw = RawClient(open_gateway.mqtt_port)
+def test_unsupported_protocol_level_gets_connack_1(open_endpoint: Endpoint) -> None:
+    raw = RawClient(open_endpoint)
     frame = bytearray(mqtt.Connect(client_id="x").encode(4))
     frame[8] = 6  # protocol level byte after the fixed header and "MQTT"
     raw.send(bytes(frame))
@@ -263,8 +356,8 @@ def test_unsupported_protocol_level_gets_connack_1(open_gateway: Any) -> None:
     assert raw.recv() is None
 
 
-def test_first_packet_must_be_connect(open_gateway: Any) -> None:
-    raw = RawClient(open_gateway.mqtt_port)
+def test_first_packet_must_be_connect(open_endpoint: Endpoint) -> None:
+    raw = RawClient(open_endpoint)
     raw.send(mqtt.PINGREQ_FRAME)
     assert raw.recv() is None
 
@@ -317,9 +410,9 @@ def test_registered_device_connects_and_is_confined_to_its_topics(gateway_factor
 
 
 def test_v5_subscription_identifiers_and_overlaps_deliver_once_at_highest_qos(
-    open_gateway: Any,
+    open_endpoint: Endpoint,
 ) -> None:
-    sub = RawClient(open_gateway.mqtt_port, version=5)
+    sub = RawClient(open_endpoint, version=5)
     sub.connect("sub")
     props = mqtt.Properties()
     props.subscription_identifiers = [42]
@@ -328,7 +421,7 @@ def test_v5_subscription_identifiers_and_overlaps_deliver_once_at_highest_qos(
     props.subscription_identifiers = [43]
     sub.send(mqtt.Subscribe(2, [mqtt.Subscription("a/#", qos=1)], properties=props).encode(5))
     assert sub.recv().type == mqtt.SUBACK
-    pub = PahoClient(open_gateway.mqtt_port, "pub", paho.MQTTv5)
+    pub = PahoClient(open_endpoint, "pub", paho.MQTTv5)
     pub.publish("a/b", b"x", 1)
     got = sub.recv()
     assert got.qos == 1
@@ -339,10 +432,10 @@ def test_v5_subscription_identifiers_and_overlaps_deliver_once_at_highest_qos(
     pub.close()
 
 
-def test_v5_properties_pass_through_to_subscribers(open_gateway: Any) -> None:
-    sub = PahoClient(open_gateway.mqtt_port, "sub", paho.MQTTv5)
+def test_v5_properties_pass_through_to_subscribers(open_endpoint: Endpoint) -> None:
+    sub = PahoClient(open_endpoint, "sub", paho.MQTTv5)
     sub.subscribe("req", 1)
-    pub = PahoClient(open_gateway.mqtt_port, "pub", paho.MQTTv5)
+    pub = PahoClient(open_endpoint, "pub", paho.MQTTv5)
     props = PahoProperties(PacketTypes.PUBLISH)
     props.ResponseTopic = "resp/1"
     props.CorrelationData = b"\x01\x02"
@@ -358,8 +451,8 @@ def test_v5_properties_pass_through_to_subscribers(open_gateway: Any) -> None:
     pub.close()
 
 
-def test_no_local_suppresses_own_messages(open_gateway: Any) -> None:
-    raw = RawClient(open_gateway.mqtt_port, version=5)
+def test_no_local_suppresses_own_messages(open_endpoint: Endpoint) -> None:
+    raw = RawClient(open_endpoint, version=5)
     raw.connect("me")
     raw.send(mqtt.Subscribe(1, [mqtt.Subscription("echo", qos=0, no_local=True)]).encode(5))
     assert raw.recv().type == mqtt.SUBACK
@@ -368,10 +461,10 @@ def test_no_local_suppresses_own_messages(open_gateway: Any) -> None:
     assert raw.recv().type == mqtt.PINGRESP
 
 
-def test_topic_alias_from_client_is_resolved(open_gateway: Any) -> None:
-    sub = PahoClient(open_gateway.mqtt_port, "sub", paho.MQTTv311)
+def test_topic_alias_from_client_is_resolved(open_endpoint: Endpoint) -> None:
+    sub = PahoClient(open_endpoint, "sub", paho.MQTTv311)
     sub.subscribe("long/topic/name", 0)
-    raw = RawClient(open_gateway.mqtt_port, version=5)
+    raw = RawClient(open_endpoint, version=5)
     raw.connect("pub")
     props = mqtt.Properties()
     props.topic_alias = 1
@@ -513,9 +606,9 @@ def test_health_readiness_and_prometheus_metrics_are_served(open_gateway: Any) -
 
 
 def test_shared_subscription_delivers_each_message_to_one_member_of_the_group(
-    open_gateway: Any,
+    open_endpoint: Endpoint,
 ) -> None:
-    port = open_gateway.mqtt_port
+    port = open_endpoint
     members = [PahoClient(port, f"worker{i}", paho.MQTTv5) for i in range(2)]
     for m in members:
         m.subscribe("$share/workers/jobs/#", 1)
@@ -621,13 +714,13 @@ def _rogue_outcome(port: int, ca: str, cert: str, key: str) -> str:
     return "eof" if data == b"" else repr(data)
 
 
-def test_server_assigns_topic_aliases_within_the_clients_maximum(open_gateway: Any) -> None:
-    sub = RawClient(open_gateway.mqtt_port, version=5)
+def test_server_assigns_topic_aliases_within_the_clients_maximum(open_endpoint: Endpoint) -> None:
+    sub = RawClient(open_endpoint, version=5)
     ack = sub.connect("sub", properties=mqtt.Properties(topic_alias_maximum=2))
     assert ack.reason_code == 0
     sub.send(mqtt.Subscribe(1, [mqtt.Subscription("al/#", 0)]).encode(5))
     assert sub.recv().type == mqtt.SUBACK
-    pub = RawClient(open_gateway.mqtt_port, version=5)
+    pub = RawClient(open_endpoint, version=5)
     pub.connect("pub")
     topics = ["al/one", "al/one", "al/two", "al/one", "al/three", "al/three", "al/two"]
     for i, t in enumerate(topics):

@@ -146,6 +146,14 @@ def test_http_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
     assert "--http-port" in line and "in use" in line
 
 
+def test_websocket_port_in_use_is_a_one_line_error(tmp_path: Path) -> None:
+    ports = Ports()
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = str(held.getsockname()[1])
+        line = refused([*ports.args(), "--ws-port", port, "--data-dir", str(tmp_path)])
+    assert "--ws-port" in line and "in use" in line and "WebSocket" in line
+
+
 def test_coap_port_shared_with_reuse_port_is_refused(tmp_path: Path) -> None:
     """A UDP socket with SO_REUSEPORT (another gateway, another CoAP server) would otherwise get
     half of the devices' datagrams."""

@@ -152,8 +152,6 @@ class Resources:
         self._versions: dict[str, int] = {}  # newest shadow version heard of, while observed
         self._notifying: set[str] = set()  # devices with a notification task running
         self._dirty: set[str] = set()  # ... that must look at the store once more
-        if shadows is not None:
-            shadows.listeners.append(self._shadow_changed)
         self.observers.on_removed = self._observer_removed
         self.observers.probe = self._probe
 
@@ -529,8 +527,8 @@ class Resources:
 
     # -- notifications
 
-    def _shadow_changed(self, device: str, version: int) -> None:
-        """ShadowService listener: called after every accepted write or delete."""
+    def shadow_changed(self, device: str, version: int) -> None:
+        """After every accepted shadow write or delete (the app wires ShadowService to it)."""
         observers = self.observers
         if not (observers.observes(SHADOW, device) or observers.observes(DELTA, device)):
             return
@@ -758,9 +756,6 @@ class Resources:
                 del self._reply_to[key]
 
     def close(self) -> None:
-        if self.shadows is not None:
-            with contextlib.suppress(ValueError):
-                self.shadows.listeners.remove(self._shadow_changed)
         for subs in (self._command_subs, self._shadow_subs):
             for unsubscribe in subs.values():
                 unsubscribe()

@@ -1,21 +1,23 @@
-"""The broker: sessions by client id, routing through the subscription trie, retained messages,
-and one periodic sweep for every timeout (keep-alive, will delay, session and message expiry).
+"""The broker: routing through the subscription trie, shared groups, internal subscribers,
+retained messages, the offline queues' bounds, and output batching.
 
-It holds no sockets: connections (gateway/mqtt/connection.py) call in with decoded packets and
-the broker calls back `conn.send_publish(...)`. Replies for one read are batched per connection
-and written once, by `flush()` at the end of that read.
+It holds no sockets: channels (gateway/mqtt/channel.py) call in with what their clients
+publish and subscribe, and the broker calls back `channel.send_publish(...)`. Replies for one
+read are batched per channel and written once, by `flush()` at the end of that read. The
+tables of sessions and online clients live here because routing reads them; their lifecycle
+(open, takeover, kick, expiry) is `gateway/mqtt/sessions.py`'s.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway._native import mqtt
-from gateway.auth import ADDED, DISABLED, DeviceRegistry
+from gateway.auth import DeviceRegistry
 from gateway.events import EventLog
 from gateway.guard import AuthGuard
 from gateway.metrics import MqttMetrics
@@ -31,12 +33,11 @@ from gateway.mqtt.session import (
     SubOptions,
     monotonic,
 )
+from gateway.mqtt.sessions import PendingWill, Sessions
 from gateway.mqtt.topics import SubscriptionTrie, TopicTree
-from gateway.telemetry.pipeline import TelemetryPipeline
 
 if TYPE_CHECKING:
-    from gateway.mqtt.connection import MqttConnection
-    from gateway.shadows import ShadowService
+    from gateway.mqtt.channel import MqttChannel, PublishInterceptor
 
 log = logging.getLogger("iotgw.mqtt")
 
@@ -60,12 +61,6 @@ InternalSubscriber = Callable[[Message], None]
 MAX_UNREGISTERED = 100_000  # client ids remembered as unregistered (then forgotten at once)
 
 
-@dataclass(slots=True)
-class _PendingWill:
-    due: float
-    message: Message
-
-
 class SharedGroup:
     """The members of one `$share/{group}/{filter}`: each message goes to one of them, round
     robin, preferring members that are online (5.0 4.8.2)."""
@@ -77,7 +72,7 @@ class SharedGroup:
         self.members: dict[str, SubOptions] = {}
         self._turn = 0
 
-    def pick(self, online: dict[str, MqttConnection]) -> tuple[str, SubOptions] | None:
+    def pick(self, online: dict[str, MqttChannel]) -> tuple[str, SubOptions] | None:
         members = list(self.members.items())
         if not members:
             return None
@@ -100,9 +95,12 @@ class Broker:
         registry: DeviceRegistry | None = None,
         allow_anonymous: bool = False,
         limits: BrokerLimits | None = None,
-        telemetry: TelemetryPipeline | None = None,
-        shadows: ShadowService | None = None,
+        interceptors: Sequence[PublishInterceptor] = (),
+        cluster: Callable[[Broker], ClusterLink] | None = None,
     ) -> None:
+        """`interceptors`: see every allowed PUBLISH before it is routed (telemetry, shadows),
+        in this order. `cluster`: builds the link to the other nodes sharing a Redis, given
+        this broker (the cluster delivers to it what other nodes route here)."""
         self.acl = acl
         self.metrics = metrics
         self.guard = guard
@@ -110,13 +108,12 @@ class Broker:
         self.registry = registry
         self.allow_anonymous = allow_anonymous
         self.limits = limits or BrokerLimits()
-        self.telemetry = telemetry
-        self.shadows = shadows  # `$shadow/{id}/...` requests go to it
-        self.cluster: ClusterLink | None = None  # set by the app when nodes share a Redis
+        self.interceptors = tuple(interceptors)
+        # The tables routing reads; only the session lifecycle (sessions.py) changes them.
         self.sessions: dict[str, Session] = {}
         self._unregistered: set[str] = set()  # client ids found in no registry entry
-        self.online: dict[str, MqttConnection] = {}
-        self.connecting: set[MqttConnection] = set()  # accepted, no CONNECT yet
+        self.online: dict[str, MqttChannel] = {}
+        self.connecting: set[MqttChannel] = set()  # accepted, no CONNECT yet
         self.subscriptions: SubscriptionTrie[str, SubOptions] = SubscriptionTrie()
         # Shared subscriptions: the trie maps the inner filter to the group's name.
         self.shared: SubscriptionTrie[str, SharedGroup] = SubscriptionTrie()
@@ -124,8 +121,8 @@ class Broker:
         self.internal: SubscriptionTrie[int, InternalSubscriber] = SubscriptionTrie()
         self._internal_ids = itertools.count(1)
         self.retained: TopicTree[Message] = TopicTree()
-        self.pending_wills: dict[str, _PendingWill] = {}
-        self._dirty: set[MqttConnection] = set()
+        self.pending_wills: dict[str, PendingWill] = {}
+        self._dirty: set[MqttChannel] = set()
         self.changes = 0  # bumped by changes to routing and sessions
         # What changed since the last save (persistence.py), and the queues' byte bounds.
         self.journal = ChangeLog()
@@ -138,68 +135,22 @@ class Broker:
         metrics.sessions.set_function(lambda: len(self.sessions))
         metrics.retained.set_function(lambda: len(self.retained))
         metrics.queued_bytes.set_function(lambda: self.budget.queued)
+        self.lifecycle = Sessions(self)
+        self.cluster: ClusterLink | None = cluster(self) if cluster is not None else None
 
     # ---- output batching -------------------------------------------------------------------
 
-    def mark_dirty(self, conn: MqttConnection) -> None:
+    def mark_dirty(self, conn: MqttChannel) -> None:
         self._dirty.add(conn)
 
     def flush(self) -> None:
         """Write every connection's batched output in one write each."""
-        dirty, self._dirty = self._dirty, set()
-        for conn in dirty:
-            conn.flush()
+        while self._dirty:  # a channel that closes may publish its will to others
+            dirty, self._dirty = self._dirty, set()
+            for channel in dirty:
+                channel.flush()
 
-    # ---- sessions ----------------------------------------------------------------------------
-
-    def attach(self, conn: MqttConnection, session: Session) -> None:
-        self.changes += 1
-        self.connecting.discard(conn)
-        self.online[session.client_id] = conn
-        self.sessions[session.client_id] = session
-        self.pending_wills.pop(session.client_id, None)  # a will delayed for this session is off
-        session.disconnected_at = None
-        session.join(self.journal, self.budget)
-
-    def detach(self, conn: MqttConnection, will: Message | None, will_delay: int) -> None:
-        """The connection is gone: keep or end its session, publish or schedule its will."""
-        self.connecting.discard(conn)
-        session = conn.session
-        if session is None or self.online.get(session.client_id) is not conn:
-            return  # never connected, or taken over by a newer connection
-        del self.online[session.client_id]
-        now = monotonic()
-        session.disconnected_at = now
-        session.touch()
-        if will is not None:
-            delay = min(will_delay, session.expiry_interval)
-            if delay <= 0:
-                self.publish(will)
-            else:
-                self.pending_wills[session.client_id] = _PendingWill(now + delay, will)
-        if session.expiry_interval == 0:
-            self.end_session(session)
-        elif self.cluster is not None:
-            self.cluster.went_offline(session.client_id, session.cluster_epoch)
-
-    def end_session(self, session: Session) -> None:
-        pending = self.drop_session(session)
-        if pending is not None:  # the will is published at the latest when the session ends
-            self.publish(pending.message)
-        if self.cluster is not None:
-            self.cluster.released(session.client_id, session.cluster_epoch)
-
-    def drop_session(self, session: Session) -> _PendingWill | None:
-        """Forget a session here (it ended, or moved to another cluster node); returns its
-        pending will, which the caller publishes or not."""
-        self.changes += 1
-        for topic_filter in session.subscriptions:
-            self.remove_subscription(session.client_id, topic_filter)
-        if self.sessions.get(session.client_id) is session:
-            del self.sessions[session.client_id]
-            self.journal.ended.add(session.client_id)
-            session.leave()
-        return self.pending_wills.pop(session.client_id, None)
+    # ---- sessions (their lifecycle is sessions.py's) ------------------------------------------
 
     def registered(self, client_id: str) -> bool:
         """Whether a device of this id is registered. An id found unregistered is remembered
@@ -215,30 +166,9 @@ class Broker:
         self._unregistered.add(client_id)
         return False
 
-    def revoke(self, changes: dict[str, str]) -> int:
-        """Devices removed, disabled or added in the registry (gateway/auth.py's REMOVED,
-        DISABLED, ADDED): the connections of a removed or disabled device close (MQTT 5:
-        DISCONNECT 0x98 Administrative action; 3.1.1: the socket closes) and a removed device's
-        sessions end; an anonymous client acting as an id just registered goes, session and all.
-        Matched by identity, so that it works whatever client id a device used. Returns the
-        connections closed."""
-        closed = 0
-        self._unregistered.difference_update(changes)
-        for session in [s for s in self.sessions.values() if s.identity in changes]:
-            op = changes[session.identity]
-            if (op == ADDED) != session.anonymous:
-                continue  # a registered device stays when its id is added again elsewhere
-            conn = self.online.get(session.client_id)
-            if conn is not None:
-                conn.close_with(mqtt.ADMINISTRATIVE_ACTION, f"device {op}")
-                self.detach(conn, conn.will, 0)
-                conn.will = None
-                closed += 1
-            if op != DISABLED and self.sessions.get(session.client_id) is session:
-                self.end_session(session)
-        if closed:
-            self.flush()
-        return closed
+    def forget_unregistered(self, client_ids: Iterable[str]) -> None:
+        """These ids changed in the registry: look them up again."""
+        self._unregistered.difference_update(client_ids)
 
     # ---- subscriptions -------------------------------------------------------------------------
 
@@ -415,6 +345,19 @@ class Broker:
                 self.limits.max_queued_messages, self.budget.per_session, self.budget.total,
             )
 
+    def replace_retained(self, messages: dict[str, Message]) -> None:
+        """Every retained message, as the cluster keeps them (in Redis): ours are replaced."""
+        self.retained = TopicTree()
+        for topic, message in messages.items():
+            self.retained.set(topic, message)
+
+    def set_retained(self, topic: str, message: Message | None) -> None:
+        """A retained message another cluster node set (None: deleted)."""
+        if message is None:
+            self.retained.delete(topic)
+        else:
+            self.retained.set(topic, message)
+
     def retained_for(self, topic_filter: str) -> list[Message]:
         """Retained messages a new subscription receives; expired ones are deleted here."""
         now = monotonic()
@@ -428,21 +371,7 @@ class Broker:
 
     # ---- the sweep ---------------------------------------------------------------------------
 
-    def sweep(self, now: float | None = None) -> None:
-        """Every timeout in one pass; called about once a second by the app."""
-        now = monotonic() if now is None else now
-        for conn in list(self.connecting):
-            if now - conn.accepted_at > self.limits.connect_timeout:
-                conn.abort("no CONNECT in time")
-        for conn in list(self.online.values()):
-            if conn.keep_alive and now - conn.last_received > 1.5 * conn.keep_alive:
-                conn.close_with(mqtt.KEEP_ALIVE_TIMEOUT, "keep-alive timeout")
-        for client_id, pending in list(self.pending_wills.items()):
-            if now >= pending.due:
-                del self.pending_wills[client_id]
-                self.publish(pending.message)
-        for session in list(self.sessions.values()):
-            if session.expired(now):
-                self.end_session(session)
+    def sweep(self, now: float) -> None:
+        """The broker's part of the sweep (after the sessions' part, gateway/mqtt/sessions.py)."""
         self._log_shed(now)
         self.flush()

@@ -12,14 +12,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from gateway.mqtt.session import Message, Session
 
 if TYPE_CHECKING:
-    from gateway.mqtt.connection import MqttConnection
+    from gateway.mqtt.channel import MqttChannel
 
 
 class ClusterLink(Protocol):
     # Flow control: some node is behind; the publishers are held until it caught up.
     blocked: bool
-    # Client ids whose CONNECT here waits for its claim: client id -> (epoch, connection).
-    claiming: dict[str, tuple[str, MqttConnection]]
 
     # ---- routing
     def route_added(self, topic_filter: str) -> None: ...
@@ -33,9 +31,9 @@ class ClusterLink(Protocol):
     def retain(self, message: Message) -> None: ...
 
     # ---- flow control
-    def hold(self, conn: MqttConnection) -> None: ...
+    def hold(self, conn: MqttChannel) -> None: ...
 
-    def forget(self, conn: MqttConnection) -> None: ...
+    def forget(self, conn: MqttChannel) -> None: ...
 
     # ---- client ids and sessions across nodes
     def new_epoch(self) -> str: ...
