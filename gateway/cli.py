@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import sys
 import time
@@ -85,6 +86,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true",
         help="exit 1 if any byte range had to be skipped (each is always reported on stderr)",
     )
+    tail.add_argument(
+        "--kafka", dest="tail_kafka", metavar="HOST:PORT",
+        help="read Kafka instead, as a member of a consumer group (from the group's committed "
+        "offsets; only processed records are committed, rebalances keep per-partition order); "
+        "without -f it stops once nothing came for 2 s",
+    )
+    tail.add_argument("--group", default="iotgw-telemetry-tail",
+                      help="(--kafka) the consumer group (default iotgw-telemetry-tail)")
+    tail.add_argument("--topics", default="iot.telemetry,iot.events,iot.shadow,iot.commands",
+                      help="(--kafka) comma-separated topics (default: the gateway's four)")
 
     commands.add_parser("selfcheck", help="check that the native codecs are built and work")
     return parser
@@ -238,7 +249,40 @@ def _record_json(record: Any) -> str:
     return json.dumps({**fields, "topic_or_path": record.topic_or_path, **shown})
 
 
+def _kafka_tail(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.telemetry.kafkatail import KafkaTail
+
+    host, _, port = args.tail_kafka.rpartition(":")
+    if not host or not port.isdigit():
+        raise config.ConfigError(f"--kafka: {args.tail_kafka!r} is not host:port")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        last = [time.monotonic()]
+
+        def show(record: Any, msg: Any) -> None:
+            last[0] = time.monotonic()
+            print(_record_json(record), flush=True)
+
+        tail = KafkaTail(args.tail_kafka, [t for t in args.topics.split(",") if t.strip()],
+                         args.group, show)
+        task = asyncio.create_task(tail.run(stop))
+        while not task.done():
+            await asyncio.sleep(0.2)
+            if not args.follow and time.monotonic() - last[0] > 2.0:
+                stop.set()
+        await task
+
+    with contextlib.suppress(KeyboardInterrupt):  # ^C ends --follow
+        asyncio.run(main())
+    return 0
+
+
 def _telemetry_tail(args: argparse.Namespace, cfg: config.Config) -> int:
+    if args.tail_kafka:
+        return _kafka_tail(args)
     from gateway.telemetry.filesink import Skipped, read_records
 
     root = Path(cfg.data_dir)

@@ -473,6 +473,10 @@ def build_spec(kind: str, opts: argparse.Namespace) -> tuple[dict[str, Any], str
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "chaos":
+        from loadtest.chaos import main as chaos_main
+
+        return chaos_main(argv[1:])
     try:
         kind, opts = parse_args(argv)
     except UsageError as exc:

@@ -174,9 +174,11 @@ class CoapClient(asyncio.DatagramProtocol):
         options: Iterable[tuple[int, Any]] = (),
         name: str | None = None,
         observe: Notification | None = None,
+        done: Notification | None = None,
     ) -> bool:
         """Send a request; the response records (METHOD, name). With `observe`, registers for
-        notifications (Observe: 0) that go to the callback as decoded messages."""
+        notifications (Observe: 0) that go to the callback as decoded messages; `done` gets a
+        successful (2.xx) response of a request without Observe."""
         label = METHOD_NAMES.get(method, str(method))
         name = name or path.partition("?")[0]
         t = self.transport
@@ -195,7 +197,7 @@ class CoapClient(asyncio.DatagramProtocol):
         except (ValueError, TypeError) as exc:
             self.rt.stats.failure(label, name, f"cannot encode request: {exc}")
             return False
-        p = Pending(mid, token, label, name, frame, confirmable, observe)
+        p = Pending(mid, token, label, name, frame, confirmable, observe or done)
         now = self.rt.loop.time()
         if confirmable:
             p.timeout = ACK_TIMEOUT * random.uniform(1.0, ACK_RANDOM_FACTOR)
@@ -252,24 +254,26 @@ class CoapClient(asyncio.DatagramProtocol):
             return
         # CON or NON from the server: a separate response or a notification
         t = self.transport
+        token = msg.token
+        p = self.by_token.get(token) if msg.code >= 64 else None
+        obs = self.observers.get(token) if self.observers is not None and p is None else None
+        if msg.code >= 64 and p is None and obs is None:
+            # Nobody waits for it (an observation given up): RST, which also ends the
+            # observation on the server (RFC 7641 3.6).
+            if t is not None:
+                t.sendto(coap.encode_empty(_RST, msg.mid))
+            return
         if mtype == _CON and t is not None:
             t.sendto(coap.encode_empty(_ACK, msg.mid))
         if msg.code < 64:
             return  # a request or empty message to a client: ignore
-        token = msg.token
-        p = self.by_token.get(token)
         if p is not None:
             self.by_mid.pop(p.mid, None)
             self._response(p, msg)
             return
-        if self.observers is not None:
-            obs = self.observers.get(token)
-            if obs is not None:
-                self.rt.stats.get("NOTIFY", obs[1]).count(1, len(msg.payload))
-                obs[0](msg)
-                return
-        if mtype == _NON and t is not None:
-            t.sendto(coap.encode_empty(_RST, msg.mid))  # nobody waits for it
+        if obs is not None:
+            self.rt.stats.get("NOTIFY", obs[1]).count(1, len(msg.payload))
+            obs[0](msg)
 
     def _response(self, p: Pending, msg: Any) -> None:
         code = msg.code
@@ -316,6 +320,12 @@ class CoapClient(asyncio.DatagramProtocol):
                 self.rt.stats.incr("coap_retransmissions")
         if not self.by_token:
             self.rt.coap_clients.discard(self)
+
+    def forget(self, name: str) -> None:
+        """Give up the observations recorded as `name`: their next notification gets an RST."""
+        if self.observers:
+            for token in [t for t, (_, n) in self.observers.items() if n == name]:
+                del self.observers[token]
 
     @property
     def outstanding(self) -> int:

@@ -39,13 +39,17 @@ class Commander:
         self.stopped = False
         self.task = rt.loop.create_task(self._start())
 
-    async def _start(self) -> None:
+    async def _start(self, again: bool = False) -> None:
         try:
             await self.client.connect(clean_start=True, name="commander")
             await self.client.subscribe([(RESPONSE_FILTER, 1)], name="command responses")
             self.ready = True
         except ConnectError:
-            self.stopped = True
+            self.client.abort()
+            if again and not self.stopped:  # the server went away: keep trying, as devices do
+                self.rt.scheduler.after(self.rt.settings.reconnect_delay, _restart, self)
+            else:
+                self.stopped = True
 
     def add(self, device_id: str, per_second: float) -> None:
         if per_second <= 0:
@@ -96,7 +100,9 @@ class Commander:
 
     def on_connection_lost(self, client: MqttClient, reason: str | None) -> None:
         self.ready = False
-        if not self.stopped:
+        if not self.stopped and client is self.client and not self.task.done():
+            return  # still connecting: _start decides what comes next
+        if not self.stopped and client is self.client:
             self.rt.scheduler.after(self.rt.settings.reconnect_delay, _restart, self)
 
     def sweep(self) -> None:
@@ -126,7 +132,7 @@ def _restart(commander: Commander, due: float) -> None:
         return
     commander.client = MqttClient(commander.rt, commander.client.client_id, commander)
     commander.client.device = False
-    commander.task = asyncio.ensure_future(commander._start())
+    commander.task = asyncio.ensure_future(commander._start(again=True))
 
 
 def commander_of(rt: Runtime) -> Commander:

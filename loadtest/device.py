@@ -339,6 +339,7 @@ class MqttDevice(Device):
         self._handlers: dict[str, Callable[[str, bytes], Any]] = {}
         self._commands_prefix: str | None = None
         self._command_rate: tuple[float, float] | None = None
+        self._reconnecting = False
         size = self.telemetry_size
         self._size = random.randint(*size) if isinstance(size, tuple) else size
 
@@ -406,8 +407,12 @@ class MqttDevice(Device):
         """A message on a subscribed topic without a handler of its own."""
 
     def on_connection_lost(self, client: MqttClient, reason: str | None) -> None:
-        if self.stopped or not self.reconnect:
+        # One reconnect at a time, for the current client only: a connect that fails calls
+        # this and also raises to the reconnect in progress, and two reconnects would run two
+        # clients with one client id, taking each other's session over without end.
+        if self.stopped or not self.reconnect or client is not self.client or self._reconnecting:
             return
+        self._reconnecting = True
         delay = self.rt.settings.reconnect_delay * random.uniform(1.0, 2.0)
         self.rt.scheduler.after(delay, _reconnect, self)
 
@@ -465,7 +470,7 @@ class MqttDevice(Device):
             return False
         self.seq += 1
         body = json.dumps(
-            {"state": {"reported": reported}, "seq": self.seq, "ts": _now_us()},
+            {"state": {"reported": reported}, "seq": self.seq},
             separators=(",", ":"),
         )
         return self.publish(f"$shadow/{self.id}/update", body, name="shadow update")
@@ -567,18 +572,23 @@ class MqttDevice(Device):
 
 def _reconnect(device: MqttDevice, due: float) -> None:
     if device.stopped:
+        device._reconnecting = False
         return
 
     async def again() -> None:
         try:
             await device._connect()
         except (ConnectError, OSError):
+            if device.client is not None:
+                device.client.abort()  # connected but not subscribed: not half a device
             if not device.stopped:
                 device.rt.scheduler.after(
                     device.rt.settings.reconnect_delay * random.uniform(1.0, 3.0),
                     _reconnect,
                     device,
                 )
+            return
+        device._reconnecting = False
 
     device.rt.loop.create_task(again())
 
@@ -635,9 +645,11 @@ class CoapDevice(Device):
         content_format: int | None = None,
         name: str | None = None,
         observe: Callable[[Any], None] | None = None,
+        done: Callable[[Any], None] | None = None,
     ) -> bool:
         """Send a request; the response time is recorded as (METHOD, name), name defaulting to
-        the path with the device id replaced by {id}. The access token is added as ?t=."""
+        the path with the device id replaced by {id}. The access token is added as ?t=.
+        `done(response)` is called for a successful (2.xx) response."""
         code = METHODS[method.upper()] if isinstance(method, str) else method
         if isinstance(payload, str):
             payload = payload.encode()
@@ -657,6 +669,7 @@ class CoapDevice(Device):
             options=opts,
             name=name,
             observe=observe,
+            done=done,
         )
 
     def post_telemetry(
@@ -680,7 +693,7 @@ class CoapDevice(Device):
             return False
         self.seq += 1
         body = json.dumps(
-            {"state": {"reported": reported}, "seq": self.seq, "ts": _now_us()},
+            {"state": {"reported": reported}, "seq": self.seq},
             separators=(",", ":"),
         )
         return self.request(

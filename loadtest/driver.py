@@ -99,6 +99,7 @@ class RunControl:
     collector: Collector = field(default_factory=Collector)
     extra_stats: Stats = field(default_factory=Stats)  # master-side recordings (Kafka)
     on_tick: Callable[[], None] | None = None
+    workload: Workload | None = None  # this process's, once started (run_local)
 
 
 class _Stopper:
@@ -180,6 +181,7 @@ async def run_local(spec: dict[str, Any], ctl: RunControl) -> None:
     rss_base = current_rss()
     rt = Runtime(Settings.from_dict(spec["settings"]), loop, 0, 1)
     workload = build_workload(spec, rt, 0, 1)
+    ctl.workload = workload
     e2e = await _start_kafka(ctl)
     collector = ctl.collector
     stopper = _Stopper(loop)

@@ -19,7 +19,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from gateway._native import mqtt
@@ -100,6 +100,7 @@ class MqttClient(asyncio.BufferedProtocol):
         "inflight",
         "last_tx",
         "next_pid",
+        "on_ack",
         "paused",
         "ping_name",
         "ping_t0",
@@ -124,6 +125,7 @@ class MqttClient(asyncio.BufferedProtocol):
         # packet id -> (send time ns, stats name)
         self.inflight: dict[int, tuple[int, str]] | None = None
         self.next_pid = 0
+        self.on_ack: Callable[[int], None] | None = None  # packet id of a successful PUBACK
         self.ping_t0 = 0
         self.ping_name = "keepalive"
         self.last_tx = 0.0
@@ -169,6 +171,8 @@ class MqttClient(asyncio.BufferedProtocol):
                         )
                     else:
                         stats.record((_now_ns() - t0) // 1000)
+                        if self.on_ack is not None:
+                            self.on_ack(p.packet_id)
             elif t == _PUBLISH:
                 qos = p.qos
                 if qos == 1:

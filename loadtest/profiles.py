@@ -6,13 +6,15 @@
   * Actuator (weight 1): answers commands that arrive at 0.1-2 Hz per device, and reports its
     shadow when its state changes (a command changed it, or a local change every 10-30 s).
 `coap` (the default for coap:// hosts): the same mix over CoAP (CoAP ping heartbeat, POST
-telemetry, PATCH shadow on change). The other profiles are one part of the mix each.
+telemetry, PATCH shadow on change). The other profiles are one part of the mix each; `chaos` is
+the chaos suite's fleet (loadtest/chaosfleet.py).
 """
 
 from __future__ import annotations
 
 import random
 
+from loadtest.chaosfleet import FLEET
 from loadtest.device import CoapDevice, Device, MqttDevice, task
 from loadtest.wait import ScenarioError, between, constant_throughput
 
@@ -101,6 +103,7 @@ class CoapActuator(CoapDevice):
 
 
 PROFILES: dict[str, list[type[Device]]] = {
+    "chaos": FLEET,
     "fleet": [Sensor, Actuator],
     "heartbeat": [Heartbeat],
     "telemetry": [Sensor],

@@ -222,13 +222,15 @@ def svg_chart(
     unit: str,
     width: int = 900,
     height: int = 260,
+    bands: Sequence[tuple[float, float, str]] = (),
 ) -> str:
-    """A line chart as inline SVG: x = seconds since the start, one polyline per series."""
+    """A line chart as inline SVG: x = seconds since the start, one polyline per series;
+    `bands` (from, to, label) are shaded behind the lines (the chaos suite's fault windows)."""
     left, right, top, bottom = 70, 150, 30, 40
     pw, ph = width - left - right, height - top - bottom
     xs = [x for _, pts in series for x, _ in pts]
     ys = [y for _, pts in series for _, y in pts]
-    xmax = max(xs) if xs else 1.0
+    xmax = max([*xs, *(b[1] for b in bands)]) if xs or bands else 1.0
     xmax = xmax if xmax > 0 else 1.0
     ymax = _nice_max(max(ys) if ys else 0.0)
     out = [
@@ -237,6 +239,17 @@ def svg_chart(
         f'<text x="{left}" y="18" font-size="14" font-weight="bold">{html.escape(title)}</text>',
         f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
     ]
+    for n, (x0, x1, label) in enumerate(bands):
+        bx = left + pw * max(x0, 0.0) / xmax
+        bw = max(pw * (min(x1, xmax) - max(x0, 0.0)) / xmax, 1.0)
+        out.append(
+            f'<rect x="{bx:.1f}" y="{top}" width="{bw:.1f}" height="{ph}" fill="#f2b134" '
+            f'fill-opacity="0.22"><title>{html.escape(label)}</title></rect>'
+        )
+        out.append(
+            f'<text x="{bx + 2:.1f}" y="{top + 11 + 11 * (n % 3)}" font-size="10" '
+            f'fill="#8a5a00">{html.escape(label[:28])}</text>'
+        )
     for i in range(5):
         yv = ymax * i / 4
         y = top + ph - ph * i / 4
@@ -312,8 +325,16 @@ tr:last-child td{font-weight:600}
 """
 
 
-def render_html(collector: Collector, meta: dict[str, Any]) -> str:
-    """The whole report as one HTML document (inline CSS and SVG only)."""
+def render_html(
+    collector: Collector,
+    meta: dict[str, Any],
+    bands: Sequence[tuple[float, float, str]] = (),
+    sections: Sequence[tuple[str, str]] = (),
+    kind_charts: Sequence[tuple[str, Sequence[tuple[str, Sequence[str]]]]] = (),
+) -> str:
+    """The whole report as one HTML document (inline CSS and SVG only). `bands` (wall-clock
+    from, to, label) are shaded on every chart; `sections` (heading, HTML) come before the
+    charts; `kind_charts` (title, [(label, names)]) add a p99 chart per group of entry names."""
     start = collector.history[0].timestamp - collector.history[0].interval if collector.history \
         else collector.started
     rps = []
@@ -334,15 +355,32 @@ def render_html(collector: Collector, meta: dict[str, Any]) -> str:
             p99.append((x, c / 1000))
         users.append((x, float(row.users)))
         conn.append((x, float(row.connected)))
+    shaded = [(a - start, b - start, label) for a, b, label in bands]
     charts = [
-        svg_chart("Throughput", [("requests/s", rps), ("failures/s", fps)], "per second"),
+        svg_chart("Throughput", [("requests/s", rps), ("failures/s", fps)], "per second",
+                  bands=shaded),
         svg_chart(
             "Response time percentiles (per interval)",
             [("p50", p50), ("p95", p95), ("p99", p99)],
             "ms",
+            bands=shaded,
         ),
-        svg_chart("Devices", [("spawned", users), ("connected", conn)], "devices"),
+        svg_chart("Devices", [("spawned", users), ("connected", conn)], "devices",
+                  bands=shaded),
     ]
+    for title, groups in kind_charts:
+        series = []
+        for label, names in groups:
+            pts = []
+            for row in collector.history:
+                merged = StatsEntry("", label)
+                for (_, name), e in row.entries.items():
+                    if name in names:
+                        merged.merge(e)
+                if merged.hist.count:
+                    pts.append((row.timestamp - start, merged.hist.percentile(0.99) / 1000))
+            series.append((label, pts))
+        charts.append(svg_chart(title, series, "ms", bands=shaded))
     started = dt.datetime.fromtimestamp(collector.started).isoformat(timespec="seconds")
     ended = dt.datetime.fromtimestamp(collector.ended or collector.started).isoformat(
         timespec="seconds"
@@ -377,6 +415,7 @@ def render_html(collector: Collector, meta: dict[str, Any]) -> str:
         _table(["Type", "Name", *percentile_labels(), "# timed"], pct_rows),
         "<h2>Failures and errors</h2>",
         _table(FAILURES_HEADER, failures, numeric_from=3) if failures else "<p>None.</p>",
+        *(f"<h2>{html.escape(h)}</h2>{body}" for h, body in sections),
         "<h2>Charts</h2>",
         *(f"<div>{c}</div>" for c in charts),
         "</body></html>",
@@ -384,8 +423,9 @@ def render_html(collector: Collector, meta: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def write_html(path: str, collector: Collector, meta: dict[str, Any]) -> Path:
+def write_html(path: str, collector: Collector, meta: dict[str, Any], **extra: Any) -> Path:
+    """The report of render_html (its keyword arguments pass through) written to `path`."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render_html(collector, meta), encoding="utf-8")
+    p.write_text(render_html(collector, meta, **extra), encoding="utf-8")
     return p

@@ -16,6 +16,7 @@ command -v coap-client-gnutls >/dev/null && command -v coap-server-openssl >/dev
 command -v autoreconf >/dev/null && command -v libtoolize >/dev/null || apt_missing+=(autoconf automake libtool)
 command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
+command -v go >/dev/null || apt_missing+=(golang-go)  # builds Toxiproxy (below)
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;
@@ -40,4 +41,9 @@ echo "== ruff";   .venv/bin/ruff check .
 echo "== mypy";   .venv/bin/mypy
 # Kafka broker jars for the tests (tests/kafka/pom.xml, from Maven Central), once per pom version:
 cmp -s tests/kafka/pom.xml .cache/kafka/pom.xml || { rm -rf .cache/kafka/new && mvn -q -f tests/kafka/pom.xml dependency:copy-dependencies -DoutputDirectory="$PWD/.cache/kafka/new" && rm -rf .cache/kafka/libs && mv .cache/kafka/new .cache/kafka/libs && cp tests/kafka/pom.xml .cache/kafka/pom.xml; }
+# Toxiproxy (the chaos suite's TCP fault proxy), built from the Go module proxy once per version:
+TOXIPROXY_VERSION=v2.5.0
+# (grep without -q reads all of go's output: with pipefail an early exit could fail the check)
+go version -m .cache/go-bin/toxiproxy-server 2>/dev/null | grep "mod[[:space:]]*github.com/Shopify/toxiproxy/v2[[:space:]]*$TOXIPROXY_VERSION" >/dev/null || {
+  rm -rf .cache/go-bin/new && GOBIN="$PWD/.cache/go-bin/new" go install "github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION" && mv .cache/go-bin/new/server .cache/go-bin/toxiproxy-server && rm -rf .cache/go-bin/new; }
 echo "== pytest"; .venv/bin/pytest tests bench --benchmark-disable "$@"
