@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import multiprocessing
@@ -16,6 +17,7 @@ import sqlite3
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway._native import mqtt
@@ -118,9 +120,10 @@ class Gateway:
         self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
         self.http: HttpServer | None = None
         # CoAP endpoint (gateway/coap/)
-        dtls: DtlsServer | None = None
+        dtls: Callable[..., DtlsServer] | None = None
         if config.coaps:  # coaps: the same endpoint, behind DTLS (gateway/coap/dtls.py)
-            dtls = DtlsServer(
+            dtls = functools.partial(
+                DtlsServer,
                 psk=self.registry.psk if config.dtls_psk else None,
                 certfile=config.tls_cert, keyfile=config.tls_key,
                 client_ca=config.tls_client_ca, device_disabled=self.registry.disabled,

@@ -189,6 +189,8 @@ class DtlsServer(asyncio.DatagramProtocol):
     def __init__(
         self,
         *,
+        deliver: Callable[[bytes, DtlsSession], None],
+        on_closed: Callable[[list[DtlsSession]], None],
         psk: PskLookup | None,
         certfile: str | None = None,
         keyfile: str | None = None,
@@ -213,9 +215,9 @@ class DtlsServer(asyncio.DatagramProtocol):
         self.peers: dict[Addr, DtlsSession] = {}
         self.handshaking: dict[Addr, DtlsSession] = {}
         self._hosts: dict[str, int] = {}  # handshakes in progress per host address
-        # Set by the CoAP endpoint: a decrypted CoAP message, and a session that ended.
-        self.deliver: Callable[[bytes, DtlsSession], None] = lambda data, session: None
-        self.on_closed: Callable[[list[DtlsSession]], None] = lambda sessions: None
+        # The CoAP endpoint's: a decrypted CoAP message, and sessions that ended.
+        self.deliver = deliver
+        self.on_closed = on_closed
         self._secret = secrets.token_bytes(32)
         self._old_secret = self._secret
         now = time.monotonic()

@@ -31,6 +31,7 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -94,7 +95,7 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         metrics: CoapMetrics | None = None,
         limits: CoapLimits | None = None,
         timing: Timing | None = None,
-        dtls: DtlsServer | None = None,
+        dtls: Callable[..., DtlsServer] | None = None,
     ) -> None:
         self.limits = limits = limits or CoapLimits()
         self.timing = timing = timing or Timing()
@@ -136,11 +137,11 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         self._peers: dict[Addr, Addr] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.closing = False
-        # coaps: the DTLS layer hands us each decrypted message with its session as the peer.
-        self.dtls = dtls
+        # coaps: the DTLS layer, built with where it hands each decrypted message (its session
+        # as the peer) and the sessions that ended.
+        self.dtls: DtlsServer | None = None
         if dtls is not None:
-            dtls.deliver = self.datagram_received
-            dtls.on_closed = self._sessions_closed
+            self.dtls = dtls(deliver=self.datagram_received, on_closed=self._sessions_closed)
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
