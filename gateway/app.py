@@ -141,6 +141,7 @@ class Gateway:
         if listeners is None:
             (listeners,) = bind_listeners(self.config)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        log.info("data dir %s", self.state_dir)
         self.registry_changed()  # from now on: devices removed or disabled are let go
         await self.telemetry.start()  # replays a Kafka spool left by a previous run
         if self.cluster is not None:

@@ -171,6 +171,12 @@ def _import_devices(registry: Any, name: str) -> None:
     print(f"imported {count} devices in {took:.2f} s ({rate:.0f}/s)", file=sys.stderr)
 
 
+def _said_where(cfg: config.Config) -> None:
+    """Which data dir a command wrote to, on stderr (stdout stays what scripts read): one run
+    from another directory would otherwise write a registry the gateway never reads."""
+    print(f"iotgw: data dir {cfg.data_dir}", file=sys.stderr)
+
+
 def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
     from gateway.auth import DeviceRegistry, generate_password
 
@@ -179,11 +185,13 @@ def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
         password = args.password or generate_password()
         registry.add(args.device_id, password)
         print(f"{args.device_id}\t{password}" if not args.password else args.device_id)
+        _said_where(cfg)
     elif args.action == "list":
         for device in registry.list():
             print(f"{device.device_id}\tdisabled" if device.disabled else device.device_id)
     elif args.action == "import":
         _import_devices(registry, args.file)
+        _said_where(cfg)
     else:
         getattr(registry, args.action)(args.device_id)
     return 0
@@ -197,6 +205,7 @@ def _tokens(args: argparse.Namespace, cfg: config.Config) -> int:
     store = TokenStore(cfg.data_dir)
     if args.action == "create":
         print(store.create(args.name, args.scope))
+        _said_where(cfg)
     elif args.action == "list":
         for t in store.list():
             created = datetime.fromtimestamp(t.created, UTC).isoformat(timespec="seconds")

@@ -37,7 +37,10 @@ class Config:
     tls_client_ca: str | None = _opt(None, "CA bundle for device client certificates (PEM)")
     coap_port: int = _opt(5683, "CoAP UDP port (0: any free port)")
     http_port: int = _opt(8080, "REST, health and metrics port (0: any free port)")
-    data_dir: str = _opt("iotgw-data", "where sessions, registry and telemetry live")
+    data_dir: str = _opt(
+        "iotgw-data", "where sessions, registry and telemetry live; a relative path is taken "
+        "from the current directory (every command prints the absolute one)"
+    )
     allow_anonymous: bool = _opt(False, "accept MQTT clients without credentials")
     acl: Literal["device", "open"] = _opt(
         "device", "device: a device reaches only its own topics; open: a general broker"
@@ -142,6 +145,9 @@ class Config:
             )
         if not self.data_dir:
             raise ConfigError("--data-dir: give a directory (it is made if missing)")
+        # Absolute from here on: a relative one would name another directory for every command
+        # run from elsewhere (`iotgw devices add` writing a registry the gateway never reads).
+        object.__setattr__(self, "data_dir", os.path.abspath(os.path.expanduser(self.data_dir)))
         if self.api_token is not None and (not self.api_token or any(
                 c.isspace() for c in self.api_token)):
             raise ConfigError("--api-token: a bearer token is one word (no spaces)")

@@ -9,6 +9,8 @@ apt_missing=()
 command -v redis-server >/dev/null || apt_missing+=(redis-server)
 command -v mosquitto >/dev/null || apt_missing+=(mosquitto)
 command -v wrk >/dev/null || apt_missing+=(wrk)
+command -v curl >/dev/null || apt_missing+=(curl)
+command -v mosquitto_pub >/dev/null || apt_missing+=(mosquitto-clients)  # README quick start
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;
@@ -20,9 +22,8 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   $sudo rm -f /usr/sbin/policy-rc.d
 fi
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+. scripts/venv.sh
+ensure_installed test
 
 echo "== ruff";   .venv/bin/ruff check .
 echo "== mypy";   .venv/bin/mypy
