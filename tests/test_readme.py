@@ -11,6 +11,7 @@ import re
 import signal
 import socket
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,14 @@ def test_readme_links_stay_inside_the_repository() -> None:
         assert path.is_relative_to(ROOT.resolve()) and path.exists(), target
     assert "shared/DESIGN.md" not in readme and "(../" not in readme
 
+
+def test_run_script_starts_at_once_when_nothing_changed() -> None:
+    """scripts/run.sh installs only when its build inputs changed (stamp in .venv): the second
+    of two runs goes straight to `iotgw run`, silently."""
+    for _ in range(2):
+        started = time.monotonic()
+        result = subprocess.run(["bash", "scripts/run.sh", "--help"], cwd=ROOT, text=True,
+                                capture_output=True, timeout=600)
+        took = time.monotonic() - started
+        assert result.returncode == 0 and "usage: iotgw run" in result.stdout, result.stderr
+    assert took < 5 and result.stderr == "", (took, result.stderr)
