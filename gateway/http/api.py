@@ -30,6 +30,7 @@ from gateway import __version__
 from gateway.auth import DeviceRegistry
 from gateway.cluster import Cluster
 from gateway.guard import BUSY, DENIED, OK, THROTTLED, UNAVAILABLE, AuthGuard
+from gateway.http.docs import install_docs
 from gateway.metrics import Metrics, ShadowMetrics
 from gateway.mqtt.broker import Broker
 from gateway.shadows import ShadowService
@@ -410,13 +411,15 @@ def build_api(
         version=__version__,
         description="Device shadows, devices and commands of an iotgw gateway. "
         "Errors: `{\"error\": \"<code>\", \"detail\": ...}`.",
-        docs_url="/docs",
+        docs_url=None,  # served offline by install_docs below
+        redoc_url=None,
         openapi_url="/openapi.json",
         # FastAPI's built-in OpenTelemetry: off (metrics are Prometheus, at /metrics); even
         # unconfigured it looks up the global providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     _install_error_handlers(api)
+    install_docs(api)
     api.add_middleware(BodyLimit)
     api.add_middleware(Utf8Path)
 
