@@ -111,6 +111,8 @@ class TelemetryMetrics:
             ["kind"],
             registry=registry,
         )
+        for kind in ("telemetry", "events", "shadow", "commands"):
+            self.shed.labels(kind)  # 0 until something is shed: dashboards and alerts see it
         self.backlog = Gauge(
             "iotgw_telemetry_backlog_records", "Records accepted, not yet durable", ["lane"],
             registry=registry,
