@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from gateway._native import mqtt
+from gateway.admin import Admin
 from gateway.auth import DeviceRegistry, RegistryError
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
@@ -115,6 +116,7 @@ class Gateway:
             self.cluster = Cluster(self.broker, config.redis, self.node_id, self.metrics.cluster)
             self.broker.cluster = self.cluster
         self.tokens = TokenStore(self.data_dir, bootstrap=config.api_token)
+        self.admin = Admin(self.broker, self.guard)
         self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
         self.http: HttpServer | None = None
         # CoAP endpoint (gateway/coap/)
@@ -178,6 +180,7 @@ class Gateway:
                     self.shadows, self.broker, self.registry, self.tokens, self.guard,
                     self.node_id, self.shadow_metrics,
                     registry_changed=self.registry_changed, cluster=self.cluster,
+                    admin=self.admin,
                 ),
             ),
             self.config.bind,

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
+from gateway.admin import Admin
 from gateway.auth import DeviceRegistry
 from gateway.cluster import Cluster
 from gateway.guard import BUSY, DENIED, OK, THROTTLED, UNAVAILABLE, AuthGuard
@@ -34,7 +35,7 @@ from gateway.http.docs import install_docs
 from gateway.metrics import Metrics, ShadowMetrics
 from gateway.mqtt.broker import Broker
 from gateway.shadows import ShadowService
-from gateway.tokens import Principal, Token, TokenError, TokenStore
+from gateway.tokens import ADMIN, Principal, Token, TokenError, TokenStore
 
 log = logging.getLogger("iotgw.http")
 
@@ -226,6 +227,7 @@ class ApiContext:
     # the app acts on devices removed or disabled (closes connections): called after a change
     registry_changed: Callable[[], None] = lambda: None
     cluster: Cluster | None = None  # where other nodes' devices are, in a cluster
+    admin: Admin | None = None  # /v1/admin (gateway/admin.py)
 
     @asynccontextmanager
     async def timed(self, operation: str) -> AsyncIterator[None]:
@@ -319,6 +321,9 @@ def auth_dependencies(tokens: TokenStore, guard: AuthGuard) -> Callable[[str], A
     def require(scope: str) -> Auth:
         async def dependency(request: Request) -> Principal:
             principal = await authenticate(request)
+            if guard.bans.banned((f"addr:{_host(request)}",)) and not principal.allows(ADMIN):
+                # (admin tokens pass: an operator cannot lock out the way to lift the ban)
+                raise ApiError(403, "banned", "this address is banned by an operator")
             if not principal.allows(scope):
                 guard.events.denied(
                     "http", principal.name, _host(request), "scope", f"{request.url.path}"
@@ -464,6 +469,10 @@ def build_api(
         require = auth_dependencies(context.tokens, context.guard)
         api.include_router(shadow_router(context, require), prefix="/v1")
         api.include_router(devices_router(context, require), prefix="/v1")
+        if context.admin is not None:
+            from gateway.http.admin_api import admin_router
+
+            api.include_router(admin_router(context.admin, require), prefix="/v1")
 
     return api
 

@@ -305,6 +305,9 @@ class MqttConnection(asyncio.BufferedProtocol):
             client_id = "auto-" + secrets.token_hex(8)
             assigned = True
 
+        if broker.guard.bans.banned((f"id:{client_id}", f"addr:{self.peer_host}")):
+            self._refuse(mqtt.BANNED, V4_NOT_AUTHORIZED, "banned", client_id)  # gateway/admin.py
+            return
         # Authentication: a verified client certificate, registry credentials, else anonymous
         # when allowed. Secrets are checked by the guard: at once when it knows the answer,
         # else off the event loop, while this connection's further packets wait unread.
