@@ -44,6 +44,7 @@ from gateway.startup import (
     check_files,
     tls_context,
 )
+from gateway.systopics import SysTopics
 from gateway.telemetry.filesink import FileSink
 from gateway.telemetry.pipeline import Sink, TelemetryPipeline
 from gateway.telemetry.records import SHADOW, Record
@@ -117,6 +118,8 @@ class Gateway:
             self.broker.cluster = self.cluster
         self.tokens = TokenStore(self.data_dir, bootstrap=config.api_token)
         self.admin = Admin(self.broker, self.guard)
+        self.sys_topics = SysTopics(self.broker, self.metrics.mqtt, self.node_id,
+                                    config.sys_interval)
         self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
         self.http: HttpServer | None = None
         # CoAP endpoint (gateway/coap/)
@@ -242,6 +245,7 @@ class Gateway:
             try:
                 self.broker.sweep()
                 self.guard.sweep()
+                self.sys_topics.tick()
                 self.registry_changed()
                 now = loop.time()
                 # A save runs beside the sweeps (its writing is on the store's thread); the

@@ -81,6 +81,9 @@ class Config:
         3000, "how long a batch waits for Kafka's acks before it goes to the disk spool"
     )
     spool_max_bytes: int = _opt(1 << 30, "disk spool bound per lane; when full: backpressure")
+    sys_interval: int = _opt(
+        10, "seconds between broker statistics on $SYS/brokers/{node}/... (0: none)"
+    )
     api_token: str | None = _opt(None, "bootstrap admin API token")
     auth_workers: int = _opt(1, "threads checking device and API secrets (PBKDF2): the most "
                              "cores failed logins can take")
@@ -125,6 +128,8 @@ class Config:
                                       "(workers serve HTTP on --http-port + i): give each "
                                       "listener its own port")
                 owner.setdefault(port, flag)
+        if self.sys_interval < 0:
+            raise ConfigError(f"--sys-interval: {self.sys_interval} must be 0 (off) or more")
         if not 1 <= self.max_keepalive <= 65535:
             raise ConfigError(
                 f"--max-keepalive: {self.max_keepalive} is not a keep-alive (1 to 65535 seconds)"
