@@ -107,6 +107,8 @@ class Gateway:
                 max_queued_messages=config.max_queued_messages,
                 max_queued_bytes=config.max_queued_bytes,
                 max_queued_bytes_total=config.max_queued_bytes_total,
+                max_publish_rate=config.max_publish_rate,
+                max_publish_bytes_rate=config.max_publish_bytes_rate,
             ),
             telemetry=self.telemetry,
             shadows=self.shadows,

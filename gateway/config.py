@@ -59,6 +59,13 @@ class Config:
     max_queued_bytes_total: int = _opt(
         256 << 20, "payload bytes queued by all sessions together before dropping"
     )
+    max_publish_rate: int = _opt(
+        0, "PUBLISH packets per second a client may send (0: no limit); a client over it is "
+        "not read from until it is back under (nothing is dropped)"
+    )
+    max_publish_bytes_rate: int = _opt(
+        0, "bytes per second a client may send (0: no limit), enforced the same way"
+    )
     acl_file: str | None = _opt(
         None, "TOML file with deny rules and service accounts (see README, ACL)"
     )
@@ -128,6 +135,10 @@ class Config:
                                       "(workers serve HTTP on --http-port + i): give each "
                                       "listener its own port")
                 owner.setdefault(port, flag)
+        for name in ("max_publish_rate", "max_publish_bytes_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)}: {getattr(self, name)} must be 0 (no limit) "
+                                  "or more")
         if self.sys_interval < 0:
             raise ConfigError(f"--sys-interval: {self.sys_interval} must be 0 (off) or more")
         if not 1 <= self.max_keepalive <= 65535:

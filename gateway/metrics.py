@@ -61,6 +61,11 @@ class MqttMetrics:
             ["reason"],
             registry=registry,
         )
+        self.rate_limited = Counter(
+            "iotgw_mqtt_rate_limited",
+            "Times reading from a client paused for --max-publish-rate/--max-publish-bytes-rate",
+            registry=registry,
+        )
         self.protocol_errors = Counter(
             "iotgw_mqtt_protocol_errors",
             "Connections closed for bad packets, by reason code",

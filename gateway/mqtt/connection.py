@@ -18,6 +18,7 @@ from gateway import guard
 from gateway._native import mqtt
 from gateway.auth import valid_device_id
 from gateway.mqtt.broker import Broker
+from gateway.mqtt.ratelimit import PublishBucket
 from gateway.mqtt.session import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
@@ -102,6 +103,8 @@ class MqttConnection(asyncio.BufferedProtocol):
         # Why reading is paused (telemetry backlog, a cluster node behind, a CONNECT being
         # decided): reading resumes only once no reason is left.
         self._read_holds: set[str] = set()
+        self.rate = PublishBucket.for_limits(broker.limits.max_publish_rate,
+                                             broker.limits.max_publish_bytes_rate)
         # Acknowledgements leave in the order the PUBLISHes came (3.1.1 4.6, 5.0 4.6); one that
         # waits for its telemetry record to be durable holds back the ones behind it.
         # Entries: [packet type, packet id, reason code, ready].
@@ -150,6 +153,8 @@ class MqttConnection(asyncio.BufferedProtocol):
             self.broker.flush()
             return
         self._handle_batch(packets)
+        if self.rate is not None:  # per-client publish limits: may pause reading (ratelimit.py)
+            self.rate.account(self, packets, nbytes)
         self.broker.flush()
 
     def eof_received(self) -> bool | None:
