@@ -276,6 +276,23 @@ class EventMetrics:
         )
 
 
+class HttpMetrics:
+    """`iotgw_http_*`: REST requests by route template (not the path: bounded labels), method
+    and status; counted by gateway/http/api.py's RequestMetrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "iotgw_http_requests", "REST requests answered, by route, method and status",
+            ["route", "method", "status"], registry=registry,
+        )
+        self.duration = Histogram(
+            "iotgw_http_request_duration_seconds", "Time to answer a REST request, by route",
+            ["route", "method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=registry,
+        )
+
+
 class Metrics:
     """All of one gateway's metrics."""
 
@@ -289,6 +306,7 @@ class Metrics:
         self.cluster = ClusterMetrics(self.registry)
         self.auth = AuthMetrics(self.registry)
         self.events = EventMetrics(self.registry)
+        self.http = HttpMetrics(self.registry)
         # process_cpu_seconds_total, _resident_memory_bytes, _open_fds, ... (from /proc)
         ProcessCollector(registry=self.registry)
         build = Gauge(

@@ -57,7 +57,8 @@ def test_dashboard_covers_what_operators_watch() -> None:
     for wanted in ("MQTT connections", "Connect rate", "Messages in by protocol",
                    "Messages out by protocol", "Drops by reason", "Auth failures", "ACL denials",
                    "Shadow writes and conflicts", "Telemetry backlog", "Spool bytes",
-                   "Kafka latency", "CoAP requests by code", "Process CPU", "Process memory"):
+                   "Kafka latency", "CoAP requests by code", "Process CPU", "Process memory",
+                   "REST requests by route and status"):
         assert wanted in titles
 
 

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
@@ -32,7 +33,7 @@ from gateway.auth import DeviceRegistry
 from gateway.cluster import Cluster
 from gateway.guard import BUSY, DENIED, OK, THROTTLED, UNAVAILABLE, AuthGuard
 from gateway.http.docs import install_docs
-from gateway.metrics import Metrics, ShadowMetrics
+from gateway.metrics import HttpMetrics, Metrics, ShadowMetrics
 from gateway.mqtt.broker import Broker
 from gateway.shadows import ShadowService
 from gateway.tokens import ADMIN, Principal, Token, TokenError, TokenStore
@@ -208,6 +209,50 @@ class Utf8Path:
                 await error.response()({"type": "http"}, _no_receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class RequestMetrics:
+    """ASGI middleware: counts each request by its route template (`/v1/devices/{device}/shadow`;
+    `unmatched` for paths no route has), method and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # an exception before the response started
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = _route_template(scope)
+            method = scope["method"]
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.duration.labels(route, method).observe(time.perf_counter() - started)
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route's path template, with the prefix of the router that included it: the
+    route knows only its own part (`/devices/{device}/shadow`), the path gives the prefix (its
+    leading segments; a parameter never holds a `/`)."""
+    route = scope.get("route")
+    own = getattr(route, "path", None)
+    if not isinstance(own, str):
+        return "unmatched"
+    if isinstance(route, Mount):
+        return own
+    segments = scope["path"].split("/")
+    return "/".join(segments[: len(segments) - own.count("/")]) + own
 
 
 # --------------------------------------------------------------------------- what routes use
@@ -427,6 +472,7 @@ def build_api(
     install_docs(api)
     api.add_middleware(BodyLimit)
     api.add_middleware(Utf8Path)
+    api.add_middleware(RequestMetrics, metrics=metrics.http)
 
     @api.get(
         "/healthz", operation_id="healthz", summary="The process is alive", response_model=Status
