@@ -13,6 +13,7 @@ command -v curl >/dev/null || apt_missing+=(curl)
 command -v mosquitto_pub >/dev/null || apt_missing+=(mosquitto-clients)  # README quick start
 command -v chromium >/dev/null || apt_missing+=(chromium)  # /docs rendered offline
 command -v promtool >/dev/null || apt_missing+=(prometheus)  # deploy/ dashboard and alerts
+command -v systemd-analyze >/dev/null || apt_missing+=(systemd)  # deploy/systemd unit check
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;
