@@ -3,20 +3,33 @@ list and kick connected clients, inspect a session, ban client ids and source ad
 and delete retained messages. It works on the broker's public state (`online`, `sessions`,
 `retained`) and the guard's operator bans; nothing here is on a client's path.
 
-This node only: in a cluster each node lists and kicks its own clients and holds its own bans;
-a retained message deleted here is deleted on every node (through the cluster's retained
-store)."""
+In a cluster (`--cluster`, `--workers`) bans hold on every node: they are kept in a Redis hash
+that each node reads every second (`sync_forever`). Listing, kicking and sessions are this
+node's; a retained message deleted here is deleted on every node (through the cluster's
+retained store)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import json
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gateway._native import mqtt
 from gateway.guard import AuthGuard, OperatorBan
 from gateway.mqtt.broker import Broker
 from gateway.mqtt.session import Message, Session
+
+log = logging.getLogger("iotgw.admin")
+
+BANS_KEY = "iotgw:bans"  # Redis hash: ban key -> {"until", "reason"} (a cluster's bans)
+BAN_SYNC_INTERVAL = 1.0  # seconds between two reads of the cluster's bans
 
 CLIENT_ID = "client_id"
 ADDRESS = "address"
@@ -36,9 +49,12 @@ def _page(keys: list[str], after: str | None, limit: int) -> tuple[list[str], st
 
 
 class Admin:
-    def __init__(self, broker: Broker, guard: AuthGuard) -> None:
+    def __init__(self, broker: Broker, guard: AuthGuard, redis: Redis | None = None) -> None:
+        """`redis`: the cluster's, when there is one: bans are shared through it."""
         self.broker = broker
         self.guard = guard
+        self.redis = redis
+        self._sync_failed = False
 
     # ---- clients and sessions ---------------------------------------------------------------
 
@@ -107,18 +123,69 @@ class Admin:
 
     # ---- bans ---------------------------------------------------------------------------------
 
-    def ban(self, kind: str, value: str, seconds: float | None, reason: str = "") -> OperatorBan:
-        """Refuse a client id or a source address from now on (`seconds`: for that long), and
-        kick the connected clients it matches. ValueError for a kind or address that is not."""
+    async def ban(
+        self, kind: str, value: str, seconds: float | None, reason: str = ""
+    ) -> OperatorBan:
+        """Refuse a client id or a source address from now on (`seconds`: for that long), on
+        every node of a cluster, and kick the connected clients it matches. ValueError for a
+        kind or address that is not; RedisError when a cluster's Redis cannot store it."""
         key = ban_key(kind, value)
         ban = self.guard.bans.add(key, seconds, reason)
-        for client_id, conn in list(self.broker.online.items()):
-            if key in (f"id:{client_id}", f"addr:{conn.peer_host}"):
-                self.kick(client_id)
+        if self.redis is not None:
+            await self.redis.hset(BANS_KEY, key, json.dumps(
+                {"until": ban.until, "reason": ban.reason}))
+        self._kick_banned([ban])
         return ban
 
-    def unban(self, kind: str, value: str) -> bool:
-        return self.guard.bans.remove(ban_key(kind, value))
+    async def unban(self, kind: str, value: str) -> bool:
+        key = ban_key(kind, value)
+        removed = self.guard.bans.remove(key)
+        if self.redis is not None:
+            removed = bool(await self.redis.hdel(BANS_KEY, key)) or removed
+        return removed
+
+    def _kick_banned(self, bans: list[OperatorBan]) -> None:
+        keys = {b.key for b in bans}
+        for client_id, conn in list(self.broker.online.items()):
+            if keys & {f"id:{client_id}", f"addr:{conn.peer_host}"}:
+                self.kick(client_id)
+
+    async def sync_forever(self) -> None:
+        """A cluster node: hold the cluster's bans, read every BAN_SYNC_INTERVAL seconds."""
+        while True:
+            await asyncio.sleep(BAN_SYNC_INTERVAL)
+            try:
+                await self.sync()
+            except Exception:  # a bug here must not end the synchronisation for good
+                log.exception("synchronising the cluster's bans failed")
+
+    async def sync(self) -> None:
+        assert self.redis is not None
+        try:
+            stored: dict[bytes | str, bytes | str] = await self.redis.hgetall(BANS_KEY)
+        except (RedisError, OSError) as exc:  # keep the bans we have; say so once
+            if not self._sync_failed:
+                log.warning("cannot read the cluster's bans from Redis (%s): keeping the %d "
+                            "known here", exc, len(self.guard.bans.list()))
+            self._sync_failed = True
+            return
+        if self._sync_failed:
+            log.info("reading the cluster's bans from Redis again")
+        self._sync_failed = False
+        now = time.time()
+        bans = []
+        for raw_key, raw in stored.items():
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            try:
+                doc = json.loads(raw)
+                ban = OperatorBan(key, doc["until"], str(doc.get("reason", "")))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring an unreadable ban in Redis: %r", raw_key)
+                continue
+            if ban.until is not None and ban.until <= now:
+                continue  # expired: the node that placed it, or any, forgets it
+            bans.append(ban)
+        self._kick_banned(self.guard.bans.replace(bans))
 
     def bans(self) -> list[dict[str, Any]]:
         return [ban_json(b) for b in self.guard.bans.list()]

@@ -119,7 +119,9 @@ class Gateway:
             self.cluster = Cluster(self.broker, config.redis, self.node_id, self.metrics.cluster)
             self.broker.cluster = self.cluster
         self.tokens = TokenStore(self.data_dir, bootstrap=config.api_token)
-        self.admin = Admin(self.broker, self.guard)
+        self.admin = Admin(self.broker, self.guard,
+                           self.cluster.redis if self.cluster is not None else None)
+        self._ban_sync: asyncio.Task[None] | None = None
         self.sys_topics = SysTopics(self.broker, self.metrics.mqtt, self.node_id,
                                     config.sys_interval)
         self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
@@ -153,6 +155,8 @@ class Gateway:
         await self.telemetry.start()  # replays a Kafka spool left by a previous run
         if self.cluster is not None:
             await self.cluster.start()
+            await self.admin.sync()  # the cluster's bans hold before the first CONNECT
+            self._ban_sync = asyncio.create_task(self.admin.sync_forever())
         restored = await self.state.open()
         if restored:
             log.info("restored %d persistent sessions", restored)
@@ -266,6 +270,8 @@ class Gateway:
         return await self.state.save()
 
     async def stop(self) -> None:
+        if self._ban_sync is not None:
+            self._ban_sync.cancel()
         if self.http is not None:
             await self.http.stop()
         await self.coap.stop()  # CoAP endpoint: answers what is in progress, closes the socket

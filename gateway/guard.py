@@ -195,6 +195,12 @@ class OperatorBans:
     def remove(self, key: str) -> bool:
         return self._bans.pop(key, None) is not None
 
+    def replace(self, bans: list[OperatorBan]) -> list[OperatorBan]:
+        """Hold exactly `bans` (a cluster's shared set); returns those that are new here."""
+        new = [b for b in bans if self._bans.get(b.key) != b]
+        self._bans = {b.key: b for b in bans}
+        return new
+
     def list(self) -> list[OperatorBan]:
         self.sweep()
         return sorted(self._bans.values(), key=lambda b: b.key)

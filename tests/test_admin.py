@@ -184,3 +184,32 @@ def test_admin_needs_the_admin_scope_and_the_cli_says_so_in_one_line(gw: Any) ->
     down = subprocess.run([*CLI, "clients", "--url", "http://127.0.0.1:1", "--token", "x",
                            "list"], capture_output=True, text=True, timeout=60)
     assert down.returncode == 2 and "no gateway answers at http://127.0.0.1:1" in down.stderr
+
+
+def test_a_ban_holds_on_every_cluster_node_and_lifting_it_too(
+    gateway_factory: Any, redis_server: Any
+) -> None:
+    import redis
+
+    url = f"redis://{redis_server.url}"
+    redis.Redis.from_url(url).flushall()
+    settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True,
+                "api_token": TOKEN}
+    a = gateway_factory(node_id="node-a", **settings)
+    b = gateway_factory(node_id="node-b", **settings)
+    on_b = RawClient(b.mqtt_port, version=5)
+    assert on_b.connect("roamer").reason_code == 0
+    try:
+        assert iotgw(a, "bans", "add", "--client-id", "roamer").returncode == 0
+        # node b reads the cluster's bans within a second: its client goes, and stays out
+        packet = on_b.recv(timeout=5)
+        assert packet is not None and packet.reason_code == mqtt.ADMINISTRATIVE_ACTION
+        assert RawClient(b.mqtt_port, version=5).connect("roamer").reason_code == mqtt.BANNED
+        assert iotgw(b, "bans", "list").stdout.splitlines()[1:] == ["client_id\troamer\t-\t"]
+        assert iotgw(b, "bans", "remove", "--client-id", "roamer").returncode == 0
+        deadline = time.monotonic() + 5
+        while RawClient(a.mqtt_port, version=5).connect("roamer").reason_code != 0:
+            assert time.monotonic() < deadline, "node a still refuses after the ban was lifted"
+            time.sleep(0.2)
+    finally:
+        redis.Redis.from_url(url).delete("iotgw:bans")

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from gateway.admin import Admin, ban_json
 from gateway.http.api import ApiError, Auth, error_responses
@@ -133,22 +134,26 @@ def admin_router(admin: Admin, require: Callable[[str], Auth]) -> APIRouter:
     @router.post("/bans", operation_id="addBan", response_model=Ban, status_code=201,
                  summary="Ban a client id or a source address (MQTT and CoAP; REST for "
                  "tokens without the admin scope); its connected clients are kicked",
-                 responses=error_responses(400, 401, 403))
+                 responses=error_responses(400, 401, 403, 503))
     async def add_ban(body: BanRequest, _: Operator) -> Ban:
         try:
-            ban = admin.ban(body.kind, body.value, body.seconds, body.reason)
+            ban = await admin.ban(body.kind, body.value, body.seconds, body.reason)
         except ValueError as exc:
             raise ApiError(400, "invalid_ban", str(exc)) from None
+        except RedisError as exc:
+            raise ApiError(503, "cluster_unavailable", f"the ban holds here only: {exc}") from None
         return Ban.model_validate(ban_json(ban))
 
     @router.delete("/bans/{kind}/{value}", operation_id="removeBan", status_code=204,
-                   summary="Lift a ban", responses=error_responses(400, 401, 403, 404))
+                   summary="Lift a ban", responses=error_responses(400, 401, 403, 404, 503))
     async def remove_ban(kind: Literal["client_id", "address"], value: str,
                          _: Operator) -> Response:
         try:
-            removed = admin.unban(kind, value)
+            removed = await admin.unban(kind, value)
         except ValueError as exc:
             raise ApiError(400, "invalid_ban", str(exc)) from None
+        except RedisError as exc:
+            raise ApiError(503, "cluster_unavailable", f"lifted here only: {exc}") from None
         if not removed:
             raise ApiError(404, "unknown_ban", f"{kind} {value!r} is not banned")
         return Response(status_code=204)
