@@ -76,3 +76,28 @@ def test_bad_settings_stop_run_with_one_line_and_exit_2(
     assert main(["run", "--data-dir", str(tmp_path), *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("iotgw: ") and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("mqtt_port = true", "--mqtt-port: True is not an integer"),
+        ("max_packet_size = 1.5", "--max-packet-size: 1.5 is not an integer"),
+        ("bind = 5", "--bind: 5 is not a string"),
+        ('log-level = "loud"', "--log-level: 'loud' is not one of"),
+    ],
+)
+def test_file_values_of_the_wrong_kind_are_named(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    toml = tmp_path / "iotgw.toml"
+    toml.write_text(line + "\n")
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, environ={"IOTGW_CONFIG": str(toml)})
+
+
+def test_a_config_built_directly_is_checked_the_same_way() -> None:
+    with pytest.raises(config.ConfigError, match="--coap-port: 70000 is not a port"):
+        config.Config(coap_port=70000)
+    with pytest.raises(config.ConfigError, match="--workers: 'two' is not an integer"):
+        config.Config(workers="two")
