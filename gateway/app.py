@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gateway._native import mqtt
+from gateway.admin import Admin
 from gateway.auth import ADDED, REKEYED, DeviceRegistry, RegistryError
 from gateway.cluster import Cluster
 from gateway.coap import CoapEndpoint, CoapMetrics
@@ -47,6 +48,7 @@ from gateway.startup import (
     check_files,
     tls_context,
 )
+from gateway.systopics import SysTopics
 from gateway.telemetry.filesink import FileSink
 from gateway.telemetry.interceptor import TelemetryInterceptor
 from gateway.telemetry.pipeline import Sink, TelemetryPipeline
@@ -112,11 +114,18 @@ class Gateway:
                 max_queued_messages=config.max_queued_messages,
                 max_queued_bytes=config.max_queued_bytes,
                 max_queued_bytes_total=config.max_queued_bytes_total,
+                max_publish_rate=config.max_publish_rate,
+                max_publish_bytes_rate=config.max_publish_bytes_rate,
             ),
             interceptors=[ShadowInterceptor(self.shadows), TelemetryInterceptor(self.telemetry)],
             cluster=self._cluster_of if config.cluster or worker is not None else None,
         )
         self.tokens = TokenStore(self.data_dir, bootstrap=config.api_token)
+        self.admin = Admin(self.broker, self.guard,
+                           self.cluster.redis if self.cluster is not None else None)
+        self._ban_sync: asyncio.Task[None] | None = None
+        self.sys_topics = SysTopics(self.broker, self.metrics.mqtt, self.node_id,
+                                    config.sys_interval)
         self.shadow_metrics = ShadowMetrics(self.metrics.registry, self.shadows.store)
         self.http: HttpServer | None = None
         # CoAP endpoint (gateway/coap/)
@@ -164,10 +173,13 @@ class Gateway:
         if listeners is None:
             (listeners,) = bind_listeners(self.config)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        log.info("data dir %s", self.state_dir)
         self.registry_changed()  # from now on: devices removed or disabled are let go
         await self.telemetry.start()  # replays a Kafka spool left by a previous run
         if self.cluster is not None:
             await self.cluster.start()
+            await self.admin.sync()  # the cluster's bans hold before the first CONNECT
+            self._ban_sync = asyncio.create_task(self.admin.sync_forever())
         restored = await self.state.open()
         if restored:
             log.info("restored %d persistent sessions", restored)
@@ -203,6 +215,7 @@ class Gateway:
                     self.shadows, self.broker, self.registry, self.tokens, self.guard,
                     self.node_id, self.shadow_metrics,
                     registry_changed=self.registry_changed, cluster=self.cluster,
+                    admin=self.admin,
                 ),
             ),
             self.config.bind,
@@ -291,6 +304,7 @@ class Gateway:
             try:
                 self.broker.lifecycle.sweep()
                 self.guard.sweep()
+                self.sys_topics.tick()
                 self.registry_changed()
                 now = loop.time()
                 # A save runs beside the sweeps (its writing is on the store's thread); the
@@ -309,6 +323,8 @@ class Gateway:
         return await self.state.save()
 
     async def stop(self) -> None:
+        if self._ban_sync is not None:
+            self._ban_sync.cancel()
         if self.http is not None:
             await self.http.stop()
         await self.coap.stop()  # CoAP endpoint: answers what is in progress, closes the socket

@@ -97,8 +97,140 @@ def _build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--topics", default="iot.telemetry,iot.events,iot.shadow,iot.commands",
                       help="(--kafka) comma-separated topics (default: the gateway's four)")
 
+    _add_admin_commands(commands)
     commands.add_parser("selfcheck", help="check that the native codecs are built and work")
     return parser
+
+
+def _add_admin_commands(commands: Any) -> None:
+    """`iotgw clients|bans|retained`: the admin API of a running gateway (gateway/admin.py)."""
+
+    def remote(name: str, text: str) -> Any:
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("--url", help="the gateway's REST API (default: http://127.0.0.1 on "
+                         "the --http-port of the settings, as `iotgw run`)")
+        cmd.add_argument("--token", help="an admin token (default: IOTGW_ADMIN_TOKEN, else "
+                         "the bootstrap --api-token of the settings)")
+        cmd.add_argument("--config", metavar="FILE", help="TOML file with settings")
+        return cmd.add_subparsers(dest="action", required=True)
+
+    clients = remote("clients", "connected MQTT clients of a running gateway")
+    ls = clients.add_parser("list", help="client id, protocol, peer, keep-alive, "
+                            "subscriptions, in flight, queued")
+    ls.add_argument("--prefix", default="", help="only client ids starting with this")
+    kick = clients.add_parser("kick", help="disconnect a client")
+    kick.add_argument("client_id")
+    kick.add_argument("--discard-session", action="store_true", help="end its session too")
+    show = clients.add_parser("show", help="inspect a session (online or persistent)")
+    show.add_argument("client_id")
+
+    bans = remote("bans", "ban client ids and source addresses (MQTT, CoAP)")
+    add = bans.add_parser("add", help="ban, and kick the clients it matches")
+    remove = bans.add_parser("remove", help="lift a ban")
+    for cmd in (add, remove):
+        which = cmd.add_mutually_exclusive_group(required=True)
+        which.add_argument("--client-id")
+        which.add_argument("--address", help="an IP address")
+    add.add_argument("--for", dest="seconds", type=float, metavar="SECONDS",
+                     help="how long (default: until removed)")
+    add.add_argument("--reason", default="")
+    bans.add_parser("list", help="the bans in force")
+
+    retained = remote("retained", "retained MQTT messages")
+    rl = retained.add_parser("list", help="topic, size, QoS")
+    rl.add_argument("--prefix", default="", help="only topics starting with this")
+    rm = retained.add_parser("rm", help="delete a topic's retained message")
+    rm.add_argument("topic")
+
+
+class RemoteError(Exception):
+    """The gateway said no, or did not answer: one line for the operator."""
+
+
+def _remote(args: argparse.Namespace, cfg: config.Config) -> int:
+    """`iotgw clients|bans|retained`: one REST call (several for a paged list) per command."""
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = (args.url or f"http://127.0.0.1:{cfg.http_port}").rstrip("/")
+    token = args.token or os.environ.get("IOTGW_ADMIN_TOKEN") or cfg.api_token
+    if not token:
+        raise ValueError("give an admin token: --token, IOTGW_ADMIN_TOKEN or --api-token "
+                         "(`iotgw tokens create --name ops --scope admin` makes one)")
+
+    def call(method: str, path: str, body: object = None, **query: Any) -> Any:
+        params = {k: v for k, v in query.items() if v is not None}
+        full = f"{url}/v1/admin{path}" + ("?" + urllib.parse.urlencode(params) if params else "")
+        request = urllib.request.Request(
+            full, method=method, data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                data = response.read()
+        except urllib.error.HTTPError as exc:
+            try:
+                detail = json.loads(exc.read()).get("detail")
+            except ValueError:
+                detail = exc.reason
+            raise RemoteError(f"{method} {full}: {exc.code} {detail}") from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise RemoteError(f"no gateway answers at {url} ({reason}): is it running? "
+                              "(--url)") from None
+        return json.loads(data) if data else None
+
+    def paged(path: str, key: str, **query: Any) -> list[Any]:
+        items: list[Any] = []
+        after = None
+        while True:
+            page = call("GET", path, after=after, limit=1000, **query)
+            items.extend(page[key])
+            after = page["next"]
+            if after is None:
+                return items
+
+    quote = urllib.parse.quote
+    if args.command == "clients":
+        if args.action == "list":
+            rows = paged("/clients", "clients", prefix=args.prefix)
+            print("client_id	protocol	peer	keep_alive	subscriptions	inflight	queued")
+            for c in rows:
+                print(f"{c['client_id']}	{c['protocol']}	{c['peer']}	{c['keep_alive']}	"
+                      f"{c['subscriptions']}	{c['inflight']}	{c['queued']}")
+        elif args.action == "kick":
+            call("DELETE", f"/clients/{quote(args.client_id, safe='')}",
+                 discard_session="true" if args.discard_session else None)
+            print(f"kicked {args.client_id}")
+        else:
+            print(json.dumps(call("GET", f"/sessions/{quote(args.client_id, safe='')}"),
+                             indent=2))
+    elif args.command == "bans":
+        if args.action == "list":
+            print("kind	value	until	reason")
+            for b in call("GET", "/bans")["bans"]:
+                until = "-" if b["until"] is None else time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(b["until"]))
+                print(f"{b['kind']}	{b['value']}	{until}	{b['reason']}")
+        else:
+            kind, value = (("client_id", args.client_id) if args.client_id is not None
+                           else ("address", args.address))
+            if args.action == "add":
+                call("POST", "/bans", {"kind": kind, "value": value, "seconds": args.seconds,
+                                       "reason": args.reason})
+                print(f"banned {kind} {value}")
+            else:
+                call("DELETE", f"/bans/{kind}/{quote(value, safe='')}")
+                print(f"unbanned {kind} {value}")
+    elif args.action == "list":
+        print("topic	bytes	qos")
+        for r in paged("/retained", "retained", prefix=args.prefix):
+            print(f"{r['topic']}	{r['bytes']}	{r['qos']}")
+    else:
+        call("DELETE", "/retained", topic=args.topic)
+        print(f"deleted the retained message of {args.topic}")
+    return 0
 
 
 def _selfcheck() -> int:
@@ -194,6 +326,12 @@ def _import_devices(registry: Any, name: str) -> None:
     print(f"imported {count} devices in {took:.2f} s ({rate:.0f}/s)", file=sys.stderr)
 
 
+def _said_where(cfg: config.Config) -> None:
+    """Which data dir a command wrote to, on stderr (stdout stays what scripts read): one run
+    from another directory would otherwise write a registry the gateway never reads."""
+    print(f"iotgw: data dir {cfg.data_dir}", file=sys.stderr)
+
+
 def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
     from gateway.auth import DeviceRegistry, generate_password, generate_psk
 
@@ -205,6 +343,7 @@ def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
         print(f"{args.device_id}\t{password}" if not args.password else args.device_id)
         if args.psk == "":
             print(f"psk\t{psk}")
+        _said_where(cfg)
     elif args.action == "psk":
         if args.none and args.key:
             raise ValueError("give a key or --none, not both")
@@ -212,11 +351,13 @@ def _devices(args: argparse.Namespace, cfg: config.Config) -> int:
         registry.set_psk(args.device_id, key)
         if key is not None and not args.key:
             print(f"psk\t{key}")
+        _said_where(cfg)
     elif args.action == "list":
         for device in registry.list():
             print(f"{device.device_id}\tdisabled" if device.disabled else device.device_id)
     elif args.action == "import":
         _import_devices(registry, args.file)
+        _said_where(cfg)
     else:
         getattr(registry, args.action)(args.device_id)
     return 0
@@ -230,6 +371,7 @@ def _tokens(args: argparse.Namespace, cfg: config.Config) -> int:
     store = TokenStore(cfg.data_dir)
     if args.action == "create":
         print(store.create(args.name, args.scope))
+        _said_where(cfg)
     elif args.action == "list":
         for t in store.list():
             created = datetime.fromtimestamp(t.created, UTC).isoformat(timespec="seconds")
@@ -352,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _tokens(args, cfg)
         if args.command == "telemetry":
             return _telemetry_tail(args, cfg)
+        if args.command in ("clients", "bans", "retained"):
+            return _remote(args, cfg)
         from gateway.auth import DeviceRegistry
 
         usable_dir(Path(cfg.data_dir))  # a file, or not writable: said before anything opens it
@@ -364,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             compression_type(cfg.kafka_compression)
             parse_topics(cfg.kafka_topics)
-    except (ValueError, StartupError) as exc:  # ConfigError, RegistryError, TokenError, ...
+    except (ValueError, StartupError, RemoteError) as exc:  # ConfigError, RegistryError, ...
         print(f"iotgw: {exc}", file=sys.stderr)
         return 2
     from gateway import app

@@ -2,19 +2,30 @@
 
 Every field is all three at once: `mqtt_port` is `--mqtt-port`, `IOTGW_MQTT_PORT` and the TOML key
 `mqtt_port` (or `mqtt-port`). Precedence: flag > environment > file > default.
+
+`Config` is a pydantic-settings model: pydantic converts and validates every value (an error is
+one line naming the flag, `ConfigError`); pydantic-settings reads the environment
+(`EnvSettingsSource`) and the file (`TomlConfigSettingsSource`), and `load` stacks them under
+the flags. Constructed directly (`Config(mqtt_port=0)`), it takes only what it is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import tomllib
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 ENV_PREFIX = "IOTGW_"
 
@@ -24,11 +35,14 @@ class ConfigError(ValueError):
 
 
 def _opt(default: Any, help_text: str) -> Any:
-    return field(default=default, metadata={"help": help_text})
+    return Field(default=default, description=help_text)
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IOTGW_", frozen=True, extra="forbid", case_sensitive=False
+    )
+
     bind: str = _opt("127.0.0.1", "address the listeners bind to")
     mqtt_port: int = _opt(1883, "MQTT listener port (0: any free port)")
     mqtts_port: int = _opt(8883, "MQTT over TLS port, used when --tls-cert is set")
@@ -54,7 +68,10 @@ class Config:
     dtls_idle_timeout: float = _opt(300.0, "seconds without a datagram before a coaps "
                                     "session ends")
     http_port: int = _opt(8080, "REST, health and metrics port (0: any free port)")
-    data_dir: str = _opt("iotgw-data", "where sessions, registry and telemetry live")
+    data_dir: str = _opt(
+        "iotgw-data", "where sessions, registry and telemetry live; a relative path is taken "
+        "from the current directory (every command prints the absolute one)"
+    )
     allow_anonymous: bool = _opt(False, "accept MQTT clients without credentials")
     acl: Literal["device", "open"] = _opt(
         "device", "device: a device reaches only its own topics; open: a general broker"
@@ -72,6 +89,13 @@ class Config:
     )
     max_queued_bytes_total: int = _opt(
         256 << 20, "payload bytes queued by all sessions together before dropping"
+    )
+    max_publish_rate: int = _opt(
+        0, "PUBLISH packets per second a client may send (0: no limit); a client over it is "
+        "not read from until it is back under (nothing is dropped)"
+    )
+    max_publish_bytes_rate: int = _opt(
+        0, "bytes per second a client may send (0: no limit), enforced the same way"
     )
     acl_file: str | None = _opt(
         None, "TOML file with deny rules and service accounts (see README, ACL)"
@@ -95,6 +119,9 @@ class Config:
         3000, "how long a batch waits for Kafka's acks before it goes to the disk spool"
     )
     spool_max_bytes: int = _opt(1 << 30, "disk spool bound per lane; when full: backpressure")
+    sys_interval: int = _opt(
+        10, "seconds between broker statistics on $SYS/brokers/{node}/... (0: none)"
+    )
     api_token: str | None = _opt(None, "bootstrap admin API token")
     auth_workers: int = _opt(1, "threads checking device and API secrets (PBKDF2): the most "
                              "cores failed logins can take")
@@ -113,7 +140,41 @@ class Config:
         """The coaps listener is on: DTLS credentials are configured."""
         return self.dtls_psk or (self.tls_cert is not None and self.tls_client_ca is not None)
 
-    def __post_init__(self) -> None:
+    def __init__(self, **values: Any) -> None:
+        """ConfigError (one line naming the flag) for a value that does not fit."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError(_message(exc)) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only what it is given: `load` stacks flags, environment and file itself."""
+        return (init_settings,)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain(cls, value: Any, info: Any) -> Any:
+        """As the flags and variables mean them: an empty or `none` value of an optional
+        setting is None; a boolean is no number."""
+        kind = cls.model_fields[info.field_name].annotation
+        optional = type(None) in typing.get_args(kind)
+        if optional and (value is None or (isinstance(value, str) and value.lower() in (
+                "", "none"))):
+            return None
+        if kind is int and isinstance(value, bool):
+            raise ValueError(f"{_flag(info.field_name)}: {value!r} is not an integer")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
         """Values only (ranges, combinations); files, directories and ports are checked when
         the gateway starts (gateway/startup.py)."""
         if self.workers < 1:
@@ -155,6 +216,12 @@ class Config:
                               "give each its own port")
         if self.dtls_max_sessions < 1 or self.dtls_idle_timeout <= 0:
             raise ConfigError("--dtls-max-sessions and --dtls-idle-timeout must be above 0")
+        for name in ("max_publish_rate", "max_publish_bytes_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)}: {getattr(self, name)} must be 0 (no limit) "
+                                  "or more")
+        if self.sys_interval < 0:
+            raise ConfigError(f"--sys-interval: {self.sys_interval} must be 0 (off) or more")
         if not 1 <= self.max_keepalive <= 65535:
             raise ConfigError(
                 f"--max-keepalive: {self.max_keepalive} is not a keep-alive (1 to 65535 seconds)"
@@ -175,6 +242,9 @@ class Config:
             )
         if not self.data_dir:
             raise ConfigError("--data-dir: give a directory (it is made if missing)")
+        # Absolute from here on: a relative one would name another directory for every command
+        # run from elsewhere (`iotgw devices add` writing a registry the gateway never reads).
+        object.__setattr__(self, "data_dir", os.path.abspath(os.path.expanduser(self.data_dir)))
         if self.api_token is not None and (not self.api_token or any(
                 c.isspace() for c in self.api_token)):
             raise ConfigError("--api-token: a bearer token is one word (no spaces)")
@@ -202,6 +272,7 @@ class Config:
                                       "(several: host:port,host:port)")
         if self.node_id is not None and (not self.node_id.strip() or "|" in self.node_id):
             raise ConfigError(f"--node-id: {self.node_id!r} must be a non-blank name without |")
+        return self
 
 
 MAX_PORT = 65535
@@ -217,101 +288,95 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _field_type(f: dataclasses.Field[Any]) -> Any:
-    return typing.get_type_hints(Config)[f.name]
+_KINDS = {
+    "int_parsing": "an integer", "int_type": "an integer", "int_from_float": "an integer",
+    "bool_parsing": "a boolean (true/false)", "bool_type": "a boolean (true/false)",
+    "string_type": "a string",
+}
 
 
-def _convert(name: str, raw: Any, kind: Any) -> Any:
-    """Turn a string (flag, environment) or TOML value into the field's type."""
-    args = typing.get_args(kind)
-    if type(None) in args:  # X | None
-        if raw is None or (isinstance(raw, str) and raw.lower() in ("", "none")):
-            return None
-        kind = next(a for a in args if a is not type(None))
-        args = typing.get_args(kind)
-    if typing.get_origin(kind) is Literal:
-        if raw not in args:
-            raise ConfigError(f"{_flag(name)}: {raw!r} is not one of {', '.join(map(str, args))}")
-        return raw
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        text = str(raw).strip().lower()
-        if text in ("1", "true", "yes", "on"):
-            return True
-        if text in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{_flag(name)}: {raw!r} is not a boolean (true/false)")
-    if kind is int:
-        if isinstance(raw, bool):
-            raise ConfigError(f"{_flag(name)}: {raw!r} is not an integer")
-        try:
-            return int(raw)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{_flag(name)}: {raw!r} is not an integer") from None
-    if kind is str:
-        if not isinstance(raw, str):
-            raise ConfigError(f"{_flag(name)}: {raw!r} is not a string")
-        return raw
-    raise ConfigError(f"{_flag(name)}: unsupported setting type {kind!r}")  # pragma: no cover
+def _message(exc: ValidationError) -> str:
+    """The first error as one line naming the flag, in the words of the checks above."""
+    error = exc.errors()[0]
+    name = str(error["loc"][0]) if error["loc"] else ""
+    kind = error["type"]
+    if kind == "value_error":  # our own checks: their message is the line
+        return str(error["ctx"]["error"])
+    raw = error.get("input")
+    if kind == "literal_error":
+        choices = typing.get_args(Config.model_fields[name].annotation)
+        choices = typing.get_args(next((a for a in choices if typing.get_args(a)), None)) or \
+            choices
+        return f"{_flag(name)}: {raw!r} is not one of {', '.join(map(str, choices))}"
+    if kind in _KINDS:
+        return f"{_flag(name)}: {raw!r} is not {_KINDS[kind]}"
+    return f"{_flag(name)}: {raw!r}: {error['msg']}"
+
+
+class _Environment(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping (tests pass their own)."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(Config, case_sensitive=False, env_prefix=ENV_PREFIX)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {k.lower(): v for k, v in self._environ.items()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One `--kebab-case` flag per Config field, plus --config FILE. Unset flags stay None."""
     parser.add_argument("--config", metavar="FILE", help="TOML file with settings")
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kind = _field_type(f)
-        env = ENV_PREFIX + f.name.upper()
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default}; env {env})"
-        if kind is bool:
+    for name, info in Config.model_fields.items():
+        flag = _flag(name)
+        env = ENV_PREFIX + name.upper()
+        help_text = f"{info.description or ''} (default: {info.default}; env {env})"
+        if info.annotation is bool:
             parser.add_argument(
                 flag,
-                dest=f.name,
+                dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=help_text,
             )
         else:
-            parser.add_argument(
-                flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text
-            )
+            parser.add_argument(flag, dest=name, default=None, metavar=name.upper(),
+                                help=help_text)
 
 
 def load(
     args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
 ) -> Config:
+    """Flags (`args`) over the environment over the `--config`/`IOTGW_CONFIG` file over the
+    defaults; ConfigError (one line) for anything that does not fit."""
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     if path:
         values.update(_read_file(Path(path)))
-    known = {f.name for f in fields(Config)}
-    for f in fields(Config):
-        env_value = environ.get(ENV_PREFIX + f.name.upper())
-        if env_value is not None:
-            values[f.name] = env_value
-        flag_value = getattr(args, f.name, None) if args is not None else None
+    values.update(_Environment(environ)())
+    for name in Config.model_fields:
+        flag_value = getattr(args, name, None) if args is not None else None
         if flag_value is not None:
-            values[f.name] = flag_value
-    unknown = set(values) - known
+            values[name] = flag_value
+    unknown = set(values) - set(Config.model_fields)
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
-    converted = {
-        f.name: _convert(f.name, values[f.name], _field_type(f))
-        for f in fields(Config)
-        if f.name in values
-    }
-    return Config(**converted)
+    return Config(**values)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        try:
+            path.open("rb").close()  # the reason, in the system's words
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read config file {path}: not a file")  # pragma: no cover
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        data = TomlConfigSettingsSource(Config, toml_file=path).toml_data
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # tomllib.TOMLDecodeError
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     return {key.replace("-", "_"): value for key, value in data.items()}
 

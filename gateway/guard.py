@@ -44,6 +44,7 @@ THROTTLED: Final = "throttled"  # a key of this attempt is banned for a while
 BUSY: Final = "busy"  # too many checks waiting: try again later
 UNAVAILABLE: Final = "unavailable"  # the credential store could not answer
 DISABLED: Final = "disabled"  # the device is registered and disabled by an operator
+BANNED: Final = "banned"  # a key of this attempt is banned by an operator (OperatorBans)
 
 Verdict = str
 TRUSTED_SECONDS: Final = 3600.0  # an address that let a good secret through is trusted this long
@@ -170,6 +171,55 @@ class Throttle:
         self.metrics.banned.set(sum(1 for e in self._keys.values() if e.banned_until > now))
 
 
+@dataclass(frozen=True)
+class OperatorBan:
+    key: str  # "id:{client id}" or "addr:{source address}"
+    until: float | None  # time.time() when it ends; None: until removed
+    reason: str
+
+
+class OperatorBans:
+    """Bans an operator placed (admin API), by client id or source address, with an optional
+    expiry. Unlike the throttle's bans they refuse everyone, known good secrets and anonymous
+    clients too: MQTT CONNECTs and CoAP requests ask `banned(keys)` before anything else."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._bans: dict[str, OperatorBan] = {}
+        self._clock = clock
+
+    def add(self, key: str, seconds: float | None, reason: str = "") -> OperatorBan:
+        until = None if seconds is None else self._clock() + seconds
+        ban = self._bans[key] = OperatorBan(key, until, reason)
+        return ban
+
+    def remove(self, key: str) -> bool:
+        return self._bans.pop(key, None) is not None
+
+    def replace(self, bans: list[OperatorBan]) -> list[OperatorBan]:
+        """Hold exactly `bans` (a cluster's shared set); returns those that are new here."""
+        new = [b for b in bans if self._bans.get(b.key) != b]
+        self._bans = {b.key: b for b in bans}
+        return new
+
+    def list(self) -> list[OperatorBan]:
+        self.sweep()
+        return sorted(self._bans.values(), key=lambda b: b.key)
+
+    def banned(self, keys: Iterable[str]) -> OperatorBan | None:
+        if not self._bans:  # the common case: one dict test
+            return None
+        for key in keys:
+            ban = self._bans.get(key)
+            if ban is not None and (ban.until is None or ban.until > self._clock()):
+                return ban
+        return None
+
+    def sweep(self) -> None:
+        now = self._clock()
+        for key in [k for k, b in self._bans.items() if b.until is not None and b.until <= now]:
+            del self._bans[key]
+
+
 class _Job:
     __slots__ = ("finish", "loop", "rank", "verify")
 
@@ -281,6 +331,7 @@ class AuthGuard:
         # (realm, principal, fingerprint, digest) -> the check of that secret under way
         self._running: dict[tuple[str, str, bytes, bytes], asyncio.Future[Verdict]] = {}
         self._workers = _Workers(self.limits.workers, self.limits.worker_nice)
+        self.bans = OperatorBans()
 
     def check_device(
         self,
@@ -450,6 +501,7 @@ class AuthGuard:
     def sweep(self) -> None:
         now = self._clock()
         self.throttle.sweep(now)
+        self.bans.sweep()
         for who in [w for w, bad in self._bad.items() if max(bad[1].values()) <= now]:
             del self._bad[who]
 

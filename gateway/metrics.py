@@ -61,6 +61,11 @@ class MqttMetrics:
             ["reason"],
             registry=registry,
         )
+        self.rate_limited = Counter(
+            "iotgw_mqtt_rate_limited",
+            "Times reading from a client paused for --max-publish-rate/--max-publish-bytes-rate",
+            registry=registry,
+        )
         self.protocol_errors = Counter(
             "iotgw_mqtt_protocol_errors",
             "Connections closed for bad packets, by reason code",
@@ -111,6 +116,8 @@ class TelemetryMetrics:
             ["kind"],
             registry=registry,
         )
+        for kind in ("telemetry", "events", "shadow", "commands"):
+            self.shed.labels(kind)  # 0 until something is shed: dashboards and alerts see it
         self.backlog = Gauge(
             "iotgw_telemetry_backlog_records", "Records accepted, not yet durable", ["lane"],
             registry=registry,
@@ -269,6 +276,23 @@ class EventMetrics:
         )
 
 
+class HttpMetrics:
+    """`iotgw_http_*`: REST requests by route template (not the path: bounded labels), method
+    and status; counted by gateway/http/api.py's RequestMetrics."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "iotgw_http_requests", "REST requests answered, by route, method and status",
+            ["route", "method", "status"], registry=registry,
+        )
+        self.duration = Histogram(
+            "iotgw_http_request_duration_seconds", "Time to answer a REST request, by route",
+            ["route", "method"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+            registry=registry,
+        )
+
+
 class Metrics:
     """All of one gateway's metrics."""
 
@@ -282,6 +306,7 @@ class Metrics:
         self.cluster = ClusterMetrics(self.registry)
         self.auth = AuthMetrics(self.registry)
         self.events = EventMetrics(self.registry)
+        self.http = HttpMetrics(self.registry)
         # process_cpu_seconds_total, _resident_memory_bytes, _open_fds, ... (from /proc)
         ProcessCollector(registry=self.registry)
         build = Gauge(

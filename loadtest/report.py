@@ -50,6 +50,18 @@ HISTORY_HEADER = [
     "Connected",
 ]
 FAILURES_HEADER = ["Method", "Name", "Error", "Occurrences"]
+_UNITS = {"Response Time": " (ms)", "Content Size": " (bytes)"}
+
+
+def with_units(header: Sequence[str]) -> list[str]:
+    """The CSV header (locust's names) with the unit of each figure, for the HTML page."""
+    out = []
+    for h in header:
+        unit = next((u for key, u in _UNITS.items() if key in h), "")
+        if h.endswith("%"):
+            unit = " (ms)"
+        out.append(h + unit)
+    return out
 
 
 def ms(micros: float) -> str:
@@ -175,6 +187,7 @@ def print_summary(collector: Collector, console: Console, counters: bool = True)
     for label in percentile_labels():
         p.add_column(label, justify="right")
     p.add_column("# reqs", justify="right")
+    p.add_column("# timed", justify="right")
     for i, e in enumerate(entries):
         if i == len(entries) - 1:
             p.add_section()
@@ -182,6 +195,7 @@ def print_summary(collector: Collector, console: Console, counters: bool = True)
             e.type,
             e.name,
             *(_timed(e, v) for v in e.hist.percentiles(PERCENTILES)),
+            str(e.num_requests),
             str(e.hist.count),
         )
     console.print(p)
@@ -205,15 +219,26 @@ def print_summary(collector: Collector, console: Console, counters: bool = True)
 _COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
 
 
-def _nice_max(v: float) -> float:
-    """The smallest 1, 2, 2.5 or 5 times a power of ten that is >= v."""
-    if v <= 0:
+def _nice_step(span: float, count: int) -> float:
+    """A step of 1, 2, 2.5 or 5 times a power of ten giving at most `count` steps over `span`."""
+    if span <= 0:
         return 1.0
-    exp = 10.0 ** math.floor(math.log10(v))
-    for m in (1, 2, 2.5, 5):
-        if v <= m * exp * (1 + 1e-9):
+    raw = span / count
+    exp = 10.0 ** math.floor(math.log10(raw))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * exp >= raw * (1 - 1e-9):
             return m * exp
-    return 10 * exp
+    return 10 * exp  # pragma: no cover
+
+
+def _ticks(vmax: float, count: int = 4) -> list[float]:
+    """Round tick values from 0 to the first one at or past `vmax`."""
+    step = _nice_step(vmax, count)
+    n = max(1, math.ceil(vmax / step - 1e-9))
+    return [step * i for i in range(n + 1)]
+
+
+_DASHES = ["", "7 4", "2 3", "10 3 2 3", "4 4", "1 2"]  # overlapping series stay visible
 
 
 def svg_chart(
@@ -226,17 +251,19 @@ def svg_chart(
 ) -> str:
     """A line chart as inline SVG: x = seconds since the start, one polyline per series;
     `bands` (from, to, label) are shaded behind the lines (the chaos suite's fault windows)."""
-    left, right, top, bottom = 70, 150, 30, 40
+    left, right, top, bottom = 70, 150, 30, 44
     pw, ph = width - left - right, height - top - bottom
     xs = [x for _, pts in series for x, _ in pts]
     ys = [y for _, pts in series for _, y in pts]
-    xmax = max([*xs, *(b[1] for b in bands)]) if xs or bands else 1.0
-    xmax = xmax if xmax > 0 else 1.0
-    ymax = _nice_max(max(ys) if ys else 0.0)
+    xtop = max([*xs, *(b[1] for b in bands)]) if xs or bands else 1.0
+    xticks = _ticks(xtop if xtop > 0 else 1.0, 8)
+    yticks = _ticks(max(ys) if ys and max(ys) > 0 else 1.0, 4)
+    xmax, ymax = xticks[-1], yticks[-1]
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
         f'viewBox="0 0 {width} {height}" role="img" aria-label="{html.escape(title)}">',
-        f'<text x="{left}" y="18" font-size="14" font-weight="bold">{html.escape(title)}</text>',
+        f'<text x="{left}" y="18" font-size="14" font-weight="bold">'
+        f"{html.escape(title)} ({html.escape(unit)})</text>",
         f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
     ]
     for n, (x0, x1, label) in enumerate(bands):
@@ -250,21 +277,23 @@ def svg_chart(
             f'<text x="{bx + 2:.1f}" y="{top + 11 + 11 * (n % 3)}" font-size="10" '
             f'fill="#8a5a00">{html.escape(label[:28])}</text>'
         )
-    for i in range(5):
-        yv = ymax * i / 4
-        y = top + ph - ph * i / 4
+    for yv in yticks:
+        y = top + ph - ph * yv / ymax
         out.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#eee"/>')
         out.append(
             f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="11" text-anchor="end">'
             f"{_tick(yv)}</text>"
         )
-    for i in range(6):
-        xv = xmax * i / 5
-        x = left + pw * i / 5
+    for xv in xticks:
+        x = left + pw * xv / xmax
         out.append(
             f'<text x="{x:.1f}" y="{top + ph + 16}" font-size="11" text-anchor="middle">'
-            f"{xv:.0f}s</text>"
+            f"{_tick(xv)}</text>"
         )
+    out.append(
+        f'<text x="{left + pw / 2:.0f}" y="{top + ph + 34}" font-size="11" '
+        'text-anchor="middle">seconds since the start</text>'
+    )
     out.append(
         f'<text x="14" y="{top + ph / 2:.0f}" font-size="11" '
         f'transform="rotate(-90 14 {top + ph / 2:.0f})" text-anchor="middle">'
@@ -272,18 +301,22 @@ def svg_chart(
     )
     for n, (label, pts) in enumerate(series):
         color = _COLORS[n % len(_COLORS)]
+        dash = _DASHES[n % len(_DASHES)]
+        dashed = f' stroke-dasharray="{dash}"' if dash else ""
+        # Inset by a pixel: a series at 0 (or at the top) is not hidden by the frame.
         coords = " ".join(
-            f"{left + pw * x / xmax:.1f},{top + ph - ph * min(y, ymax) / ymax:.1f}" for x, y in pts
+            f"{left + pw * x / xmax:.1f},"
+            f"{top + 1 + (ph - 2) * (1 - min(y, ymax) / ymax):.1f}" for x, y in pts
         )
         if coords:
             out.append(
-                f'<polyline fill="none" stroke="{color}" stroke-width="1.8" points="{coords}">'
-                f"<title>{html.escape(label)}</title></polyline>"
+                f'<polyline fill="none" stroke="{color}" stroke-width="1.8"{dashed} '
+                f'points="{coords}"><title>{html.escape(label)}</title></polyline>'
             )
         ly = top + 14 + 18 * n
         out.append(
             f'<line x1="{left + pw + 12}" y1="{ly - 4}" x2="{left + pw + 32}" y2="{ly - 4}" '
-            f'stroke="{color}" stroke-width="3"/>'
+            f'stroke="{color}" stroke-width="3"{dashed}/>'
         )
         out.append(
             f'<text x="{left + pw + 38}" y="{ly}" font-size="12">{html.escape(label)}</text>'
@@ -293,14 +326,15 @@ def svg_chart(
 
 
 def _tick(v: float) -> str:
-    if v >= 100 or v == int(v):
-        return f"{v:.0f}"
-    return f"{v:.3g}"
+    """A tick label: thousands separated, no trailing zeros (0.25, 2.5, 10, 12,500)."""
+    if v == int(v):
+        return f"{int(v):,}"
+    return f"{v:,.6f}".rstrip("0").rstrip(".")
 
 
 def _table(header: Iterable[str], rows: Iterable[Iterable[str]], numeric_from: int = 2) -> str:
     b = io.StringIO()
-    b.write("<table><thead><tr>")
+    b.write('<div class="scroll"><table><thead><tr>')
     for h in header:
         b.write(f"<th>{html.escape(h)}</th>")
     b.write("</tr></thead><tbody>")
@@ -310,14 +344,16 @@ def _table(header: Iterable[str], rows: Iterable[Iterable[str]], numeric_from: i
             cls = ' class="num"' if i >= numeric_from else ""
             b.write(f"<td{cls}>{html.escape(str(c))}</td>")
         b.write("</tr>")
-    b.write("</tbody></table>")
+    b.write("</tbody></table></div>")
     return b.getvalue()
 
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#222}
 h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+.scroll{overflow-x:auto;max-width:100%}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th{white-space:nowrap}
 th,td{border:1px solid #ddd;padding:4px 8px}th{background:#f4f4f4;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr:last-child td{font-weight:600}
@@ -357,10 +393,10 @@ def render_html(
         conn.append((x, float(row.connected)))
     shaded = [(a - start, b - start, label) for a, b, label in bands]
     charts = [
-        svg_chart("Throughput", [("requests/s", rps), ("failures/s", fps)], "per second",
+        svg_chart("Throughput", [("requests/s", rps), ("failures/s", fps)], "requests/s",
                   bands=shaded),
         svg_chart(
-            "Response time percentiles (per interval)",
+            "Response time percentiles per interval",
             [("p50", p50), ("p95", p95), ("p99", p99)],
             "ms",
             bands=shaded,
@@ -398,7 +434,7 @@ def render_html(
     )
     pct_rows = [
         [e.type, e.name, *(_timed(e, v) for v in e.hist.percentiles(PERCENTILES)),
-         str(e.hist.count)]
+         str(e.num_requests), str(e.hist.count)]
         for e in [*collector.sorted_entries(), collector.total]
     ]
     failures = failure_rows(collector)
@@ -409,10 +445,13 @@ def render_html(
         f"<style>{_CSS}</style></head><body>",
         "<h1>iotgw-load report</h1>",
         f'<table class="meta">{meta_html}</table>',
-        "<h2>Request statistics (times in ms)</h2>",
-        _table(STATS_HEADER, stats_rows(collector)),
-        "<h2>Response time percentiles (ms)</h2>",
-        _table(["Type", "Name", *percentile_labels(), "# timed"], pct_rows),
+        "<h2>Request statistics</h2>",
+        _table(with_units(STATS_HEADER), stats_rows(collector)),
+        "<h2>Response time percentiles</h2>",
+        "<p>Request Count as above; Timed: those with a measured response time (QoS 0 "
+        "publishes and received commands are counted, not timed: N/A).</p>",
+        _table(["Type", "Name", *(f"{p} (ms)" for p in percentile_labels()), "Request Count",
+                "Timed"], pct_rows),
         "<h2>Failures and errors</h2>",
         _table(FAILURES_HEADER, failures, numeric_from=3) if failures else "<p>None.</p>",
         *(f"<h2>{html.escape(h)}</h2>{body}" for h, body in sections),

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs iotgw into .venv and runs the gateway on embedded defaults (no Redis, no Kafka).
-# Extra arguments go to `iotgw run`.
+# Runs the gateway on embedded defaults (no Redis, no Kafka), installing iotgw into .venv first
+# when its build inputs changed since the last install (scripts/venv.sh). It runs in the
+# foreground until Ctrl-C; extra arguments go to `iotgw run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q .
+. scripts/venv.sh
+ensure_installed ""
 exec .venv/bin/iotgw run "$@"

@@ -17,6 +17,11 @@ command -v autoreconf >/dev/null && command -v libtoolize >/dev/null || apt_miss
 command -v node >/dev/null || apt_missing+=(nodejs)
 command -v npm >/dev/null || apt_missing+=(npm)
 command -v go >/dev/null || apt_missing+=(golang-go)  # builds Toxiproxy (below)
+command -v curl >/dev/null || apt_missing+=(curl)
+command -v mosquitto_pub >/dev/null || apt_missing+=(mosquitto-clients)  # README quick start
+command -v chromium >/dev/null || apt_missing+=(chromium)  # /docs rendered offline
+command -v promtool >/dev/null || apt_missing+=(prometheus)  # deploy/ dashboard and alerts
+command -v systemd-analyze >/dev/null || apt_missing+=(systemd)  # deploy/systemd unit check
 if [ ${#apt_missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
   # policy-rc.d 101: install the servers without starting them as system services;
@@ -28,9 +33,8 @@ if [ ${#apt_missing[@]} -gt 0 ]; then
   $sudo rm -f /usr/sbin/policy-rc.d
 fi
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[test]'
+. scripts/venv.sh
+ensure_installed test
 
 # MQTT.js for the WebSocket tests (tests/js/), into .cache/node once per pinned version:
 mqttjs=5.14.1

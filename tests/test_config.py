@@ -92,3 +92,28 @@ def test_coaps_is_on_with_dtls_credentials_and_plain_coap_can_be_off() -> None:
     assert config.parse(["--tls-cert", "c.pem", "--tls-client-ca", "ca.pem"]).coaps
     assert not config.parse(["--tls-cert", "c.pem"]).coaps  # no device credential for DTLS
     assert config.parse(["--coap-port", "-1"]).coap_port == -1
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("mqtt_port = true", "--mqtt-port: True is not an integer"),
+        ("max_packet_size = 1.5", "--max-packet-size: 1.5 is not an integer"),
+        ("bind = 5", "--bind: 5 is not a string"),
+        ('log-level = "loud"', "--log-level: 'loud' is not one of"),
+    ],
+)
+def test_file_values_of_the_wrong_kind_are_named(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    toml = tmp_path / "iotgw.toml"
+    toml.write_text(line + "\n")
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, environ={"IOTGW_CONFIG": str(toml)})
+
+
+def test_a_config_built_directly_is_checked_the_same_way() -> None:
+    with pytest.raises(config.ConfigError, match="--coap-port: 70000 is not a port"):
+        config.Config(coap_port=70000)
+    with pytest.raises(config.ConfigError, match="--workers: 'two' is not an integer"):
+        config.Config(workers="two")

@@ -41,7 +41,7 @@ def test_parallel_cli_adds_all_succeed_and_every_printed_password_verifies(
     printed: dict[str, str] = {}
     for p in procs:
         out, err = p.communicate(timeout=120)
-        assert p.returncode == 0 and err == "", err
+        assert p.returncode == 0 and err == f"iotgw: data dir {data}\n", err
         device, password = out.strip().split("\t")
         printed[device] = password
     reg = DeviceRegistry(data)

@@ -253,6 +253,8 @@ class Resources:
             self._error(ex, coap.UNAUTHORIZED, "a valid ?t= token is required")
         elif verdict == guard.DISABLED:
             self._error(ex, coap.UNAUTHORIZED, "the device is disabled")
+        elif verdict == guard.BANNED:
+            self._error(ex, coap.FORBIDDEN, "banned by an operator")
         elif verdict == guard.THROTTLED:
             self._error(ex, coap.TOO_MANY_REQUESTS, "too many failed attempts: try later",
                         [(coap.MAX_AGE, 60)])
@@ -266,6 +268,8 @@ class Resources:
     ) -> guard.Verdict | asyncio.Future[guard.Verdict]:
         if not valid_device_id(device):
             return guard.DENIED
+        if self.endpoint.guard.bans.banned((f"id:{device}", f"addr:{ex.addr[0]}")):
+            return guard.BANNED
         token: str | None = None
         for q in msg.uri_query:
             if q.startswith("t="):

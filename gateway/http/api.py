@@ -24,16 +24,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
+from gateway.admin import Admin
 from gateway.auth import DeviceRegistry
 from gateway.cluster import Cluster
 from gateway.guard import BUSY, DENIED, OK, THROTTLED, UNAVAILABLE, AuthGuard
-from gateway.metrics import Metrics, ShadowMetrics
+from gateway.http.docs import install_docs
+from gateway.metrics import HttpMetrics, Metrics, ShadowMetrics
 from gateway.mqtt.broker import Broker
 from gateway.shadows import ShadowService
-from gateway.tokens import Principal, Token, TokenError, TokenStore
+from gateway.tokens import ADMIN, Principal, Token, TokenError, TokenStore
 
 log = logging.getLogger("iotgw.http")
 
@@ -208,6 +211,50 @@ class Utf8Path:
         await self.app(scope, receive, send)
 
 
+class RequestMetrics:
+    """ASGI middleware: counts each request by its route template (`/v1/devices/{device}/shadow`;
+    `unmatched` for paths no route has), method and status, and times it."""
+
+    def __init__(self, app: ASGIApp, metrics: HttpMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # an exception before the response started
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = _route_template(scope)
+            method = scope["method"]
+            self.metrics.requests.labels(route, method, str(status)).inc()
+            self.metrics.duration.labels(route, method).observe(time.perf_counter() - started)
+
+
+def _route_template(scope: Scope) -> str:
+    """The matched route's path template, with the prefix of the router that included it: the
+    route knows only its own part (`/devices/{device}/shadow`), the path gives the prefix (its
+    leading segments; a parameter never holds a `/`)."""
+    route = scope.get("route")
+    own = getattr(route, "path", None)
+    if not isinstance(own, str):
+        return "unmatched"
+    if isinstance(route, Mount):
+        return own
+    segments = scope["path"].split("/")
+    return "/".join(segments[: len(segments) - own.count("/")]) + own
+
+
 # --------------------------------------------------------------------------- what routes use
 
 
@@ -225,6 +272,7 @@ class ApiContext:
     # the app acts on devices removed or disabled (closes connections): called after a change
     registry_changed: Callable[[], None] = lambda: None
     cluster: Cluster | None = None  # where other nodes' devices are, in a cluster
+    admin: Admin | None = None  # /v1/admin (gateway/admin.py)
 
     @asynccontextmanager
     async def timed(self, operation: str) -> AsyncIterator[None]:
@@ -318,6 +366,9 @@ def auth_dependencies(tokens: TokenStore, guard: AuthGuard) -> Callable[[str], A
     def require(scope: str) -> Auth:
         async def dependency(request: Request) -> Principal:
             principal = await authenticate(request)
+            if guard.bans.banned((f"addr:{_host(request)}",)) and not principal.allows(ADMIN):
+                # (admin tokens pass: an operator cannot lock out the way to lift the ban)
+                raise ApiError(403, "banned", "this address is banned by an operator")
             if not principal.allows(scope):
                 guard.events.denied(
                     "http", principal.name, _host(request), "scope", f"{request.url.path}"
@@ -410,15 +461,18 @@ def build_api(
         version=__version__,
         description="Device shadows, devices and commands of an iotgw gateway. "
         "Errors: `{\"error\": \"<code>\", \"detail\": ...}`.",
-        docs_url="/docs",
+        docs_url=None,  # served offline by install_docs below
+        redoc_url=None,
         openapi_url="/openapi.json",
         # FastAPI's built-in OpenTelemetry: off (metrics are Prometheus, at /metrics); even
         # unconfigured it looks up the global providers on every request.
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     _install_error_handlers(api)
+    install_docs(api)
     api.add_middleware(BodyLimit)
     api.add_middleware(Utf8Path)
+    api.add_middleware(RequestMetrics, metrics=metrics.http)
 
     @api.get(
         "/healthz", operation_id="healthz", summary="The process is alive", response_model=Status
@@ -461,6 +515,10 @@ def build_api(
         require = auth_dependencies(context.tokens, context.guard)
         api.include_router(shadow_router(context, require), prefix="/v1")
         api.include_router(devices_router(context, require), prefix="/v1")
+        if context.admin is not None:
+            from gateway.http.admin_api import admin_router
+
+            api.include_router(admin_router(context.admin, require), prefix="/v1")
 
     return api
 

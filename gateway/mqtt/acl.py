@@ -116,6 +116,8 @@ class Acl:
         return identity in self.services
 
     def can_publish(self, identity: str, topic: str) -> bool:
+        if topic.startswith("$SYS/"):
+            return False  # the gateway's own statistics (gateway/systopics.py)
         if len(self._deny_publish) and self._deny_publish.match(topic):
             return False
         if self.mode == "open":

@@ -55,6 +55,8 @@ class BrokerLimits:
     max_write_buffer: int = 1 << 20  # bytes buffered for a slow subscriber before shedding QoS 0
     connect_timeout: float = 10.0  # seconds from TCP accept to CONNECT
     max_keep_alive: int = 65535
+    max_publish_rate: float = 0  # PUBLISH packets per second per client (0: no limit)
+    max_publish_bytes_rate: float = 0  # bytes read per second per client (0: no limit)
 
 
 InternalSubscriber = Callable[[Message], None]

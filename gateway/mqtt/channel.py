@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from gateway import guard
 from gateway._native import mqtt
 from gateway.auth import valid_device_id
+from gateway.mqtt.ratelimit import PublishBucket
 from gateway.mqtt.session import (
     AWAIT_PUBACK,
     AWAIT_PUBCOMP,
@@ -169,6 +170,10 @@ class MqttChannel:
         # Why reading is paused (telemetry backlog, a cluster node behind, a CONNECT being
         # decided, ...): reading resumes only once no reason is left.
         self._read_holds: set[str] = set()
+        # Per-client publish limits (ratelimit.py; None: no limit).
+        self.rate = PublishBucket.for_limits(
+            broker.limits.max_publish_rate, broker.limits.max_publish_bytes_rate
+        )
         # Acknowledgements leave in the order the PUBLISHes came (3.1.1 4.6, 5.0 4.6); one an
         # interceptor holds (until its record is durable) holds back the ones behind it.
         # Entries: [packet type, packet id, reason code, ready].
@@ -368,6 +373,9 @@ class MqttChannel:
             client_id = "auto-" + secrets.token_hex(8)
             self._assigned = True
         self._connect = c
+        if broker.guard.bans.banned((f"id:{client_id}", f"addr:{self.peer_host}")):
+            self.refuse(mqtt.BANNED, V4_NOT_AUTHORIZED, "banned", client_id)  # gateway/admin.py
+            return
 
         # Authentication: a verified client certificate, registry credentials, else anonymous
         # when allowed. Secrets are checked by the guard: at once when it knows the answer,

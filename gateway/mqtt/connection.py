@@ -12,6 +12,7 @@ import asyncio
 from typing import Any, cast
 
 from gateway._native import mqtt
+from gateway.mqtt import ratelimit
 from gateway.mqtt.broker import Broker
 from gateway.mqtt.channel import ChannelIO, MqttChannel
 
@@ -119,6 +120,7 @@ def framed(broker: Broker, framer: Any, channel: MqttChannel, nbytes: int) -> No
         channel.malformed(exc)
     else:
         channel.received(packets)
+        ratelimit.account(channel, packets, nbytes)
     broker.flush()
 
 

@@ -1,0 +1,226 @@
+"""What an operator does to a running gateway (REST `/v1/admin`, `iotgw clients|bans|retained`):
+list and kick connected clients, inspect a session, ban client ids and source addresses, list
+and delete retained messages. It works on the broker's public state (`online`, `sessions`,
+`retained`) and the guard's operator bans; nothing here is on a client's path.
+
+In a cluster (`--cluster`, `--workers`) bans hold on every node: they are kept in a Redis hash
+that each node reads every second (`sync_forever`). Listing, kicking and sessions are this
+node's; a retained message deleted here is deleted on every node (through the cluster's
+retained store)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway._native import mqtt
+from gateway.guard import AuthGuard, OperatorBan
+from gateway.mqtt.broker import Broker
+from gateway.mqtt.session import Message, Session
+
+log = logging.getLogger("iotgw.admin")
+
+BANS_KEY = "iotgw:bans"  # Redis hash: ban key -> {"until", "reason"} (a cluster's bans)
+BAN_SYNC_INTERVAL = 1.0  # seconds between two reads of the cluster's bans
+
+CLIENT_ID = "client_id"
+ADDRESS = "address"
+_PREFIX = {CLIENT_ID: "id:", ADDRESS: "addr:"}
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    next: str | None  # pass as `after` for the next page; None: this was the last
+
+
+def _page(keys: list[str], after: str | None, limit: int) -> tuple[list[str], str | None]:
+    keys = sorted(k for k in keys if after is None or k > after)
+    shown = keys[:limit]
+    return shown, (shown[-1] if len(keys) > limit else None)
+
+
+class Admin:
+    def __init__(self, broker: Broker, guard: AuthGuard, redis: Redis | None = None) -> None:
+        """`redis`: the cluster's, when there is one: bans are shared through it."""
+        self.broker = broker
+        self.guard = guard
+        self.redis = redis
+        self._sync_failed = False
+
+    # ---- clients and sessions ---------------------------------------------------------------
+
+    def clients(self, prefix: str = "", after: str | None = None, limit: int = 100) -> Page:
+        """Connected MQTT clients, by client id."""
+        online = self.broker.online
+        ids, following = _page([c for c in online if c.startswith(prefix)], after, limit)
+        return Page([self._client(online[c], self.broker.sessions.get(c)) for c in ids],
+                    following)
+
+    def _client(self, conn: Any, session: Session | None) -> dict[str, Any]:
+        outgoing, queue, subscriptions, _ = session.state() if session else ({}, [], {}, set())
+        return {
+            "client_id": session.client_id if session else "",
+            "identity": session.identity if session else None,
+            "protocol": "mqtt5" if conn.version == 5 else "mqtt3.1.1",
+            "peer": conn.peer,
+            "keep_alive": conn.keep_alive,
+            "subscriptions": len(subscriptions),
+            "inflight": len(outgoing),
+            "queued": len(queue),
+        }
+
+    def session(self, client_id: str) -> dict[str, Any] | None:
+        """A session, online or persistent and offline; None if there is none."""
+        session = self.broker.sessions.get(client_id)
+        if session is None:
+            return None
+        outgoing, queue, subscriptions, incoming = session.state()
+        conn = self.broker.online.get(client_id)
+        return {
+            "client_id": client_id,
+            "identity": session.identity,
+            "anonymous": bool(session.anonymous),
+            "online": conn is not None,
+            "peer": conn.peer if conn is not None else None,
+            "protocol": "mqtt5" if session.version == 5 else "mqtt3.1.1",
+            "expiry_interval": session.expiry_interval,
+            "subscriptions": [
+                {"filter": f, "qos": o.qos, "no_local": o.no_local,
+                 "retain_as_published": o.retain_as_published,
+                 "retain_handling": o.retain_handling, "identifier": o.identifier}
+                for f, o in sorted(subscriptions.items())
+            ],
+            "inflight": len(outgoing),
+            "queued": len(queue),
+            "queued_bytes": queue.bytes,
+            "awaiting_pubrel": len(incoming),
+            "dropped": session.dropped,
+        }
+
+    def kick(self, client_id: str, discard_session: bool = False) -> bool:
+        """Disconnect a client (MQTT 5: DISCONNECT 0x98 Administrative action), and end its
+        session if asked; False if it is neither connected nor has a session to discard."""
+        broker = self.broker
+        conn = broker.online.get(client_id)
+        if conn is not None:  # as a close: its will goes out
+            broker.lifecycle.kick(conn, mqtt.ADMINISTRATIVE_ACTION, "kicked by an operator")
+        session = broker.sessions.get(client_id)
+        if discard_session and session is not None:
+            broker.lifecycle.end(session)
+        broker.flush()
+        return conn is not None or (discard_session and session is not None)
+
+    # ---- bans ---------------------------------------------------------------------------------
+
+    async def ban(
+        self, kind: str, value: str, seconds: float | None, reason: str = ""
+    ) -> OperatorBan:
+        """Refuse a client id or a source address from now on (`seconds`: for that long), on
+        every node of a cluster, and kick the connected clients it matches. ValueError for a
+        kind or address that is not; RedisError when a cluster's Redis cannot store it."""
+        key = ban_key(kind, value)
+        ban = self.guard.bans.add(key, seconds, reason)
+        if self.redis is not None:
+            await self.redis.hset(BANS_KEY, key, json.dumps(
+                {"until": ban.until, "reason": ban.reason}))
+        self._kick_banned([ban])
+        return ban
+
+    async def unban(self, kind: str, value: str) -> bool:
+        key = ban_key(kind, value)
+        removed = self.guard.bans.remove(key)
+        if self.redis is not None:
+            removed = bool(await self.redis.hdel(BANS_KEY, key)) or removed
+        return removed
+
+    def _kick_banned(self, bans: list[OperatorBan]) -> None:
+        keys = {b.key for b in bans}
+        for client_id, conn in list(self.broker.online.items()):
+            if keys & {f"id:{client_id}", f"addr:{conn.peer_host}"}:
+                self.kick(client_id)
+
+    async def sync_forever(self) -> None:
+        """A cluster node: hold the cluster's bans, read every BAN_SYNC_INTERVAL seconds."""
+        while True:
+            await asyncio.sleep(BAN_SYNC_INTERVAL)
+            try:
+                await self.sync()
+            except Exception:  # a bug here must not end the synchronisation for good
+                log.exception("synchronising the cluster's bans failed")
+
+    async def sync(self) -> None:
+        assert self.redis is not None
+        try:
+            stored: dict[bytes | str, bytes | str] = await self.redis.hgetall(BANS_KEY)
+        except (RedisError, OSError) as exc:  # keep the bans we have; say so once
+            if not self._sync_failed:
+                log.warning("cannot read the cluster's bans from Redis (%s): keeping the %d "
+                            "known here", exc, len(self.guard.bans.list()))
+            self._sync_failed = True
+            return
+        if self._sync_failed:
+            log.info("reading the cluster's bans from Redis again")
+        self._sync_failed = False
+        now = time.time()
+        bans = []
+        for raw_key, raw in stored.items():
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            try:
+                doc = json.loads(raw)
+                ban = OperatorBan(key, doc["until"], str(doc.get("reason", "")))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring an unreadable ban in Redis: %r", raw_key)
+                continue
+            if ban.until is not None and ban.until <= now:
+                continue  # expired: the node that placed it, or any, forgets it
+            bans.append(ban)
+        self._kick_banned(self.guard.bans.replace(bans))
+
+    def bans(self) -> list[dict[str, Any]]:
+        return [ban_json(b) for b in self.guard.bans.list()]
+
+    # ---- retained messages --------------------------------------------------------------------
+
+    def retained(self, prefix: str = "", after: str | None = None, limit: int = 100) -> Page:
+        found = {t: m for t, m in self.broker.retained.items() if t.startswith(prefix)}
+        topics, following = _page(list(found), after, limit)
+        return Page([{"topic": t, "bytes": len(found[t].payload), "qos": found[t].qos}
+                     for t in topics], following)
+
+    def delete_retained(self, topic: str) -> bool:
+        broker = self.broker
+        if not broker.retained.delete(topic):
+            return False
+        if broker.cluster is not None:  # its retained store tells every node
+            broker.cluster.retain(Message(topic, b"", 0, True, origin="$admin"))
+        else:
+            broker.journal.retained.add(topic)  # the next save deletes it from the file
+        broker.changed()
+        return True
+
+
+def ban_key(kind: str, value: str) -> str:
+    if kind not in _PREFIX:
+        raise ValueError(f"a ban is by {CLIENT_ID} or {ADDRESS}, not {kind!r}")
+    if not value:
+        raise ValueError(f"give the {kind} to ban")
+    if kind == ADDRESS:
+        try:
+            value = str(ipaddress.ip_address(value))  # one spelling per address
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+    return _PREFIX[kind] + value
+
+
+def ban_json(ban: OperatorBan) -> dict[str, Any]:
+    kind, value = (CLIENT_ID, ban.key[3:]) if ban.key.startswith("id:") else (ADDRESS, ban.key[5:])
+    return {"kind": kind, "value": value, "until": ban.until, "reason": ban.reason}
