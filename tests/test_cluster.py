@@ -549,3 +549,49 @@ def test_workers_share_one_port_as_one_broker(tmp_path: Path, redis_server: Any)
         out, _ = proc.communicate(timeout=30)
         assert proc.returncode == 0, out.decode()[-2000:]
     assert sorted(os.listdir(tmp_path / "data" / "workers")) == ["0", "1"]
+
+
+def test_packets_sent_behind_a_connect_wait_for_the_cluster_claim(nodes: Any) -> None:
+    """In a cluster the CONNACK waits for the client id's claim in Redis: what the client sent
+    in the same write behind its CONNECT is handled after it, in order (and the client that
+    held the id on the other node is taken over first)."""
+    a, b = nodes
+    old = RawClient(b.mqtt_port, version=5)
+    assert old.connect("dev", properties=mqtt.Properties(session_expiry_interval=60)) \
+        .reason_code == 0
+    new = RawClient(a.mqtt_port, version=5)
+    new.send(
+        mqtt.Connect("dev", protocol_level=5, clean_start=False,
+                     properties=mqtt.Properties(session_expiry_interval=60)).encode(5)
+        + mqtt.Subscribe(1, [mqtt.Subscription("behind/#", 1)]).encode(5)
+        + mqtt.encode_publish("behind/x", b"1", qos=1, packet_id=7, version=5)
+        + mqtt.PINGREQ_FRAME
+    )
+    got = [new.recv() for _ in range(5)]
+    types = [p.type for p in got]
+    assert types[0] == mqtt.CONNACK and got[0].reason_code == 0
+    assert mqtt.SUBACK in types and mqtt.PUBACK in types and types[-1] == mqtt.PINGRESP
+    assert types.index(mqtt.SUBACK) < types.index(mqtt.PUBACK)  # in the order sent
+    (delivered,) = [p for p in got if p.type == mqtt.PUBLISH]
+    assert bytes(delivered.payload) == b"1"  # its own subscription, made before the PUBLISH
+    kicked = old.recv()
+    assert kicked is not None and kicked.reason_code == mqtt.SESSION_TAKEN_OVER
+
+
+def test_a_node_that_joins_later_loads_the_routes_the_others_hold(
+    gateway_factory: Any, redis_server: Any
+) -> None:
+    url = f"redis://{redis_server.url}"
+    redis.Redis.from_url(url).flushall()
+    settings = {"allow_anonymous": True, "acl": "open", "redis": url, "cluster": True}
+    a = gateway_factory(node_id="node-a", **settings)
+    sub = PahoClient(a.mqtt_port, "sub", paho.MQTTv5)
+    sub.subscribe("late/#", 1)
+    b = gateway_factory(node_id="node-b", **settings)  # joins after the subscription
+    assert knows_route(b, "late/x", "node-a")  # from the tables, before any announcement
+    pub = PahoClient(b.mqtt_port, "pub", paho.MQTTv5)
+    pub.publish("late/x", b"hello", 1)
+    (msg,) = sub.wait_messages(1)
+    assert msg.payload == b"hello"
+    sub.close()
+    pub.close()
