@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from gateway.mqtt.channel import REFUSED, ROUTE, TAKEN, MqttChannel
+from gateway.mqtt.channel import REFUSED, TAKEN, MqttChannel
 from gateway.mqtt.session import Message
 from shadow import ShadowError, ShadowStore, UpdateResult
 from shadow.model import InvalidUpdate
@@ -246,12 +246,12 @@ class ShadowInterceptor:
     to subscribers, and its QoS 1/2 acknowledgement waits until the store has it. The other
     `$shadow/` topics (the replies) are the gateway's alone to publish: refused."""
 
+    prefix = "$shadow/"
+
     def __init__(self, shadows: ShadowService) -> None:
         self.shadows = shadows
 
     def on_publish(self, channel: MqttChannel, message: Message) -> int:
-        if not message.topic.startswith("$shadow/"):
-            return ROUTE
         request = parse_request_topic(message.topic)
         if request is None:
             return REFUSED

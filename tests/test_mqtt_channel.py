@@ -51,6 +51,8 @@ class FakeIO:
 class Holder:
     """A publish interceptor holding the acknowledgement of PUBLISHes to `held/...`."""
 
+    prefix = ""  # every topic
+
     def __init__(self) -> None:
         self.tokens: list[Any] = []
         self.seen: list[str] = []

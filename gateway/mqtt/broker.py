@@ -111,6 +111,7 @@ class Broker:
         self.allow_anonymous = allow_anonymous
         self.limits = limits or BrokerLimits()
         self.interceptors = tuple(interceptors)
+        self.intercepted = tuple(i.prefix for i in self.interceptors)  # topics they look at
         # The tables routing reads; only the session lifecycle (sessions.py) changes them.
         self.sessions: dict[str, Session] = {}
         self._unregistered: set[str] = set()  # client ids found in no registry entry

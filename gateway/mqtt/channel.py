@@ -107,6 +107,9 @@ class PublishInterceptor(Protocol):
     It may hold the PUBLISH's acknowledgement (`channel.hold_ack()`) until it calls
     `channel.records_durable([token])`."""
 
+    # The topics it looks at start with this (the others skip it: no call per PUBLISH).
+    prefix: str
+
     def on_publish(self, channel: MqttChannel, message: Message) -> int:
         """ROUTE, TAKEN or REFUSED."""
 
@@ -178,7 +181,8 @@ class MqttChannel:
         # interceptor holds (until its record is durable) holds back the ones behind it.
         # Entries: [packet type, packet id, reason code, ready].
         self._acks: deque[list[int]] = deque()
-        self._incoming: tuple[int, int] | None = None  # (ack type, id) of the PUBLISH at hand
+        self._incoming = 0  # packet id of the QoS 1/2 PUBLISH at hand, until acknowledged
+        self._incoming_qos = 0
         self._waiting: list[Any] = []  # packets behind a CONNECT that is being decided
         self._connect: mqtt.Connect | None = None  # that CONNECT
         self._assigned = False  # its client id was assigned by us
@@ -661,15 +665,17 @@ class MqttChannel:
                     topic, p.payload, qos, p.retain, application_properties(props),
                     _expiry(props), session.client_id,
                 )
-            ack_type = mqtt.PUBACK if qos == 1 else mqtt.PUBREC
-            self._incoming = (ack_type, packet_id) if qos else None
             verdict = ROUTE
-            for interceptor in broker.interceptors:
-                verdict = interceptor.on_publish(self, message)
-                if verdict != ROUTE:
-                    break
+            self._incoming = packet_id if qos else 0
+            self._incoming_qos = qos
+            if topic.startswith(broker.intercepted):
+                for interceptor in broker.interceptors:
+                    if topic.startswith(interceptor.prefix):
+                        verdict = interceptor.on_publish(self, message)
+                        if verdict != ROUTE:
+                            break
         if verdict == REFUSED:
-            self._incoming = None
+            self._incoming = 0
             broker.metrics.acl_denials.labels("publish").inc()
             broker.events.denied("mqtt", session.client_id, self.peer, "publish", topic)
             if qos:
@@ -686,17 +692,18 @@ class MqttChannel:
                 cluster.hold(self)
             if not reached and self.version == 5:
                 reason = mqtt.NO_MATCHING_SUBSCRIBERS
-        if self._incoming is not None:  # no interceptor holds the acknowledgement
-            self._incoming = None
-            self._ack(ack_type, packet_id, reason)
+        if self._incoming:  # no interceptor holds the acknowledgement
+            self._incoming = 0
+            self._ack(mqtt.PUBACK if qos == 1 else mqtt.PUBREC, packet_id, reason)
 
     def hold_ack(self) -> list[int] | None:
         """For an interceptor, during `on_publish`: hold the acknowledgement of the PUBLISH at
         hand until `records_durable([token])`; None for QoS 0 (nothing to acknowledge)."""
-        incoming, self._incoming = self._incoming, None
-        if incoming is None:
+        packet_id, self._incoming = self._incoming, 0
+        if not packet_id:
             return None
-        entry = [incoming[0], incoming[1], mqtt.SUCCESS, 0]
+        ack_type = mqtt.PUBACK if self._incoming_qos == 1 else mqtt.PUBREC
+        entry = [ack_type, packet_id, mqtt.SUCCESS, 0]
         self._acks.append(entry)
         return entry
 

@@ -120,7 +120,8 @@ def framed(broker: Broker, framer: Any, channel: MqttChannel, nbytes: int) -> No
         channel.malformed(exc)
     else:
         channel.received(packets)
-        ratelimit.account(channel, packets, nbytes)
+        if channel.rate is not None:
+            ratelimit.account(channel, packets, nbytes)
     broker.flush()
 
 

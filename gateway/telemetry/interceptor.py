@@ -10,6 +10,8 @@ from gateway.telemetry.records import Record, classify_topic
 
 
 class TelemetryInterceptor:
+    prefix = "devices/"
+
     def __init__(self, pipeline: TelemetryPipeline) -> None:
         self.pipeline = pipeline
 
