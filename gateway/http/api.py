@@ -33,6 +33,7 @@ from gateway.auth import DeviceRegistry
 from gateway.cluster import Cluster
 from gateway.guard import BUSY, DENIED, OK, THROTTLED, UNAVAILABLE, AuthGuard
 from gateway.http.docs import install_docs
+from gateway.http.observe import observed
 from gateway.metrics import HttpMetrics, Metrics, ShadowMetrics
 from gateway.mqtt.broker import Broker
 from gateway.shadows import ShadowService
@@ -223,22 +224,13 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        status = 500  # an exception before the response started
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
+        def done(status: int, seconds: float) -> None:
             route = _route_template(scope)
             method = scope["method"]
             self.metrics.requests.labels(route, method, str(status)).inc()
-            self.metrics.duration.labels(route, method).observe(time.perf_counter() - started)
+            self.metrics.duration.labels(route, method).observe(seconds)
+
+        await observed(self.app, scope, receive, send, done)
 
 
 def _route_template(scope: Scope) -> str:

@@ -7,11 +7,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 
 import uvicorn
 from fastapi import FastAPI
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.http.observe import observed
 
 access_log = logging.getLogger("iotgw.http.access")
 
@@ -28,29 +29,20 @@ class AccessLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        status = 500  # an exception before the response started
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
+        def done(status: int, seconds: float) -> None:
             client = scope.get("client")
             peer = f"{client[0]}:{client[1]}" if client else "-"
             path = scope.get("raw_path", b"").decode("ascii", "replace") or scope["path"]
             if scope.get("query_string"):
                 path += "?" + scope["query_string"].decode("ascii", "replace")
-            ms = (time.perf_counter() - started) * 1000
+            ms = seconds * 1000
             access_log.info(
                 "%s %s %d %.1fms %s", scope["method"], path, status, ms, peer,
                 extra={"method": scope["method"], "path": path, "status": status,
                        "duration_ms": round(ms, 3), "peer": peer},
             )
+
+        await observed(self.app, scope, receive, send, done)
 
 
 class HttpServer:
