@@ -228,7 +228,7 @@ class Gateway:
         # CoAP endpoint (gateway/coap/)
         coap_port = self.config.coap_port
         self.coap_port = await self.coap.start(
-            self.config.bind, coap_port if coap_port >= 0 else None, listeners.coap
+            self.config.bind, coap_port or None, listeners.coap
         )
         if self.coap_port is not None:
             log.info("CoAP listening on %s:%s (UDP)", self.config.bind, self.coap_port)

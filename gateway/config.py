@@ -55,7 +55,7 @@ class Config(BaseSettings):
     tls_cert: str | None = _opt(None, "server certificate (PEM)")
     tls_key: str | None = _opt(None, "server private key (PEM)")
     tls_client_ca: str | None = _opt(None, "CA bundle for device client certificates (PEM)")
-    coap_port: int = _opt(5683, "CoAP UDP port (0: any free port, -1: no plain CoAP)")
+    coap_port: int = _opt(5683, "CoAP UDP port (0: off, no plain CoAP; coaps may still be on)")
     coaps_port: int = _opt(
         5684, "CoAP over DTLS (coaps) UDP port, used with --dtls-psk, or --tls-cert and "
         "--tls-client-ca (device certificates)"
@@ -181,15 +181,12 @@ class Config(BaseSettings):
             raise ConfigError(f"--workers: {self.workers} is not a number of processes (>= 1)")
         if (self.cluster or self.workers > 1) and not self.redis:
             raise ConfigError("--cluster and --workers above 1 need --redis (the nodes share it)")
-        if self.workers > 1 and (self.mqtt_port == 0 or self.coap_port == 0
-                                 or (self.coaps and self.coaps_port == 0)):
+        if self.workers > 1 and (self.mqtt_port == 0 or (self.coaps and self.coaps_port == 0)):
             raise ConfigError("--workers above 1 share their ports: give --mqtt-port and "
-                              "--coap-port (0 would pick one port per process)")
+                              "--coaps-port (0 would pick one port per process)")
         for name in ("mqtt_port", "mqtts_port", "ws_port", "wss_port", "coap_port", "coaps_port",
                      "http_port"):
             port = getattr(self, name)
-            if name == "coap_port" and port == -1:
-                continue  # no plain CoAP
             if not 0 <= port <= MAX_PORT:
                 raise ConfigError(f"{_flag(name)}: {port} is not a port (0 to {MAX_PORT})")
         if self.http_port and self.http_port + self.workers - 1 > MAX_PORT:

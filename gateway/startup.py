@@ -261,12 +261,10 @@ def bind_listeners(config: Config, workers: int | None = None) -> list[Listeners
         # CoAP binds one address (the endpoint is one datagram socket), as before; coaps too.
         # With SO_REUSEPORT the kernel sends a peer's datagrams to one worker (a hash of the
         # addresses), so each DTLS session lives in one process.
-        udp = [("CoAP", "--coap-port", config.coap_port, "coap")]
+        udp = [("CoAP", "--coap-port", config.coap_port, "coap")] if config.coap_port else []
         if config.coaps:
             udp.append(("CoAP over DTLS", "--coaps-port", config.coaps_port, "coaps"))
         for what, flag, udp_port, attr in udp:
-            if udp_port < 0:
-                continue
             family, address = _addresses(host, udp_port, socket.SOCK_DGRAM)[0]
             for i in range(count):
                 if shared is None:

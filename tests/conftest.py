@@ -346,7 +346,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[object]:
         settings.setdefault("data_dir", str(tmp_path / f"data{len(started)}"))
         settings.setdefault("mqtt_port", 0)
         settings.setdefault("http_port", 0)
-        settings.setdefault("coap_port", 0)
+        settings.setdefault("coap_port", free_port(socket.SOCK_DGRAM))  # 0 turns CoAP off
         from gateway.startup import StartupError
 
         for attempt in range(3):
@@ -354,13 +354,18 @@ def gateway_factory(tmp_path: Path) -> Iterator[object]:
                 gw = RunningGateway(**settings)
                 break
             except StartupError as exc:
-                # --ws-port and --wss-port have no "any free port" (0 is off): a port that was
-                # free a moment ago may have been taken since by another process; pick again.
-                if attempt == 2 or "WebSocket" not in str(exc) or "in use" not in str(exc):
+                # --ws-port, --wss-port and --coap-port have no "any free port" (0 is off): a
+                # port that was free a moment ago may have been taken since by another process;
+                # pick again.
+                if attempt == 2 or "in use" not in str(exc) or not any(
+                    what in str(exc) for what in ("WebSocket", "--coap-port")
+                ):
                     raise
                 for name in ("ws_port", "wss_port"):
                     if settings.get(name):
                         settings[name] = free_port()
+                if "--coap-port" in str(exc):
+                    settings["coap_port"] = free_port(socket.SOCK_DGRAM)
         started.append(gw)
         return gw
 

@@ -366,7 +366,7 @@ def test_fetch_and_idempotent_ipatch(gateway_factory: Any) -> None:
 def test_coaps_only_and_metrics(gateway_factory: Any) -> None:
     from prometheus_client import generate_latest
 
-    gw = _psk_gateway(gateway_factory, coap_port=-1)
+    gw = _psk_gateway(gateway_factory, coap_port=0)
     assert gw.coap_port is None  # no plain CoAP socket
     client = DtlsClient(gw.coaps_port, "d1", b"secret-1")
     client.handshake()

@@ -91,7 +91,7 @@ def test_coaps_is_on_with_dtls_credentials_and_plain_coap_can_be_off() -> None:
     assert config.load(None, environ={"IOTGW_DTLS_PSK": "1"}).coaps
     assert config.parse(["--tls-cert", "c.pem", "--tls-client-ca", "ca.pem"]).coaps
     assert not config.parse(["--tls-cert", "c.pem"]).coaps  # no device credential for DTLS
-    assert config.parse(["--coap-port", "-1"]).coap_port == -1
+    assert config.parse(["--coap-port", "0"]).coap_port == 0
 
 
 @pytest.mark.parametrize(
