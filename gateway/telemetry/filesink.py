@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import msgpack
+
 from gateway.telemetry.records import Record
 
 log = logging.getLogger("iotgw.telemetry")
@@ -325,7 +327,8 @@ class FileSink:
             self._cut_back()  # raises while it cannot: nothing is appended after garbage
         if self._fd < 0 or self._size >= self.segment_bytes:
             self._rotate()
-        data = frame([record.envelope() for record in records])
+        pack = msgpack.Packer(use_bin_type=True).pack
+        data = frame([record.envelope(pack) for record in records])
         start = self._size
         if start == 0:
             data = MAGIC + data

@@ -3,7 +3,9 @@ msgpack `{device, ts_ms, seq, kind, protocol, topic_or_path, payload}`, keyed by
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +16,8 @@ EVENTS = "events"
 SHADOW = "shadow"
 COMMANDS = "commands"  # command deliveries and responses (audit trail)
 KINDS = (TELEMETRY, EVENTS, SHADOW, COMMANDS)
+
+_packb = functools.partial(msgpack.packb, use_bin_type=True)
 
 
 def classify_topic(topic: str) -> tuple[str, str] | None:
@@ -41,8 +45,10 @@ class Record:
     seq: int = 0
     content_type: str | None = None
 
-    def envelope(self) -> bytes:
-        packed: bytes = msgpack.packb(
+    def envelope(self, pack: Callable[[Any], bytes] | None = None) -> bytes:
+        """The record as stored and sent. `pack`: a `msgpack.Packer(use_bin_type=True).pack`
+        the caller reuses for a batch (a Packer per record is a third of the cost)."""
+        packed: bytes = (pack or _packb)(
             {
                 "device": self.device,
                 "ts_ms": self.ts_ms,
@@ -51,8 +57,7 @@ class Record:
                 "protocol": self.protocol,
                 "topic_or_path": self.topic_or_path,
                 "payload": self.payload,
-            },
-            use_bin_type=True,
+            }
         )
         return packed
 
