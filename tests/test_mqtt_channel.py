@@ -23,7 +23,7 @@ from gateway.mqtt import channel as ch
 from gateway.mqtt.acl import Acl
 from gateway.mqtt.broker import Broker, BrokerLimits
 from gateway.mqtt.channel import MqttChannel
-from gateway.mqtt.session import Message, monotonic
+from gateway.mqtt.session import Message, SubOptions, monotonic
 
 
 class FakeIO:
@@ -601,3 +601,23 @@ def test_a_verdict_from_the_guards_thread_leaves_without_waiting_for_another_rea
             broker.guard.close()
 
     asyncio.run(scenario())
+
+
+def test_reaches_anyone_says_whether_a_topic_has_a_subscriber_here(broker: Broker) -> None:
+    """CoAP telemetry skips building an MQTT message when it would reach no one; it must not
+    skip one that some subscription (exact, wildcard, shared, internal) would receive."""
+    topic = "devices/d1/telemetry"
+    assert not broker.reaches_anyone(topic)
+    for topic_filter in ("devices/d1/telemetry", "devices/+/telemetry", "devices/#", "#",
+                         "$share/g/devices/+/telemetry"):
+        broker.add_subscription("c1", topic_filter, SubOptions(qos=1))
+        assert broker.reaches_anyone(topic), topic_filter
+        assert not broker.reaches_anyone("$SYS/x")  # wildcards do not match $ topics
+        broker.remove_subscription("c1", topic_filter)
+        assert not broker.reaches_anyone(topic), topic_filter
+    unsubscribe = broker.subscribe_internal("devices/+/telemetry", lambda message: None)
+    assert broker.reaches_anyone(topic)
+    unsubscribe()
+    assert not broker.reaches_anyone(topic)
+    broker.add_subscription("c1", "devices/d2/telemetry", SubOptions(qos=1))
+    assert not broker.reaches_anyone(topic)

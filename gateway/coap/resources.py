@@ -367,18 +367,20 @@ class Resources:
             return
         payload = bytes(body)
         record = Record(device, kind, "coap", f"/{kind}/{device}", payload)
-        props = None
         if cf is not None:
             record.content_type = CONTENT_TYPES[cf]
-            props = mqtt.Properties(content_type=record.content_type, user_properties=[])
         pipeline.submit(record, self.endpoint, ex)
-        if self.broker is not None:
+        broker = self.broker
+        topic = f"devices/{device}/{kind}"
+        if broker is not None and broker.reaches_anyone(topic):
             # MQTT subscribers of devices/{id}/telemetry see a CoAP device's data too, as if it
             # had published it (QoS 1 for a CON, 0 for a NON).
+            props = None
+            if cf is not None:
+                props = mqtt.Properties(content_type=record.content_type, user_properties=[])
             qos = 1 if ex.type == coap.CON else 0
-            topic = f"devices/{device}/{kind}"
-            self.broker.publish(Message(topic, payload, qos, False, props, origin=device))
-            self.broker.flush()
+            broker.publish(Message(topic, payload, qos, False, props, origin=device))
+            broker.flush()
 
     # ---- shadows -------------------------------------------------------------------------------
 

@@ -227,6 +227,16 @@ class Broker:
 
     # ---- routing -----------------------------------------------------------------------------
 
+    def reaches_anyone(self, topic: str) -> bool:
+        """Whether a message (not retained) on `topic` could reach a subscriber, here or on
+        another node: a caller that builds a message only to publish it may skip the work."""
+        return (
+            self.cluster is not None
+            or bool(len(self.subscriptions) and self.subscriptions.match(topic))
+            or bool(len(self.internal) and self.internal.match(topic))
+            or bool(len(self.shared) and self.shared.match(topic))
+        )
+
     def publish(self, message: Message) -> int:
         """Route one message to every matching subscription, here and on other cluster nodes;
         returns the sessions (and nodes) it reached."""
