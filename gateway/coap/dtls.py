@@ -363,7 +363,7 @@ class DtlsServer(asyncio.DatagramProtocol):
                     log.debug("coaps %s: SSL_read error %d", session, error)
                 self.close(session, "closed" if error == _ZERO_RETURN else "error")
                 return
-            deliver(_ffi.buffer(buf, n)[:], session)
+            deliver(_ffi.unpack(buf, n), session)
             if session.conn is None:
                 return
             if single:
@@ -505,22 +505,26 @@ class DtlsServer(asyncio.DatagramProtocol):
     # ---- datagrams out -----------------------------------------------------------------------
 
     def flush(self, session: DtlsSession) -> None:
-        """Send what OpenSSL wrote for this session."""
+        """Send what OpenSSL wrote for this session. (Once per response: the common case, one
+        record that fits a datagram, takes no further call.)"""
         if session.conn is None:
             return
-        out = self._drain(session.bio_out)
-        if out:
-            self._sendto(out, session.addr)
-
-    def _drain(self, bio: Any) -> bytes:
-        """Everything OpenSSL wrote to a memory BIO (b"" when nothing)."""
         buf = self._outbuf
-        n = _lib.BIO_read(bio, buf, _OUT_BUFFER)
+        n = _lib.BIO_read(session.bio_out, buf, _OUT_BUFFER)
         if n <= 0:
-            return b""
-        out: bytes = _ffi.buffer(buf, n)[:]
+            return
+        transport = self.transport
+        if n <= self.limits.mtu and transport is not None:
+            transport.sendto(_ffi.unpack(buf, n), session.addr)
+        else:
+            self._sendto(self._drain(session.bio_out, _ffi.unpack(buf, n), n), session.addr)
+
+    def _drain(self, bio: Any, out: bytes = b"", n: int = _OUT_BUFFER) -> bytes:
+        """Everything OpenSSL wrote to a memory BIO (b"" when nothing), after `out` (`n` bytes,
+        read already)."""
+        buf = self._outbuf
         while n == _OUT_BUFFER and (n := _lib.BIO_read(bio, buf, _OUT_BUFFER)) > 0:
-            out += _ffi.buffer(buf, n)[:]  # a memory BIO gives all it has, up to the size
+            out += _ffi.unpack(buf, n)  # a memory BIO gives all it has, up to the size
         return out
 
     def _sendto(self, data: bytes, addr: Addr) -> None:

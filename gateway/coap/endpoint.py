@@ -131,7 +131,7 @@ class CoapEndpoint(asyncio.DatagramProtocol):
         )
         # CON requests still being processed, in arrival order: the sweep sends an empty ACK
         # to those not answered within Timing.separate_after.
-        self._awaiting: deque[tuple[float, tuple[Addr, int]]] = deque()  # (arrived, key)
+        self._awaiting: deque[tuple[float, Exchange]] = deque()  # (arrived, request)
         # One tuple per peer address (uvloop makes a new one per datagram): the entries that
         # live for minutes share it instead of each holding a copy.
         self._peers: dict[Addr, Addr] = {}
@@ -244,7 +244,7 @@ class CoapEndpoint(asyncio.DatagramProtocol):
                 log.exception("CoAP request %s %s failed", coap.code_str(code), msg.path)
                 self.respond(ex, coap.INTERNAL_SERVER_ERROR, (), b"internal error")
             if not ex.done and mtype == _CON:
-                self._awaiting.append((now, ex.key))
+                self._awaiting.append((now, ex))
             return
         if code == 0:
             if mtype == _CON:  # a ping (or a CON we cannot handle): RST
@@ -402,10 +402,9 @@ class CoapEndpoint(asyncio.DatagramProtocol):
     def _separate_acks(self, now: float) -> None:
         awaiting = self._awaiting
         limit = now - self.timing.separate_after
-        in_progress = self.dedup.in_progress
         while awaiting and awaiting[0][0] <= limit:
-            ex = in_progress(awaiting.popleft()[1])
-            if ex is not None and not ex.done and not ex.separate:
+            ex = awaiting.popleft()[1]
+            if not ex.done and not ex.separate:
                 ex.separate = True
                 ex.response = _encode_empty(_ACK, ex.mid)
                 self.send(ex.response, ex.addr)

@@ -126,12 +126,6 @@ class Deduplicator:
             return None  # unknown, or expired and not swept yet (a message id reused)
         return entry[1]
 
-    def in_progress(self, key: Key) -> Exchange | None:
-        entry = self.entries.get(key)
-        if entry is not None and type(entry[1]) is Exchange:
-            return entry[1]
-        return None
-
     def add(self, addr: Addr, mid: int, type_: int, token: bytes, now: float) -> Exchange:
         """A new exchange (type CON = 0 or NON = 1), replacing an expired one with its key."""
         ex = Exchange(addr, mid, type_, token, now)
