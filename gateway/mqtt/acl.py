@@ -118,7 +118,7 @@ class Acl:
     def can_publish(self, identity: str, topic: str) -> bool:
         if topic.startswith("$SYS/"):
             return False  # the gateway's own statistics (gateway/systopics.py)
-        if len(self._deny_publish) and self._deny_publish.match(topic):
+        if self._deny_publish.size and self._deny_publish.match(topic):
             return False
         if self.mode == "open":
             return True

@@ -232,9 +232,9 @@ class Broker:
         another node: a caller that builds a message only to publish it may skip the work."""
         return (
             self.cluster is not None
-            or bool(len(self.subscriptions) and self.subscriptions.match(topic))
-            or bool(len(self.internal) and self.internal.match(topic))
-            or bool(len(self.shared) and self.shared.match(topic))
+            or bool(self.subscriptions.size and self.subscriptions.match(topic))
+            or bool(self.internal.size and self.internal.match(topic))
+            or bool(self.shared.size and self.shared.match(topic))
         )
 
     def publish(self, message: Message) -> int:
@@ -256,8 +256,8 @@ class Broker:
     def _route_here(self, message: Message, shared_here: set[str] | None) -> int:
         """Deliver to this node's subscribers; `shared_here`: only these share groups (the
         cluster's pick), None: every matching one."""
-        reached = self._publish_shared(message, shared_here) if len(self.shared) else 0
-        if len(self.internal):
+        reached = self._publish_shared(message, shared_here) if self.shared.size else 0
+        if self.internal.size:
             for _, callback in self.internal.match(message.topic):
                 callback(message)
                 reached += 1

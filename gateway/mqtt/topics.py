@@ -31,10 +31,10 @@ class SubscriptionTrie(Generic[K, V]):
 
     def __init__(self) -> None:
         self._root: _FilterNode[K, V] = _FilterNode()
-        self._count = 0
+        self.size = 0  # filters x keys; an attribute: the PUBLISH path reads it, len() costs a call
 
     def __len__(self) -> int:
-        return self._count
+        return self.size
 
     def add(self, topic_filter: str, key: K, value: V) -> bool:
         """Subscribe `key`; returns True when it was not subscribed to this filter before."""
@@ -46,7 +46,7 @@ class SubscriptionTrie(Generic[K, V]):
             node = child
         is_new = key not in node.subscribers
         node.subscribers[key] = value
-        self._count += is_new
+        self.size += is_new
         return is_new
 
     def remove(self, topic_filter: str, key: K) -> bool:
@@ -61,7 +61,7 @@ class SubscriptionTrie(Generic[K, V]):
             node = child
         if node.subscribers.pop(key, _MISSING) is _MISSING:
             return False
-        self._count -= 1
+        self.size -= 1
         for parent, level in reversed(path):
             child = parent.children[level]
             if child.subscribers or child.children:
