@@ -104,26 +104,27 @@ def test_the_client_list_of_either_node_merges_both_nodes_by_client_id_and_pages
     a, b = cluster
     until(lambda: both_answer(a))
     clients = [PahoClient(node.mqtt_port, f"t{i}", paho.MQTTv5)
-               for i, node in enumerate((a, b, a, b), start=1)]
+               for i, node in enumerate((a, b, a, b, b), start=1)]
     try:
         status, page = rest(a, "GET", "/v1/admin/clients?prefix=t&limit=3")
         assert status == 200, page
         assert [(c["client_id"], c["node"]) for c in page["clients"]] == [
             ("t1", "node-a"), ("t2", "node-b"), ("t3", "node-a")]
         assert (page["next"], page["incomplete"]) == ("t3", [])
-        status, rest_page = rest(a, "GET", "/v1/admin/clients?prefix=t&limit=3&after=t3")
-        assert [(c["client_id"], c["node"]) for c in rest_page["clients"]] == [("t4", "node-b")]
-        assert rest_page["next"] is None
-        # node b has more after its first: the page says so even when node a has none
-        status, one = rest(b, "GET", "/v1/admin/clients?prefix=t&limit=1&after=t1")
-        assert [c["client_id"] for c in one["clients"]] == ["t2"] and one["next"] == "t2"
+        status, page = rest(a, "GET", "/v1/admin/clients?prefix=t&limit=3&after=t3")
+        assert [(c["client_id"], c["node"]) for c in page["clients"]] == [
+            ("t4", "node-b"), ("t5", "node-b")]
+        assert page["next"] is None
+        # node a has none after t3, node b has more than one: the page says there is more
+        status, page = rest(a, "GET", "/v1/admin/clients?prefix=t&limit=1&after=t3")
+        assert [c["client_id"] for c in page["clients"]] == ["t4"] and page["next"] == "t4"
         listed = iotgw(b, "clients", "list", "--prefix", "t")
         assert listed.returncode == 0, listed.stderr
         rows = [line.split("\t") for line in listed.stdout.splitlines()]
         assert rows[0][0] == "client_id" and rows[0][-1] == "node"
         assert [(r[0], r[1], r[-1]) for r in rows[1:]] == [
             ("t1", "mqtt5", "node-a"), ("t2", "mqtt5", "node-b"), ("t3", "mqtt5", "node-a"),
-            ("t4", "mqtt5", "node-b")]
+            ("t4", "mqtt5", "node-b"), ("t5", "mqtt5", "node-b")]
     finally:
         for client in clients:
             client.close()
@@ -211,6 +212,12 @@ def test_a_node_that_does_not_answer_is_named_and_the_call_still_answers_in_time
         assert page["incomplete"] == ["node-b"]
         assert ASK_TIMEOUT - 0.5 < took < ASK_TIMEOUT + 3, took
         until(lambda: both_answer(a))  # node b is back
+        with b.stopped():
+            listed = iotgw(a, "clients", "list", "--prefix", "s-")
+        assert listed.returncode == 1 and listed.stdout.splitlines()[1].startswith("s-here\t")
+        assert len(listed.stdout.splitlines()) == 2
+        assert listed.stderr.count("\n") == 1 and "node-b" in listed.stderr, listed.stderr
+        until(lambda: both_answer(a))
         with b.stopped():
             result = iotgw(a, "clients", "kick", "s-there")
         assert result.returncode == 2, result.stderr
