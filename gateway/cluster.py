@@ -35,8 +35,7 @@ nodes:
 Redis is spoken in RESP directly (`shadow/resp.py`): one pipeline of commands per event-loop
 turn, one subscriber connection whose messages are handled a read at a time. Wire format:
 msgpack arrays on `iotgw:node:{node}` (PUB, KICK, KICKED, CREDIT, PROBE, ASK, ANSWER),
-`iotgw:routes` and
-`iotgw:retained`.
+`iotgw:routes` and `iotgw:retained`.
 """
 
 from __future__ import annotations
