@@ -3,10 +3,13 @@ list and kick connected clients, inspect a session, ban client ids and source ad
 and delete retained messages. It works on the broker's public state (`online`, `sessions`,
 `retained`) and the guard's operator bans; nothing here is on a client's path.
 
-In a cluster (`--cluster`, `--workers`) bans hold on every node: they are kept in a Redis hash
-that each node reads every second (`sync_forever`). Listing, kicking and sessions are this
-node's; a retained message deleted here is deleted on every node (through the cluster's
-retained store)."""
+In a cluster (`--cluster`, `--workers`) every call sees the whole cluster, whichever node's REST
+API answers it. Bans are kept in a Redis hash that each node reads every second
+(`sync_forever`). The client list is asked of every live node and merged; a kick or a session
+lookup goes to the node the cluster's client registry names (`Nodes.locate`); the other nodes
+answer through `answer`. A node that does not answer in time is named (`incomplete`, or
+NodeUnavailable) rather than waited for. A retained message deleted here is deleted on every
+node (through the cluster's retained store)."""
 
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ import ipaddress
 import json
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -40,6 +43,31 @@ _PREFIX = {CLIENT_ID: "id:", ADDRESS: "addr:"}
 class Page:
     items: list[dict[str, Any]]
     next: str | None  # pass as `after` for the next page; None: this was the last
+    incomplete: list[str] = field(default_factory=list)  # nodes that did not answer
+
+
+class Nodes(Protocol):
+    """The cluster, as the admin needs it (gateway/cluster.py): questions to other nodes (each
+    answers with its Admin.answer) and where a client id is held."""
+
+    async def ask(
+        self, question: Any, nodes: list[str] | None = None
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Answers by node from `nodes` (None: every other live node), and the nodes that
+        gave none in time."""
+        ...
+
+    async def locate(self, client_ids: list[str]) -> dict[str, tuple[str, bool]]:
+        """The node holding each client id's connection or session (and whether online)."""
+        ...
+
+
+class NodeUnavailable(Exception):
+    """The node holding a client did not answer in time."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__(f"node {node} holds it and did not answer in time")
+        self.node = node
 
 
 def _page(keys: list[str], after: str | None, limit: int) -> tuple[list[str], str | None]:
@@ -49,26 +77,83 @@ def _page(keys: list[str], after: str | None, limit: int) -> tuple[list[str], st
 
 
 class Admin:
-    def __init__(self, broker: Broker, guard: AuthGuard, redis: Redis | None = None) -> None:
-        """`redis`: the cluster's, when there is one: bans are shared through it."""
+    def __init__(
+        self, broker: Broker, guard: AuthGuard, node_id: str, redis: Redis | None = None,
+        nodes: Nodes | None = None,
+    ) -> None:
+        """`redis`, `nodes`: the cluster's, when there is one: bans are shared through Redis,
+        clients and sessions are looked for on every node."""
         self.broker = broker
         self.guard = guard
+        self.node_id = node_id
         self.redis = redis
+        self.nodes = nodes
         self._sync_failed = False
 
     # ---- clients and sessions ---------------------------------------------------------------
 
-    def clients(self, prefix: str = "", after: str | None = None, limit: int = 100) -> Page:
-        """Connected MQTT clients, by client id."""
-        online = self.broker.online
-        ids, following = _page([c for c in online if c.startswith(prefix)], after, limit)
-        return Page([self._client(online[c], self.broker.sessions.get(c)) for c in ids],
-                    following)
+    async def clients(self, prefix: str = "", after: str | None = None, limit: int = 100) -> Page:
+        """Connected MQTT clients, by client id, of every node: each node gives its first
+        `limit` after `after`, the merge is cut at `limit`."""
+        items, following = self.answer(["clients", prefix, after, limit])
+        if self.nodes is None:
+            return Page(items, following)
+        answers, incomplete = await self.nodes.ask(["clients", prefix, after, limit])
+        more = following is not None
+        for node_items, node_following in answers.values():
+            items.extend(node_items)
+            more = more or node_following is not None
+        items.sort(key=lambda c: (c["client_id"], c["node"]))
+        shown = items[:limit]
+        last = shown[-1]["client_id"] if shown and (more or len(items) > limit) else None
+        return Page(shown, last, incomplete)
+
+    async def kick(self, client_id: str, discard_session: bool = False) -> bool:
+        """Disconnect a client (MQTT 5: DISCONNECT 0x98 Administrative action) on the node
+        holding it, and end its session if asked; False if it is neither connected nor has a
+        session to discard."""
+        return bool(await self._ask_holder(client_id, ["kick", client_id, discard_session]))
+
+    async def session(self, client_id: str) -> dict[str, Any] | None:
+        """A session, online or persistent and offline, on whichever node holds it; None if
+        there is none."""
+        found: dict[str, Any] | None = await self._ask_holder(client_id, ["session", client_id])
+        return found
+
+    async def _ask_holder(self, client_id: str, question: list[Any]) -> Any:
+        """`question` answered by the node holding `client_id` (this one when no node does,
+        or without a cluster). NodeUnavailable if that node does not answer in time; a
+        RedisError if the cluster's registry cannot be read."""
+        if self.nodes is not None:
+            node = (await self.nodes.locate([client_id])).get(client_id, (self.node_id,))[0]
+            if node != self.node_id:
+                answers, _ = await self.nodes.ask(question, [node])
+                if node not in answers:
+                    raise NodeUnavailable(node)
+                return answers[node]
+        return self.answer(question)
+
+    def answer(self, question: list[Any]) -> Any:
+        """This node's answer to an admin question (asked here, or by another node through
+        the cluster): ["clients", prefix, after, limit] -> [items, next];
+        ["kick", client_id, discard_session] -> bool; ["session", client_id] -> dict | None."""
+        match question:
+            case ["clients", str(prefix), after, int(limit)]:
+                online = self.broker.online
+                ids, following = _page([c for c in online if c.startswith(prefix)], after, limit)
+                return [[self._client(online[c], self.broker.sessions.get(c)) for c in ids],
+                        following]
+            case ["kick", str(client_id), bool(discard_session)]:
+                return self._kick_here(client_id, discard_session)
+            case ["session", str(client_id)]:
+                return self._session_here(client_id)
+        raise ValueError(f"not an admin question: {question!r}")
 
     def _client(self, conn: Any, session: Session | None) -> dict[str, Any]:
         outgoing, queue, subscriptions, _ = session.state() if session else ({}, [], {}, set())
         return {
             "client_id": session.client_id if session else "",
+            "node": self.node_id,
             "identity": session.identity if session else None,
             "protocol": "mqtt5" if conn.version == 5 else "mqtt3.1.1",
             "peer": conn.peer,
@@ -78,8 +163,7 @@ class Admin:
             "queued": len(queue),
         }
 
-    def session(self, client_id: str) -> dict[str, Any] | None:
-        """A session, online or persistent and offline; None if there is none."""
+    def _session_here(self, client_id: str) -> dict[str, Any] | None:
         session = self.broker.sessions.get(client_id)
         if session is None:
             return None
@@ -87,6 +171,7 @@ class Admin:
         conn = self.broker.online.get(client_id)
         return {
             "client_id": client_id,
+            "node": self.node_id,
             "identity": session.identity,
             "anonymous": bool(session.anonymous),
             "online": conn is not None,
@@ -106,9 +191,7 @@ class Admin:
             "dropped": session.dropped,
         }
 
-    def kick(self, client_id: str, discard_session: bool = False) -> bool:
-        """Disconnect a client (MQTT 5: DISCONNECT 0x98 Administrative action), and end its
-        session if asked; False if it is neither connected nor has a session to discard."""
+    def _kick_here(self, client_id: str, discard_session: bool = False) -> bool:
         broker = self.broker
         conn = broker.online.get(client_id)
         if conn is not None:  # as a close: its will goes out
@@ -146,7 +229,7 @@ class Admin:
         keys = {b.key for b in bans}
         for client_id, conn in list(self.broker.online.items()):
             if keys & {f"id:{client_id}", f"addr:{conn.peer_host}"}:
-                self.kick(client_id)
+                self._kick_here(client_id)
 
     async def sync_forever(self) -> None:
         """A cluster node: hold the cluster's bans, read every BAN_SYNC_INTERVAL seconds."""

@@ -121,8 +121,10 @@ class Gateway:
             cluster=self._cluster_of if config.cluster or worker is not None else None,
         )
         self.tokens = TokenStore(self.data_dir, bootstrap=config.api_token)
-        self.admin = Admin(self.broker, self.guard,
-                           self.cluster.redis if self.cluster is not None else None)
+        self.admin = Admin(
+            self.broker, self.guard, self.node_id,
+            redis=self.cluster.redis if self.cluster is not None else None, nodes=self.cluster,
+        )
         self._ban_sync: asyncio.Task[None] | None = None
         self.sys_topics = SysTopics(self.broker, self.metrics.mqtt, self.node_id,
                                     config.sys_interval)
@@ -164,7 +166,10 @@ class Gateway:
     def _cluster_of(self, broker: Broker) -> Cluster:
         """The cluster link of `broker` (built by the broker: each needs the other)."""
         assert self.config.redis
-        self.cluster = Cluster(broker, self.config.redis, self.node_id, self.metrics.cluster)
+        # Other nodes' admin questions are answered by self.admin (built after the broker:
+        # looked up when a question comes).
+        self.cluster = Cluster(broker, self.config.redis, self.node_id, self.metrics.cluster,
+                               answer=lambda question: self.admin.answer(question))
         return self.cluster
 
     async def start(self, listeners: Listeners | None = None) -> None:

@@ -114,9 +114,11 @@ def _add_admin_commands(commands: Any) -> None:
         cmd.add_argument("--config", metavar="FILE", help="TOML file with settings")
         return cmd.add_subparsers(dest="action", required=True)
 
-    clients = remote("clients", "connected MQTT clients of a running gateway")
+    clients = remote("clients", "connected MQTT clients of a running gateway (of every node "
+                     "of a cluster)")
     ls = clients.add_parser("list", help="client id, protocol, peer, keep-alive, "
-                            "subscriptions, in flight, queued")
+                            "subscriptions, in flight, queued, node (exit 1: a cluster node "
+                            "did not answer)")
     ls.add_argument("--prefix", default="", help="only client ids starting with this")
     kick = clients.add_parser("kick", help="disconnect a client")
     kick.add_argument("client_id")
@@ -181,12 +183,15 @@ def _remote(args: argparse.Namespace, cfg: config.Config) -> int:
                               "(--url)") from None
         return json.loads(data) if data else None
 
+    incomplete: set[str] = set()  # cluster nodes that did not answer (the list lacks theirs)
+
     def paged(path: str, key: str, **query: Any) -> list[Any]:
         items: list[Any] = []
         after = None
         while True:
             page = call("GET", path, after=after, limit=1000, **query)
             items.extend(page[key])
+            incomplete.update(page.get("incomplete", ()))
             after = page["next"]
             if after is None:
                 return items
@@ -195,10 +200,15 @@ def _remote(args: argparse.Namespace, cfg: config.Config) -> int:
     if args.command == "clients":
         if args.action == "list":
             rows = paged("/clients", "clients", prefix=args.prefix)
-            print("client_id	protocol	peer	keep_alive	subscriptions	inflight	queued")
+            print("\t".join(("client_id", "protocol", "peer", "keep_alive", "subscriptions",
+                             "inflight", "queued", "node")))
             for c in rows:
                 print(f"{c['client_id']}	{c['protocol']}	{c['peer']}	{c['keep_alive']}	"
-                      f"{c['subscriptions']}	{c['inflight']}	{c['queued']}")
+                      f"{c['subscriptions']}	{c['inflight']}	{c['queued']}	{c['node']}")
+            if incomplete:
+                print(f"iotgw: incomplete: cluster nodes {', '.join(sorted(incomplete))} did "
+                      "not answer in time (their clients are missing)", file=sys.stderr)
+                return 1
         elif args.action == "kick":
             call("DELETE", f"/clients/{quote(args.client_id, safe='')}",
                  discard_session="true" if args.discard_session else None)

@@ -28,11 +28,14 @@ nodes:
   Forwarded messages carry a number and the bytes sent before them, so a receiver counts the
   ones Redis dropped (it drops a subscriber that falls too far behind) and confirms past them;
   a node held back probes the lagging node once a beat, so a loss cannot hold it for ever.
+- Questions. A node may ask others a question (ASK) and gather their answers (ANSWER) for a
+  bounded time: the admin API's cluster-wide client list, kick and session lookup. The
+  cluster only carries them; `answer` (the admin's, wired in app.py) says what they mean.
 
 Redis is spoken in RESP directly (`shadow/resp.py`): one pipeline of commands per event-loop
 turn, one subscriber connection whose messages are handled a read at a time. Wire format:
-msgpack arrays on `iotgw:node:{node}` (PUB, KICK, KICKED, CREDIT, PROBE), `iotgw:routes` and
-`iotgw:retained`.
+msgpack arrays on `iotgw:node:{node}` (PUB, KICK, KICKED, CREDIT, PROBE, ASK, ANSWER),
+`iotgw:routes` and `iotgw:retained`.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import itertools
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import hiredis
@@ -79,8 +83,9 @@ HIGH_WATER = 4 << 20
 LOW_WATER = 1 << 20
 PAUSE_REASON = "cluster"  # why a held publisher's connection does not read
 CREDIT_EVERY = 256 << 10  # confirm after handling this many bytes from one node (or a beat)
+ASK_TIMEOUT = 3.0  # seconds a question waits for the other nodes' answers
 
-PUB, KICK, KICKED, CREDIT, PROBE = 0, 1, 2, 3, 4
+PUB, KICK, KICKED, CREDIT, PROBE, ASK, ANSWER = 0, 1, 2, 3, 4, 5, 6
 
 # Routes of one node: a hash of filters and a sequence number, changed and announced atomically.
 _ROUTES_SCRIPT = """
@@ -164,8 +169,10 @@ def _pack(obj: Any) -> bytes:
 
 class Cluster:
     def __init__(
-        self, broker: Broker, redis_url: str, node_id: str, metrics: ClusterMetrics
+        self, broker: Broker, redis_url: str, node_id: str, metrics: ClusterMetrics,
+        answer: Callable[[Any], Any] | None = None,
     ) -> None:
+        """`answer`: what this node answers to another's question (msgpack-able both)."""
         if "|" in node_id:
             raise ValueError("a node id must not contain '|'")
         self.broker = broker
@@ -213,6 +220,8 @@ class Cluster:
         self._epochs = itertools.count(1)
         self._requests = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._answer = answer
+        self._questions: dict[int, dict[str, asyncio.Future[Any]]] = {}  # request -> by node
         self._tasks: set[asyncio.Task[Any]] = set()
         self._scripts: dict[str, Any] = {}
 
@@ -742,6 +751,58 @@ class Cluster:
             future = self._waiting.get(note[1])
             if future is not None and not future.done():
                 future.set_result(note[2])
+        elif kind == ASK:
+            self._on_ask(note[1], note[2], note[3])
+        elif kind == ANSWER:
+            _, request, node, ok, answer = note
+            future = self._questions.get(request, {}).get(node)
+            if future is not None and not future.done():
+                if ok:
+                    future.set_result(answer)
+                else:
+                    future.set_exception(RuntimeError(answer))
+
+    # ---- questions between nodes --------------------------------------------------------------
+
+    async def ask(
+        self, question: Any, nodes: list[str] | None = None, timeout: float = ASK_TIMEOUT
+    ) -> tuple[dict[str, Any], list[str]]:
+        """Put `question` to `nodes` (None: every other live node) and wait at most `timeout`
+        seconds for their answers. Returns the answers by node, and the nodes that gave none
+        (gone, too slow, or failing to answer), sorted."""
+        if nodes is None:
+            nodes = [n for n in self.alive if n != self.node_id]
+        request = next(self._requests)
+        loop = asyncio.get_running_loop()
+        pending = {n: loop.create_future() for n in nodes if self.is_alive(n)}
+        self._questions[request] = pending
+        note = _pack([ASK, self.node_id, request, question])
+        for node in pending:
+            self._send("PUBLISH", _node_channel(node), note)
+        try:
+            if pending:
+                await asyncio.wait(pending.values(), timeout=timeout)
+        finally:
+            del self._questions[request]
+        answers: dict[str, Any] = {}
+        for node, future in pending.items():
+            if not future.done():
+                future.cancel()
+            elif future.exception() is not None:
+                log.warning("cluster: node %s could not answer: %s", node, future.exception())
+            else:
+                answers[node] = future.result()
+        return answers, sorted(n for n in nodes if n not in answers)
+
+    def _on_ask(self, origin: str, request: int, question: Any) -> None:
+        try:
+            if self._answer is None:
+                raise RuntimeError("this node answers no questions")
+            note = _pack([ANSWER, request, self.node_id, True, self._answer(question)])
+        except Exception as exc:  # the asker hears why, and reports us as not answering
+            log.exception("cluster: could not answer a question of %s", origin)
+            note = _pack([ANSWER, request, self.node_id, False, f"{type(exc).__name__}: {exc}"])
+        self._send("PUBLISH", _node_channel(origin), note)
 
     # ---- queries for the REST API -------------------------------------------------------------
 

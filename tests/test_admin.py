@@ -31,8 +31,14 @@ def iotgw(gw: Any, *args: str, token: str = TOKEN) -> subprocess.CompletedProces
 
 def rest(gw: Any, method: str, path: str, token: str = TOKEN,
          body: object = None) -> tuple[int, Any]:
+    return rest_at(gw.gateway.http.port, method, path, token, body)
+
+
+def rest_at(port: int, method: str, path: str, token: str = TOKEN,
+            body: object = None) -> tuple[int, Any]:
+    """An admin call to the REST API on `port`: (status, JSON body or None)."""
     request = urllib.request.Request(
-        f"http://127.0.0.1:{gw.gateway.http.port}{path}", method=method,
+        f"http://127.0.0.1:{port}{path}", method=method,
         data=None if body is None else json.dumps(body).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
     try:

@@ -1,7 +1,9 @@
-"""`/v1/admin` (scope `admin`): connected clients, sessions, bans and retained messages of this
-gateway node, through gateway/admin.py. The CLI's `iotgw clients|bans|retained` call these."""
+"""`/v1/admin` (scope `admin`): connected clients, sessions, bans and retained messages of the
+gateway (of every node of a cluster), through gateway/admin.py. The CLI's
+`iotgw clients|bans|retained` call these."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
@@ -9,13 +11,14 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
-from gateway.admin import Admin, ban_json
+from gateway.admin import Admin, NodeUnavailable, ban_json
 from gateway.http.api import ApiError, Auth, error_responses
 from gateway.tokens import ADMIN, Principal
 
 
 class Client(BaseModel):
     client_id: str
+    node: str = Field(description="the gateway node (cluster node) it is connected to")
     identity: str | None = Field(description="the authenticated device id (None: anonymous)")
     protocol: Literal["mqtt3.1.1", "mqtt5"]
     peer: str = Field(description="host:port the client connects from")
@@ -28,6 +31,8 @@ class Client(BaseModel):
 class ClientPage(BaseModel):
     clients: list[Client]
     next: str | None = Field(description="`after` for the next page; null: the last page")
+    incomplete: list[str] = Field(
+        description="cluster nodes that did not answer in time: their clients are missing")
 
 
 class Subscription(BaseModel):
@@ -41,6 +46,7 @@ class Subscription(BaseModel):
 
 class SessionInfo(BaseModel):
     client_id: str
+    node: str = Field(description="the gateway node (cluster node) holding it")
     identity: str
     anonymous: bool
     online: bool
@@ -90,39 +96,55 @@ After = Annotated[str | None, Query(max_length=65535, description="the previous 
 Prefix = Annotated[str, Query(max_length=65535, description="only those starting with this")]
 
 
+@contextmanager
+def _cluster_errors() -> Iterator[None]:
+    """A cluster call that could not be made: 503, saying which part is away."""
+    try:
+        yield
+    except NodeUnavailable as exc:
+        raise ApiError(503, "node_unavailable", str(exc)) from None
+    except RedisError as exc:
+        raise ApiError(503, "cluster_unavailable", f"the cluster's Redis: {exc}") from None
+
+
 def admin_router(admin: Admin, require: Callable[[str], Auth]) -> APIRouter:
     router = APIRouter(prefix="/admin", tags=["admin"])
     operator = require(ADMIN)
     Operator = Annotated[Principal, Depends(operator)]
 
     @router.get("/clients", operation_id="listClients", response_model=ClientPage,
-                summary="Connected MQTT clients of this node, by client id (paged)",
+                summary="Connected MQTT clients of every node, by client id (paged)",
                 responses=error_responses(400, 401, 403))
     async def list_clients(_: Operator, prefix: Prefix = "", after: After = None,
                            limit: Limit = 100) -> ClientPage:
-        page = admin.clients(prefix, after, limit)
-        return ClientPage.model_validate({"clients": page.items, "next": page.next})
+        page = await admin.clients(prefix, after, limit)
+        return ClientPage.model_validate(
+            {"clients": page.items, "next": page.next, "incomplete": page.incomplete})
 
     @router.delete("/clients/{client_id}", operation_id="kickClient", status_code=204,
-                   summary="Disconnect a client (MQTT 5: 0x98 Administrative action)",
-                   responses=error_responses(400, 401, 403, 404))
+                   summary="Disconnect a client, on whichever node it is (MQTT 5: 0x98 "
+                   "Administrative action)", responses=error_responses(400, 401, 403, 404, 503))
     async def kick_client(
         client_id: str, _: Operator,
         discard_session: Annotated[bool, Query(description="end its session too")] = False,
     ) -> Response:
-        if not admin.kick(client_id, discard_session):
+        with _cluster_errors():
+            kicked = await admin.kick(client_id, discard_session)
+        if not kicked:
             raise ApiError(404, "unknown_client",
-                           f"no client {client_id!r} is connected here"
+                           f"no client {client_id!r} is connected"
                            + (" or has a session" if discard_session else ""))
         return Response(status_code=204)
 
     @router.get("/sessions/{client_id}", operation_id="getSession", response_model=SessionInfo,
-                summary="A session, online or persistent: subscriptions, in flight, queued",
-                responses=error_responses(400, 401, 403, 404))
+                summary="A session, online or persistent, on whichever node holds it: "
+                "subscriptions, in flight, queued",
+                responses=error_responses(400, 401, 403, 404, 503))
     async def get_session(client_id: str, _: Operator) -> SessionInfo:
-        found = admin.session(client_id)
+        with _cluster_errors():
+            found = await admin.session(client_id)
         if found is None:
-            raise ApiError(404, "unknown_session", f"no session {client_id!r} here")
+            raise ApiError(404, "unknown_session", f"no session {client_id!r}")
         return SessionInfo.model_validate(found)
 
     @router.get("/bans", operation_id="listBans", response_model=BanList,
