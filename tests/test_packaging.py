@@ -7,7 +7,7 @@ import sys
 
 
 def test_native_codecs_are_importable() -> None:
-    for name in ("gateway._native.mqtt", "gateway._native.coap"):
+    for name in ("gateway._native.mqtt", "gateway._native.coap", "gateway._native.envelope"):
         assert importlib.import_module(name).__file__.endswith(".so")
 
 

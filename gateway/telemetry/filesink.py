@@ -48,8 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import msgpack
-
+from gateway._native.envelope import frame_records
 from gateway.telemetry.records import Record
 
 log = logging.getLogger("iotgw.telemetry")
@@ -327,8 +326,7 @@ class FileSink:
             self._cut_back()  # raises while it cannot: nothing is appended after garbage
         if self._fd < 0 or self._size >= self.segment_bytes:
             self._rotate()
-        pack = msgpack.Packer(use_bin_type=True).pack
-        data = frame([record.envelope(pack) for record in records])
+        data = frame_records(records, Record.packed_in_python)  # frame(envelopes), natively
         start = self._size
         if start == 0:
             data = MAGIC + data

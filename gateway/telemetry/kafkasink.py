@@ -27,7 +27,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgpack
 from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
 
@@ -206,7 +205,6 @@ class KafkaSink:
         headers_by_type = self._headers
         tables: dict[str, tuple[dict[str, tuple[bytes, int]], list[int]]] = {}
         open_batches: dict[tuple[str, int], tuple[Any, list[int]]] = {}
-        pack = msgpack.Packer(use_bin_type=True).pack
         for i, record in enumerate(records):
             if i and not i % YIELD_EVERY:
                 await asyncio.sleep(0)  # a big batch must not hold the loop (other lanes, sockets)
@@ -232,7 +230,7 @@ class KafkaSink:
                     ("content-type", ENVELOPE_CONTENT_TYPE),
                     ("payload-content-type", (record.content_type or "").encode()),
                 ]
-            value = record.envelope(pack)
+            value = record.envelope()
             batch = open_batches.get((topic, partition))
             if batch is None:
                 batch = open_batches[(topic, partition)] = (producer.create_batch(), [])

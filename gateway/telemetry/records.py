@@ -3,21 +3,19 @@ msgpack `{device, ts_ms, seq, kind, protocol, topic_or_path, payload}`, keyed by
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+
+from gateway._native import envelope as _native
 
 TELEMETRY = "telemetry"
 EVENTS = "events"
 SHADOW = "shadow"
 COMMANDS = "commands"  # command deliveries and responses (audit trail)
 KINDS = (TELEMETRY, EVENTS, SHADOW, COMMANDS)
-
-_packb = functools.partial(msgpack.packb, use_bin_type=True)
 
 
 def classify_topic(topic: str) -> tuple[str, str] | None:
@@ -45,10 +43,14 @@ class Record:
     seq: int = 0
     content_type: str | None = None
 
-    def envelope(self, pack: Callable[[Any], bytes] | None = None) -> bytes:
-        """The record as stored and sent. `pack`: a `msgpack.Packer(use_bin_type=True).pack`
-        the caller reuses for a batch (a Packer per record is a third of the cost)."""
-        packed: bytes = (pack or _packb)(
+    def envelope(self) -> bytes:
+        """The record as stored and sent (packed natively: gateway/_native/envelope.pyx)."""
+        return _native.envelope(self, Record.packed_in_python)
+
+    def packed_in_python(self) -> bytes:
+        """The envelope, packed by msgpack itself: what the native packer falls back to (and
+        is tested against)."""
+        packed: bytes = msgpack.packb(
             {
                 "device": self.device,
                 "ts_ms": self.ts_ms,
@@ -57,7 +59,8 @@ class Record:
                 "protocol": self.protocol,
                 "topic_or_path": self.topic_or_path,
                 "payload": self.payload,
-            }
+            },
+            use_bin_type=True,
         )
         return packed
 
