@@ -38,18 +38,20 @@ def _client(port: int, updates: int, single: bool) -> None:
         uvloop.run(_store_rate(port, updates, batched=not single))
 
 
-def _count(port: int, updates: int, single: bool, out: str) -> int:
-    cmd = [
-        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-        __file__, "--client", str(port), "--updates", str(updates),
-        *(["--single"] if single else []),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONHASHSEED": "0"}  # the same dict layouts on every run
+def callgrind(argv: list[str], out: str, **env: str) -> int:
+    """Instructions `python argv...` executes, counted by callgrind (its file: `out`)."""
+    cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, *argv]
+    env = {**os.environ, "PYTHONHASHSEED": "0", **env}  # the same dict layouts on every run
     run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     totals = re.search(r"Collected : (\d+)", run.stderr)
     if totals is None:
         raise RuntimeError(f"no instruction count in valgrind's output:\n{run.stderr[-2000:]}")
     return int(totals.group(1))
+
+
+def _count(port: int, updates: int, single: bool, out: str) -> int:
+    argv = [__file__, "--client", str(port), "--updates", str(updates)]
+    return callgrind([*argv, "--single"] if single else argv, out)
 
 
 def main() -> None:

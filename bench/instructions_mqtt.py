@@ -19,15 +19,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
 
 
 def _client(reads: int, batch: int) -> None:
@@ -95,16 +94,10 @@ def _client(reads: int, batch: int) -> None:
 
 
 def _count(tree: Path, reads: int, batch: int, out: str) -> int:
-    cmd = [
-        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
-        __file__, "--client", str(reads), "--batch", str(batch),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": str(tree)}
-    run = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    totals = re.search(r"Collected : (\d+)", run.stderr)
-    if totals is None:
-        raise RuntimeError(f"no instruction count in valgrind's output:\n{run.stderr[-2000:]}")
-    return int(totals.group(1))
+    from instructions import callgrind
+
+    argv = [__file__, "--client", str(reads), "--batch", str(batch)]
+    return callgrind(argv, out, PYTHONPATH=str(tree))
 
 
 def main() -> None:
