@@ -14,6 +14,7 @@ node (through the cluster's retained store)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -31,6 +32,12 @@ from gateway.mqtt.session import Message, Session
 
 log = logging.getLogger("iotgw.admin")
 
+# HDEL of a hash field only if it still holds the value read: an expired ban is not deleted
+# over one placed again under its key in the meantime.
+_DELETE_IF_UNCHANGED = (
+    "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then "
+    "return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0"
+)
 BANS_KEY = "iotgw:bans"  # Redis hash: ban key -> {"until", "reason"} (a cluster's bans)
 BAN_SYNC_INTERVAL = 1.0  # seconds between two reads of the cluster's bans
 
@@ -89,6 +96,8 @@ class Admin:
         self.redis = redis
         self.nodes = nodes
         self._sync_failed = False
+        self._unstored: dict[str, OperatorBan] = {}  # bans Redis could not take yet
+        self._unremoved: set[str] = set()  # lifted bans Redis could not forget yet
 
     # ---- clients and sessions ---------------------------------------------------------------
 
@@ -212,17 +221,31 @@ class Admin:
         kind or address that is not; RedisError when a cluster's Redis cannot store it."""
         key = ban_key(kind, value)
         ban = self.guard.bans.add(key, seconds, reason)
-        if self.redis is not None:
-            await self.redis.hset(BANS_KEY, key, json.dumps(
-                {"until": ban.until, "reason": ban.reason}))
+        self._unremoved.discard(key)
         self._kick_banned([ban])
+        if self.redis is not None:
+            try:
+                await self._store(ban)
+            except (RedisError, OSError):
+                self._unstored[key] = ban  # the next sync that reaches Redis stores it
+                raise
         return ban
+
+    async def _store(self, ban: OperatorBan) -> None:
+        assert self.redis is not None
+        await self.redis.hset(BANS_KEY, ban.key, json.dumps(
+            {"until": ban.until, "reason": ban.reason}))
 
     async def unban(self, kind: str, value: str) -> bool:
         key = ban_key(kind, value)
+        self._unstored.pop(key, None)
         removed = self.guard.bans.remove(key)
         if self.redis is not None:
-            removed = bool(await self.redis.hdel(BANS_KEY, key)) or removed
+            try:
+                removed = bool(await self.redis.hdel(BANS_KEY, key)) or removed
+            except (RedisError, OSError):
+                self._unremoved.add(key)  # the next sync that reaches Redis removes it
+                raise
         return removed
 
     def _kick_banned(self, bans: list[OperatorBan]) -> None:
@@ -243,6 +266,14 @@ class Admin:
     async def sync(self) -> None:
         assert self.redis is not None
         try:
+            # What an operator changed here while Redis was away goes there first.
+            for key, ban in list(self._unstored.items()):
+                if ban.until is None or ban.until > time.time():
+                    await self._store(ban)
+                del self._unstored[key]
+            for key in list(self._unremoved):
+                await self.redis.hdel(BANS_KEY, key)
+                self._unremoved.discard(key)
             stored: dict[bytes | str, bytes | str] = await self.redis.hgetall(BANS_KEY)
         except (RedisError, OSError) as exc:  # keep the bans we have; say so once
             if not self._sync_failed:
@@ -255,6 +286,7 @@ class Admin:
         self._sync_failed = False
         now = time.time()
         bans = []
+        expired = []
         for raw_key, raw in stored.items():
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             try:
@@ -264,9 +296,13 @@ class Admin:
                 log.warning("ignoring an unreadable ban in Redis: %r", raw_key)
                 continue
             if ban.until is not None and ban.until <= now:
-                continue  # expired: the node that placed it, or any, forgets it
+                expired.append((key, raw))
+                continue
             bans.append(ban)
         self._kick_banned(self.guard.bans.replace(bans))
+        for key, raw in expired:  # off the hash too (any node may), unless placed again since
+            with contextlib.suppress(RedisError, OSError):
+                await self.redis.eval(_DELETE_IF_UNCHANGED, 1, BANS_KEY, key, raw)
 
     def bans(self) -> list[dict[str, Any]]:
         return [ban_json(b) for b in self.guard.bans.list()]

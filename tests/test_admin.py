@@ -219,3 +219,68 @@ def test_a_ban_holds_on_every_cluster_node_and_lifting_it_too(
             time.sleep(0.2)
     finally:
         redis.Redis.from_url(url).delete("iotgw:bans")
+
+
+def test_an_expired_ban_leaves_the_clusters_hash_and_a_live_one_stays(
+    gateway_factory: Any, redis_server: Any
+) -> None:
+    import redis
+
+    url = f"redis://{redis_server.url}"
+    store = redis.Redis.from_url(url)
+    store.flushall()
+    gateway_factory(node_id="node-a", allow_anonymous=True, acl="open", redis=url, cluster=True,
+                    api_token=TOKEN)
+    try:
+        store.hset("iotgw:bans", "id:old", json.dumps({"until": time.time() - 1, "reason": ""}))
+        store.hset("iotgw:bans", "id:live", json.dumps({"until": time.time() + 600,
+                                                         "reason": ""}))
+        deadline = time.monotonic() + 5
+        while store.hexists("iotgw:bans", "id:old"):
+            assert time.monotonic() < deadline, "an expired ban stays in Redis for ever"
+            time.sleep(0.1)
+        assert store.hexists("iotgw:bans", "id:live")
+    finally:
+        store.delete("iotgw:bans")
+
+
+def test_a_ban_placed_while_redis_is_down_holds_and_reaches_redis_when_it_is_back(
+    gateway_factory: Any, own_redis: Any
+) -> None:
+    """503 says the ban holds on this node only for now: it must hold there (the client is
+    kicked and refused), and the first sync after Redis is back must store it rather than
+    replace it with Redis's (empty) list. A ban lifted while Redis is down likewise."""
+    import redis
+
+    # Redis keeps its data over the outage (append-only file), as a production one would.
+    own_redis.stop()
+    own_redis.command[own_redis.command.index("--appendonly") + 1] = "yes"
+    own_redis.start()
+    gw = gateway_factory(node_id="node-a", allow_anonymous=True, acl="open",
+                         redis=own_redis.url, cluster=True, api_token=TOKEN)
+    client = RawClient(gw.mqtt_port, version=5)
+    assert client.connect("rogue").reason_code == 0
+    store = redis.Redis.from_url(own_redis.url)
+    store.hset("iotgw:bans", "id:old", json.dumps({"until": None, "reason": ""}))
+    deadline = time.monotonic() + 5
+    while RawClient(gw.mqtt_port, version=5).connect("old").reason_code != mqtt.BANNED:
+        assert time.monotonic() < deadline, "the ban in Redis did not reach the node"
+        time.sleep(0.2)
+    own_redis.stop()
+    status, body = rest(gw, "POST", "/v1/admin/bans", body={"kind": "client_id",
+                                                            "value": "rogue"})
+    assert status == 503 and body["error"] == "cluster_unavailable", body
+    packet = client.recv(timeout=5)
+    assert packet is not None and packet.reason_code == mqtt.ADMINISTRATIVE_ACTION
+    status, body = rest(gw, "DELETE", "/v1/admin/bans/client_id/old")
+    assert status == 503, body
+    own_redis.start()
+    assert store.hexists("iotgw:bans", "id:old")  # Redis kept the ban lifted meanwhile
+    deadline = time.monotonic() + 10
+    while not store.hexists("iotgw:bans", "id:rogue"):
+        assert time.monotonic() < deadline, "the ban placed during the outage never reached Redis"
+        time.sleep(0.2)
+    time.sleep(1.5)  # a sync or two more
+    assert RawClient(gw.mqtt_port, version=5).connect("rogue").reason_code == mqtt.BANNED
+    assert RawClient(gw.mqtt_port, version=5).connect("old").reason_code == 0
+    assert not store.hexists("iotgw:bans", "id:old")

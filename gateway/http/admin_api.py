@@ -163,7 +163,8 @@ def admin_router(admin: Admin, require: Callable[[str], Auth]) -> APIRouter:
         except ValueError as exc:
             raise ApiError(400, "invalid_ban", str(exc)) from None
         except RedisError as exc:
-            raise ApiError(503, "cluster_unavailable", f"the ban holds here only: {exc}") from None
+            raise ApiError(503, "cluster_unavailable", "the ban holds on this node only until "
+                           f"Redis is back (it is stored there then): {exc}") from None
         return Ban.model_validate(ban_json(ban))
 
     @router.delete("/bans/{kind}/{value}", operation_id="removeBan", status_code=204,
@@ -175,7 +176,8 @@ def admin_router(admin: Admin, require: Callable[[str], Auth]) -> APIRouter:
         except ValueError as exc:
             raise ApiError(400, "invalid_ban", str(exc)) from None
         except RedisError as exc:
-            raise ApiError(503, "cluster_unavailable", f"lifted here only: {exc}") from None
+            raise ApiError(503, "cluster_unavailable", "lifted on this node only until Redis is "
+                           f"back (it is removed there then): {exc}") from None
         if not removed:
             raise ApiError(404, "unknown_ban", f"{kind} {value!r} is not banned")
         return Response(status_code=204)
