@@ -97,3 +97,20 @@ def test_native_frames_read_back_through_the_segment_scanner() -> None:
     scan = scan_segment(frame_records(batch, python_envelope))
     assert not scan.skipped
     assert [Record.from_envelope(f.body) for f in scan.frames] == batch
+
+
+def test_refused_numbers_leave_the_exception_types_references_alone() -> None:
+    """A number the packer refuses (negative, past uint64) goes to msgpack after the C
+    conversion failed: the failure must not cost OverflowError a reference each time (it did:
+    the interpreter then crashed freeing the type at exit, after every test had passed)."""
+    import sys
+
+    records = [Record("d", "telemetry", "mqtt", "t", b"x", -1, 0),
+               Record("d", "telemetry", "mqtt", "t", b"x", 2**70, 0)]
+    before = sys.getrefcount(OverflowError)
+    for _ in range(1000):
+        envelope(records[0], python_envelope)
+        frame_records(records[:1], python_envelope)
+        with pytest.raises(OverflowError):
+            envelope(records[1], python_envelope)
+    assert sys.getrefcount(OverflowError) - before in range(-5, 6)

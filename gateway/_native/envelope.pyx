@@ -13,6 +13,9 @@ code does not handle itself (a field of another type, a negative or huge number)
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytearray cimport PyByteArray_CheckExact
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize
+# PyErr_Occurred returns a borrowed reference: cpython.exc declares it so (an `object` return
+# would be released once per call, and the exception type freed at exit).
+from cpython.exc cimport PyErr_Clear, PyErr_Occurred
 from cpython.long cimport PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_CheckExact
@@ -25,8 +28,6 @@ cdef extern from "Python.h":
     bint PyMemoryView_Check(object o)
     # Without an except clause: _uint64 checks for (and clears) the error itself.
     unsigned long long PyLong_AsUnsignedLongLong(object o)
-    object PyErr_Occurred()
-    void PyErr_Clear()
 
 
 cdef uint32_t CRC[8][256]  # slicing-by-8 tables of the IEEE polynomial (zlib.crc32)
@@ -169,7 +170,7 @@ cdef inline bint _uint64(object n):
     """An int (not a bool) from 0 to 2**64 - 1."""
     if not PyLong_CheckExact(n):
         return False
-    if PyLong_AsUnsignedLongLong(n) == <unsigned long long>-1 and PyErr_Occurred():
+    if PyLong_AsUnsignedLongLong(n) == <unsigned long long>-1 and PyErr_Occurred() != NULL:
         PyErr_Clear()  # negative, or too big
         return False
     return True
