@@ -42,11 +42,17 @@ def test_kafka_tail_keeps_order_across_a_rebalance_mid_stream(kafka_broker: Any)
     group = f"tail-{uuid.uuid4().hex[:8]}"
     asyncio.run(_produce(kafka_broker.bootstrap, topic))
     order: list[tuple[str, int, str]] = []  # (device, seq, consumer) as processed, in time
+    b_state = {"joining": False, "processed": False}
 
     def processor(name: str) -> Any:
         async def process(record: Record, msg: Any) -> None:
             order.append((record.device, record.seq, name))
-            await asyncio.sleep(0.01)  # slow: the second member joins while records remain
+            if name == "b":
+                b_state["processed"] = True
+            # Slow, so that the second member joins while records remain; slower still while
+            # the group rebalances (it took over 4 s once), so that some remain after it.
+            rebalancing = b_state["joining"] and not b_state["processed"]
+            await asyncio.sleep(0.05 if rebalancing else 0.01)
 
         return process
 
@@ -60,6 +66,7 @@ def test_kafka_tail_keeps_order_across_a_rebalance_mid_stream(kafka_broker: Any)
         while len(order) < 50 and loop.time() < deadline:
             await asyncio.sleep(0.01)
         tb = asyncio.create_task(b.run(stop))  # joins: the group rebalances mid-stream
+        b_state["joining"] = True
         while len({(d, s) for d, s, _ in order}) < DEVICES * PER_DEVICE \
                 and loop.time() < deadline:
             await asyncio.sleep(0.05)
